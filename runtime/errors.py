@@ -1,0 +1,35 @@
+"""Domain exceptions of specserve, in one place.
+
+Every error the runtime raises on purpose derives from :class:`SpecserveError`. The gRPC layer maps
+these classes to status codes in one table; command-line entry points turn them into an exit code
+and a one-line message. Anything else that escapes is a bug.
+"""
+
+from __future__ import annotations
+
+
+class SpecserveError(Exception):
+    """Base class of every deliberate specserve error."""
+
+
+class InvalidSpectrumError(SpecserveError, ValueError):
+    """Spectrum arrays that cannot be processed: wrong shapes, non-monotonic wavelengths,
+    nothing usable, values outside what the operation accepts."""
+
+
+class GridError(InvalidSpectrumError):
+    """A wavelength-grid description that is malformed or inconsistent."""
+
+
+class SpectrumReadError(SpecserveError, OSError):
+    """A file that is not a readable spectrum: missing, truncated, of an unknown layout,
+    or holding no usable flux. The message always names the file and the reason."""
+
+    def __init__(self, path: object, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class DatasetError(SpecserveError):
+    """A benchmark set that cannot be built or loaded (missing data kit, unknown name...)."""
