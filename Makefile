@@ -1,0 +1,34 @@
+# specserve developer entry points. `make test` is what CI runs (via .ci/run).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.specserve-installed
+export ORT_DISABLE_TELEMETRY := 1
+
+.PHONY: install test data inspect bench-preprocess clean
+
+# Create or reuse .venv and install the project (editable) with its train and dev extras.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --editable '.[train,dev]'
+	$(BIN)/python -m pip check
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Read every file of the data kit, then build the three benchmark sets into the cache.
+data: $(STAMP)
+	$(BIN)/specserve data inspect
+	$(BIN)/specserve data build giants stars cv
+
+inspect: $(STAMP)
+	$(BIN)/specserve data inspect
+
+bench-preprocess: $(STAMP)
+	$(BIN)/specserve bench preprocess
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
