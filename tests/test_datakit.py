@@ -80,3 +80,10 @@ def test_console_script_is_installed():
     exe = Path(sys.executable).with_name("specserve")
     result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "data" in result.stdout and "bench" in result.stdout
+
+
+def test_cli_preprocess_benchmark_reports_figures(kit, capsys):
+    assert main(["bench", "preprocess", "--n", "150", "--data", str(kit)]) == 0
+    out = capsys.readouterr().out
+    assert "150 LAMOST spectra" in out and "3011 px grid" in out
+    assert "total:" in out and ("PASS" in out or "FAIL" in out)

@@ -53,7 +53,8 @@ from specserve.runtime.datakit import cache_dir, data_dir
 from specserve.runtime.errors import DatasetError, SpectrumReadError
 from specserve.runtime.io import read_spectra
 from specserve.runtime.preprocess import (
-    LogLinearGrid,
+    LAMOST_LIKE_GRID,
+    OPTICAL_PREPROCESSING,
     Preprocessing,
     add_noise,
     continuum_normalise,
@@ -64,8 +65,7 @@ from .payne import APOGEE_GRID, PayneEmulator
 
 log = logging.getLogger(__name__)
 
-OPTICAL_GRID = LogLinearGrid.from_range(3700.0, 7400.0, 1e-4, 1800.0)
-OPTICAL_PREPROCESSING = Preprocessing(grid=OPTICAL_GRID, knot_spacing=0.03)
+OPTICAL_GRID = LAMOST_LIKE_GRID
 APOGEE_PREPROCESSING = Preprocessing(grid=APOGEE_GRID, knot_spacing=0.01)
 SPLIT_NAMES = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
@@ -203,7 +203,8 @@ def build_giants(root: Path, seed: int = DEFAULT_SEED) -> BenchmarkSet:
     raw, mask = payne.full_grid(model)
     noisy, ivar = add_noise(raw, None, snr, rng, mask=mask)
     norm = continuum_normalise(noisy, ivar, mask, APOGEE_GRID.log_wavelength,
-                               knot_spacing=APOGEE_PREPROCESSING.knot_spacing)
+                               knot_spacing=APOGEE_PREPROCESSING.knot_spacing,
+                               lower=APOGEE_PREPROCESSING.clip_lower, upper=APOGEE_PREPROCESSING.clip_upper)
     split = split_labels(np.zeros(n, dtype=np.int8), seed)
     arrays = {
         "flux": norm.flux, "ivar": norm.ivar, "mask": norm.mask,
@@ -373,7 +374,9 @@ def _synthesise_cvs(root: Path, n: int, rng: np.random.Generator):
         snr = float(np.exp(rng.uniform(math.log(CV_SNR_RANGE[0]), math.log(CV_SNR_RANGE[1]))))
         noisy, noisy_ivar = add_noise(out.flux, None, snr, rng, mask=out.mask)
         norm = continuum_normalise(noisy, noisy_ivar, out.mask, OPTICAL_GRID.log_wavelength,
-                                   knot_spacing=OPTICAL_PREPROCESSING.knot_spacing)
+                                   knot_spacing=OPTICAL_PREPROCESSING.knot_spacing,
+                                   lower=OPTICAL_PREPROCESSING.clip_lower,
+                                   upper=OPTICAL_PREPROCESSING.clip_upper)
         flux.append(norm.flux)
         ivar.append(norm.ivar)
         mask.append(norm.mask)
