@@ -33,3 +33,16 @@ class SpectrumReadError(SpecserveError, OSError):
 
 class DatasetError(SpecserveError):
     """A benchmark set that cannot be built or loaded (missing data kit, unknown name...)."""
+
+
+class ContractError(SpecserveError):
+    """A model file, session or request that does not match the declared model contract
+    (missing metadata, wrong input names, dtypes or shapes)."""
+
+
+class InvalidInputError(SpecserveError, ValueError):
+    """Request tensors that do not fit the model's contract (a client error)."""
+
+
+class ExportError(SpecserveError):
+    """An exported ONNX model that failed validation (checker, op types, contract, parity)."""

@@ -1,0 +1,139 @@
+"""torch -> ONNX export with validation against the model contract.
+
+``export_model`` writes ``model.onnx`` for a torch module whose ``forward`` takes the contract's
+inputs in order and returns its outputs in order. The file gets the runtime's
+:class:`~specserve.runtime.contract.ModelCard` as ``metadata_props`` and an explicit IR version
+that ONNX Runtime accepts. ``validate_export`` runs after every export and raises
+:class:`~specserve.runtime.errors.ExportError` unless all of these hold, checked in this order:
+
+1. ``onnx.checker`` full check (with shape inference);
+2. only standard-domain operators, every one of them in the allowed set when one is given;
+3. the session's input/output names, dtypes and dynamic axes match the contract;
+4. the metadata parses back to the same model card;
+5. torch and ONNX Runtime outputs agree within ``atol + rtol * |torch|`` at every batch size
+   (1, 3 and 64 by default).
+
+The legacy TorchScript exporter is used (``dynamo=False``): the dynamo exporter needs onnxscript
+and constant-folds random ops, which MC-dropout models must keep.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from specserve.runtime.contract import ModelCard
+from specserve.runtime.errors import ContractError, ExportError
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+"""Opset of exported graphs (<= 21: RandomUniformLike/Bernoulli lack CPU kernels beyond it)."""
+IR_VERSION = 8
+"""IR version written explicitly (onnx 1.23 would write 14, which onnxruntime 1.31 rejects)."""
+BATCH_SIZES = (1, 3, 64)
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    opset: int
+    ir_version: int
+    op_types: list[str]
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+    atol: float = 0.0
+    rtol: float = 0.0
+
+    def summary(self) -> str:
+        diffs = ", ".join(f"{k} {v:.2e}" for k, v in sorted(self.max_abs_diff.items()))
+        return (f"{self.path}: opset {self.opset}, IR {self.ir_version}, {len(self.op_types)} op types; "
+                f"torch vs ORT max |diff| {diffs} (tolerance {self.atol:g} + {self.rtol:g}*|x|)")
+
+
+def export_model(module: torch.nn.Module, card: ModelCard, path: str | Path, *, atol: float, rtol: float,
+                 batch_sizes: Iterable[int] = BATCH_SIZES, allowed_ops: set[str] | None = None,
+                 opset: int = OPSET) -> ExportReport:
+    """Export ``module`` to ``path`` with ``card`` as metadata, then validate (see module doc)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    contract = card.contract
+    dummy = contract.dummy_inputs(card.dims, batch=2)
+    args = tuple(torch.from_numpy(dummy[name]) for name in contract.input_names)
+    module = module.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            module, args, str(path), input_names=contract.input_names,
+            output_names=contract.output_names, dynamic_axes=contract.dynamic_axes(),
+            opset_version=opset, dynamo=False, do_constant_folding=True,
+        )
+    model = onnx.load(str(path))
+    model.ir_version = IR_VERSION
+    del model.metadata_props[:]
+    for key, value in sorted(card.to_metadata_props().items()):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+    return validate_export(path, module, card, atol=atol, rtol=rtol, batch_sizes=batch_sizes,
+                           allowed_ops=allowed_ops)
+
+
+def op_types(model: onnx.ModelProto) -> list[str]:
+    return sorted({node.op_type for node in model.graph.node})
+
+
+def validate_export(path: str | Path, module: torch.nn.Module, card: ModelCard, *, atol: float, rtol: float,
+                    batch_sizes: Iterable[int] = BATCH_SIZES,
+                    allowed_ops: set[str] | None = None) -> ExportReport:
+    path = Path(path)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"{path}: onnx.checker rejected the model: {exc}") from exc
+    model = onnx.load(str(path))
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    if custom:
+        raise ExportError(f"{path}: non-standard operators {custom}")
+    ops = op_types(model)
+    if allowed_ops is not None and set(ops) - allowed_ops:
+        raise ExportError(f"{path}: operators outside the allowed set: {sorted(set(ops) - allowed_ops)}")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    contract = card.contract
+    try:
+        contract.validate_session(session, card.dims)
+        parsed = ModelCard.from_metadata_props(session.get_modelmeta().custom_metadata_map)
+    except ContractError as exc:
+        raise ExportError(f"{path}: {exc}") from exc
+    if parsed != card:
+        raise ExportError(f"{path}: metadata does not parse back to the exported model card")
+    report = ExportReport(path, model.opset_import[0].version, model.ir_version, ops, atol=atol, rtol=rtol)
+    module = module.eval()
+    for batch in batch_sizes:
+        inputs = contract.dummy_inputs(card.dims, batch=batch, seed=batch)
+        with torch.no_grad():
+            expected = module(*(torch.from_numpy(inputs[n]) for n in contract.input_names))
+        if isinstance(expected, torch.Tensor):
+            expected = (expected,)
+        got = session.run(contract.output_names, inputs)
+        for name, want, have in zip(contract.output_names, expected, got):
+            want = want.numpy()
+            if want.shape != have.shape:
+                raise ExportError(f"{path}: output {name!r} at batch {batch} has shape {have.shape}, torch gives {want.shape}")
+            diff = np.abs(want.astype(np.float64) - have)
+            bad = diff > atol + rtol * np.abs(want)
+            report.max_abs_diff[name] = max(report.max_abs_diff.get(name, 0.0), float(diff.max()))
+            if bad.any():
+                raise ExportError(
+                    f"{path}: output {name!r} at batch {batch}: {int(bad.sum())} values differ from torch by more "
+                    f"than {atol:g} + {rtol:g}*|x| (max |diff| {diff.max():.3g})"
+                )
+    log.info("%s", report.summary())
+    return report

@@ -1,0 +1,265 @@
+"""Model contracts: the names, dtypes and shapes of every model's ONNX inputs and outputs, and
+the metadata that makes a ``model.onnx`` self-describing.
+
+A contract is declared once here. Export uses it to name the graph's inputs and outputs, to mark
+dynamic axes and to build dummy inputs. The runtime uses it to check a loaded session and every
+request. Shapes are tuples of ints and symbolic names. ``"batch"`` is always dynamic; other names
+(``"n_pixels"``, ``"n_classes"``) are resolved from the model's :class:`ModelCard`.
+
+A :class:`ModelCard` travels inside the ONNX file as ``metadata_props``: keys ``specserve.<field>``
+with JSON values. It holds the contract version, the model kind, the preprocessing recipe
+(wavelength grid included), class or label names and units, physical bounds, normalisation
+constants, the training-data fingerprint and the metrics. The runtime needs nothing but the file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import dtypes
+from .errors import ContractError, InvalidInputError
+from .preprocess import Preprocessing
+
+CONTRACT_VERSION = "1"
+BATCH = "batch"
+METADATA_PREFIX = "specserve."
+MASKED_PIXEL_FILL = 1.0
+"""Value that unusable pixels of a continuum-normalised input spectrum take (the continuum)."""
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # a contract dtype name, see runtime.dtypes
+    shape: tuple[Dim, ...]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        dtypes.from_name(self.dtype)
+
+    def resolve(self, dims: Mapping[str, int]) -> tuple[Dim, ...]:
+        """Shape with every named dimension except ``batch`` replaced by its value in ``dims``."""
+        out: list[Dim] = []
+        for d in self.shape:
+            if isinstance(d, str) and d != BATCH:
+                if d not in dims:
+                    raise ContractError(f"tensor {self.name!r}: dimension {d!r} is not known for this model")
+                out.append(int(dims[d]))
+            else:
+                out.append(d)
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    kind: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """``dynamic_axes`` for ``torch.onnx.export``: every ``batch`` axis of every tensor."""
+        return {
+            t.name: {i: BATCH for i, d in enumerate(t.shape) if d == BATCH}
+            for t in self.inputs + self.outputs
+            if BATCH in t.shape
+        }
+
+    def dummy_inputs(self, dims: Mapping[str, int], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        out = {}
+        for t in self.inputs:
+            shape = tuple(batch if d == BATCH else d for d in t.resolve(dims))
+            out[t.name] = rng.normal(1.0, 0.1, size=shape).astype(dtypes.from_name(t.dtype).numpy)
+        return out
+
+    def validate_session(self, session, dims: Mapping[str, int]) -> None:
+        """Check an onnxruntime session's inputs and outputs against the contract."""
+        problems = []
+        for kind, specs, actual in (
+            ("input", self.inputs, session.get_inputs()),
+            ("output", self.outputs, session.get_outputs()),
+        ):
+            by_name = {a.name: a for a in actual}
+            expected = [t.name for t in specs]
+            if sorted(by_name) != sorted(expected):
+                problems.append(f"{kind}s are {sorted(by_name)}, the contract says {sorted(expected)}")
+                continue
+            for t in specs:
+                a = by_name[t.name]
+                if a.type != dtypes.from_name(t.dtype).onnx:
+                    problems.append(f"{kind} {t.name!r} has type {a.type}, the contract says {t.dtype}")
+                want = t.resolve(dims)
+                got = tuple(a.shape)
+                if len(got) != len(want):
+                    problems.append(f"{kind} {t.name!r} has rank {len(got)}, the contract says {len(want)}")
+                    continue
+                for axis, (w, g) in enumerate(zip(want, got)):
+                    if w == BATCH and isinstance(g, int):
+                        problems.append(f"{kind} {t.name!r} axis {axis} is fixed to {g}, the contract says batch")
+                    elif isinstance(w, int) and g != w:
+                        problems.append(f"{kind} {t.name!r} axis {axis} is {g}, the contract says {w}")
+        if problems:
+            raise ContractError(f"{self.kind} model does not match its contract: " + "; ".join(problems))
+
+    def validate_inputs(self, arrays: Mapping[str, np.ndarray], dims: Mapping[str, int]) -> dict[str, np.ndarray]:
+        """Check request tensors; returns them as contiguous arrays of the contract dtypes.
+
+        Raises :class:`InvalidInputError` (a client error) naming the first problem.
+        """
+        missing = [n for n in self.input_names if n not in arrays]
+        unknown = [n for n in arrays if n not in self.input_names]
+        if missing or unknown:
+            raise InvalidInputError(
+                f"{self.kind} expects inputs {self.input_names}; missing {missing}, unexpected {unknown}"
+            )
+        out: dict[str, np.ndarray] = {}
+        batch: int | None = None
+        for t in self.inputs:
+            array = np.asarray(arrays[t.name])
+            want = t.resolve(dims)
+            if array.ndim != len(want):
+                raise InvalidInputError(f"input {t.name!r} must have shape {list(want)}, got {list(array.shape)}")
+            for axis, (w, g) in enumerate(zip(want, array.shape)):
+                if w == BATCH:
+                    if batch is not None and g != batch:
+                        raise InvalidInputError(f"inputs disagree on the batch size ({batch} and {g})")
+                    batch = g
+                elif g != w:
+                    raise InvalidInputError(f"input {t.name!r} axis {axis} must be {w}, got {g}")
+            target = dtypes.from_name(t.dtype).numpy
+            if array.dtype != target:
+                if not np.can_cast(array.dtype, target, casting="same_kind"):
+                    raise InvalidInputError(f"input {t.name!r} must be {t.dtype}, got {array.dtype}")
+                array = array.astype(target)
+            if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+                raise InvalidInputError(f"input {t.name!r} contains NaN or infinite values")
+            out[t.name] = np.ascontiguousarray(array)
+        if batch == 0:
+            raise InvalidInputError("empty batch")
+        return out
+
+
+RBM_CONTRACT = ModelContract(
+    kind="rbm",
+    inputs=(
+        TensorSpec("flux", "float32", (BATCH, "n_pixels"),
+                   "continuum-normalised flux on the model grid, unusable pixels set to 1"),
+    ),
+    outputs=(
+        TensorSpec("probabilities", "float32", (BATCH, "n_classes"), "softmax(-free_energy)"),
+        TensorSpec("free_energy", "float32", (BATCH, "n_classes"), "free energy of each class's RBM"),
+    ),
+)
+
+CONTRACTS: dict[str, ModelContract] = {c.kind: c for c in (RBM_CONTRACT,)}
+
+
+def contract_for(kind: str) -> ModelContract:
+    try:
+        return CONTRACTS[kind]
+    except KeyError:
+        raise ContractError(f"unknown model kind {kind!r} (known: {', '.join(CONTRACTS)})") from None
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything the runtime needs to know about a model besides its graph."""
+
+    kind: str
+    preprocessing: Preprocessing
+    class_names: tuple[str, ...] = ()
+    label_names: tuple[str, ...] = ()
+    label_units: tuple[str, ...] = ()
+    bounds: dict[str, list[float]] = field(default_factory=dict)
+    normalisation: dict[str, Any] = field(default_factory=dict)
+    training_fingerprint: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    contract_version: str = CONTRACT_VERSION
+
+    def __post_init__(self) -> None:
+        contract_for(self.kind)
+
+    @property
+    def contract(self) -> ModelContract:
+        return contract_for(self.kind)
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {
+            "n_pixels": self.preprocessing.grid.length,
+            "n_classes": len(self.class_names),
+            "n_labels": len(self.label_names),
+        }
+
+    def to_metadata_props(self) -> dict[str, str]:
+        values = {
+            "contract_version": self.contract_version,
+            "kind": self.kind,
+            "preprocessing": self.preprocessing.to_dict(),
+            "class_names": list(self.class_names),
+            "label_names": list(self.label_names),
+            "label_units": list(self.label_units),
+            "bounds": self.bounds,
+            "normalisation": self.normalisation,
+            "training_fingerprint": self.training_fingerprint,
+            "metrics": self.metrics,
+            "description": self.description,
+        }
+        return {METADATA_PREFIX + k: json.dumps(v, sort_keys=True) for k, v in values.items()}
+
+    @classmethod
+    def from_metadata_props(cls, props: Mapping[str, str]) -> "ModelCard":
+        """Parse ``metadata_props``; raises :class:`ContractError` naming what is missing or wrong."""
+        values: dict[str, Any] = {}
+        for key, text in props.items():
+            if not key.startswith(METADATA_PREFIX):
+                continue
+            try:
+                values[key[len(METADATA_PREFIX):]] = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ContractError(f"metadata {key!r} is not valid JSON: {exc}") from exc
+        for required in ("contract_version", "kind", "preprocessing"):
+            if required not in values:
+                raise ContractError(f"model metadata lacks {METADATA_PREFIX}{required}")
+        if values["contract_version"] != CONTRACT_VERSION:
+            raise ContractError(
+                f"model contract version {values['contract_version']!r} is not supported (this runtime: {CONTRACT_VERSION})"
+            )
+        try:
+            preprocessing = Preprocessing.from_dict(values["preprocessing"])
+        except Exception as exc:
+            raise ContractError(f"model metadata has an invalid preprocessing recipe: {exc}") from exc
+        return cls(
+            kind=str(values["kind"]),
+            preprocessing=preprocessing,
+            class_names=tuple(values.get("class_names", ())),
+            label_names=tuple(values.get("label_names", ())),
+            label_units=tuple(values.get("label_units", ())),
+            bounds=dict(values.get("bounds", {})),
+            normalisation=dict(values.get("normalisation", {})),
+            training_fingerprint=str(values.get("training_fingerprint", "")),
+            metrics=dict(values.get("metrics", {})),
+            description=str(values.get("description", "")),
+            contract_version=str(values["contract_version"]),
+        )
+
+
+def fill_masked(flux: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Model input from a normalised spectrum: unusable pixels set to :data:`MASKED_PIXEL_FILL`."""
+    return np.where(mask, np.float32(MASKED_PIXEL_FILL), flux).astype(np.float32)
