@@ -46,3 +46,11 @@ class InvalidInputError(SpecserveError, ValueError):
 
 class ExportError(SpecserveError):
     """An exported ONNX model that failed validation (checker, op types, contract, parity)."""
+
+
+class ModelNotFoundError(SpecserveError, LookupError):
+    """A model (or model repository) that does not exist."""
+
+
+class ModelNotReadyError(SpecserveError):
+    """A model that exists but could not be loaded; the message gives the reason."""

@@ -68,6 +68,7 @@ def test_runtime_does_not_import_torch():
         "import sys\n"
         "import specserve.runtime, specserve.runtime.io, specserve.runtime.preprocess\n"
         "import specserve.runtime.cli, specserve.runtime.datakit, specserve.runtime.benchmarks\n"
+        "import specserve.runtime.contract, specserve.runtime.dtypes, specserve.runtime.repository\n"
         "bad = sorted(m for m in ('torch', 'onnx', 'matplotlib', 'sklearn') if m in sys.modules)\n"
         "print(','.join(bad))\n"
         "sys.exit(1 if bad else 0)\n"
