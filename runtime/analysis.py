@@ -1,0 +1,167 @@
+"""The domain data plane: raw spectra in, per-model results out, no protobufs.
+
+The gRPC servicer, the in-process API and the benchmarks all call :meth:`Analyzer.analyze`.
+Each spectrum arrives on its own wavelengths. For every requested model, the spectrum goes
+through that model's preprocessing recipe (from the model card), then the ONNX session runs on a
+batch. The outputs are turned into plainly named values by the model kind's interpreter.
+
+Failures stay with the spectrum that caused them. A spectrum with bad arrays gets an
+``InvalidSpectrumError`` in its own outcome while the others are analysed. A model whose grid a
+spectrum does not cover is reported as not applicable, with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .contract import ModelCard, fill_masked
+from .errors import InvalidSpectrumError, ModelNotFoundError, ModelNotReadyError, SpecserveError
+from .repository import LoadedModel
+from .spectrum import Spectrum, SpectrumMeta
+
+log = logging.getLogger(__name__)
+
+MIN_COVERAGE = 0.75
+"""Fraction of a model's grid that a spectrum must cover (usable pixels) for the model to apply."""
+
+
+@dataclass(frozen=True)
+class SpectrumInput:
+    """One raw spectrum from a client: its own wavelengths (vacuum Angstrom), flux, optional
+    inverse variance and mask (True = unusable), optional redshift, free-form metadata."""
+
+    id: str
+    wavelength: np.ndarray
+    flux: np.ndarray
+    ivar: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    redshift: float | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_spectrum(cls, spectrum: Spectrum, id: str | None = None) -> "SpectrumInput":
+        """A read spectrum as a request; the survey pipeline's redshift (LAMOST, SDSS) is passed on,
+        as the benchmark sets move those spectra to the rest frame."""
+        z = spectrum.meta.extra.get("z")
+        return cls(id or spectrum.meta.object_id, spectrum.wavelength, spectrum.flux, spectrum.ivar,
+                   spectrum.mask, float(z) if z is not None else None, {"file": spectrum.meta.file})
+
+
+@dataclass
+class ModelResult:
+    model: str
+    version: str
+    applicable: bool
+    reason: str = ""
+    values: dict[str, float] = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()
+    probabilities: np.ndarray | None = None
+
+
+@dataclass
+class SpectrumOutcome:
+    id: str
+    results: list[ModelResult] = field(default_factory=list)
+    error: SpecserveError | None = None
+
+
+def _rbm_values(card: ModelCard, outputs: Mapping[str, np.ndarray], row: int) -> dict[str, float]:
+    values = {}
+    for j, name in enumerate(card.class_names):
+        values[f"p_{name}"] = float(outputs["probabilities"][row, j])
+        values[f"free_energy_{name}"] = float(outputs["free_energy"][row, j])
+    return values
+
+
+INTERPRETERS: dict[str, Callable[[ModelCard, Mapping[str, np.ndarray], int], dict[str, float]]] = {
+    "rbm": _rbm_values,
+}
+
+
+def _checked(spectrum: SpectrumInput) -> Spectrum:
+    """Validate a client's arrays (raises InvalidSpectrumError naming the problem)."""
+    flux = np.asarray(spectrum.flux)
+    if flux.size == 0:
+        raise InvalidSpectrumError("empty flux")
+    if not np.all(np.isfinite(flux[~np.asarray(spectrum.mask, dtype=bool)] if spectrum.mask is not None
+                              and np.shape(spectrum.mask) == flux.shape else flux)):
+        raise InvalidSpectrumError("flux contains NaN or infinite values at unmasked pixels")
+    if spectrum.redshift is not None and not (np.isfinite(spectrum.redshift) and spectrum.redshift > -1):
+        raise InvalidSpectrumError(f"redshift must be finite and > -1, got {spectrum.redshift}")
+    meta = SpectrumMeta(object_id=spectrum.id, source_format="request")
+    return Spectrum.build(spectrum.wavelength, flux, meta, ivar=spectrum.ivar, mask=spectrum.mask)
+
+
+class Analyzer:
+    """Runs the requested models of a repository on raw spectra."""
+
+    def __init__(self, models: Mapping[str, LoadedModel]):
+        self.models = dict(models)
+
+    def resolve(self, names: Sequence[str] | None) -> list[LoadedModel]:
+        """The models a request asks for (all ready ones when empty)."""
+        if not names:
+            return [m for _, m in sorted(self.models.items()) if m.ready]
+        chosen = []
+        for name in names:
+            if name not in self.models:
+                raise ModelNotFoundError(f"unknown model {name!r} (available: {', '.join(sorted(self.models))})")
+            model = self.models[name]
+            if not model.ready:
+                raise ModelNotReadyError(f"model {name!r} is not ready: {model.reason}")
+            chosen.append(model)
+        return chosen
+
+    def analyze(self, spectra: Sequence[SpectrumInput], model_names: Sequence[str] | None = None) -> list[SpectrumOutcome]:
+        models = self.resolve(model_names)
+        outcomes = [SpectrumOutcome(s.id) for s in spectra]
+        checked: list[Spectrum | None] = []
+        for spectrum, outcome in zip(spectra, outcomes):
+            try:
+                checked.append(_checked(spectrum))
+            except InvalidSpectrumError as exc:
+                outcome.error = exc
+                checked.append(None)
+        for model in models:
+            self._run_model(model, spectra, checked, outcomes)
+        return outcomes
+
+    def _run_model(self, model: LoadedModel, spectra: Sequence[SpectrumInput], checked: list[Spectrum | None],
+                   outcomes: list[SpectrumOutcome]) -> None:
+        card = model.card
+        recipe = card.preprocessing
+        rows: list[np.ndarray] = []
+        owners: list[int] = []
+        for i, spectrum in enumerate(checked):
+            if spectrum is None:
+                continue
+            z = spectra[i].redshift
+            prepared = recipe.apply(spectrum.wavelength, spectrum.flux, spectrum.ivar, spectrum.mask,
+                                    z=z if z else None)
+            coverage = 1.0 - float(prepared.mask.mean())
+            if coverage < MIN_COVERAGE:
+                lo, hi = spectrum.wavelength_range
+                outcomes[i].results.append(ModelResult(
+                    model.name, model.version, False,
+                    reason=(f"spectrum covers {coverage:.0%} of the model grid "
+                            f"({recipe.grid.wavelength[0]:.0f}-{recipe.grid.wavelength[-1]:.0f} A; "
+                            f"spectrum {lo:.0f}-{hi:.0f} A); needs {MIN_COVERAGE:.0%}"),
+                ))
+                continue
+            rows.append(fill_masked(prepared.flux, prepared.mask))
+            owners.append(i)
+        if not rows:
+            return
+        outputs = model.run({"flux": np.stack(rows)})
+        interpret = INTERPRETERS[card.kind]
+        for row, i in enumerate(owners):
+            result = ModelResult(model.name, model.version, True, values=interpret(card, outputs, row),
+                                 class_names=card.class_names)
+            if "probabilities" in outputs:
+                result.probabilities = outputs["probabilities"][row]
+            outcomes[i].results.append(result)

@@ -1,0 +1,92 @@
+"""The domain data plane on real spectra: preprocessing per model, applicability, per-spectrum errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from specserve.export.onnx_export import export_model
+from specserve.export.repository import write_model
+from specserve.runtime.analysis import Analyzer, SpectrumInput
+from specserve.runtime.contract import ModelCard, fill_masked
+from specserve.runtime.errors import InvalidSpectrumError, ModelNotFoundError, ModelNotReadyError
+from specserve.runtime.io import read_spectra
+from specserve.runtime.preprocess import OPTICAL_PREPROCESSING
+from specserve.runtime.repository import load_repository
+
+from test_contract_export import ToyFreeEnergy
+
+
+@pytest.fixture(scope="module")
+def analyzer(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("repo")
+    card = ModelCard(kind="rbm", preprocessing=OPTICAL_PREPROCESSING, class_names=("non_cv", "cv"))
+    module = ToyFreeEnergy(card.dims["n_pixels"])
+    report = export_model(module, card, tmp / "build" / "model.onnx", atol=1e-5, rtol=1e-4)
+    write_model(tmp / "repo", "rbm", 1, report.path, card)
+    (tmp / "repo" / "broken" / "1").mkdir(parents=True)
+    (tmp / "repo" / "broken" / "1" / "model.onnx").write_bytes(b"junk")
+    return Analyzer(load_repository(tmp / "repo")), module
+
+
+def test_real_spectra_match_direct_preprocessing_and_session(kit, analyzer):
+    az, module = analyzer
+    files = sorted((kit / "lamost_dr1/fits").glob("*.fits"))[:5] + [kit / "sdss_dr12/spec-3764-55514-0972.fits"]
+    spectra = [read_spectra(f)[0] for f in files]
+    outcomes = az.analyze([SpectrumInput.from_spectrum(s) for s in spectra])
+    import torch
+    n_applicable = 0
+    for s, outcome in zip(spectra, outcomes):
+        assert outcome.error is None and outcome.id == s.meta.object_id
+        (result,) = outcome.results
+        assert result.model == "rbm" and result.version == "1"
+        prepared = OPTICAL_PREPROCESSING.apply(s.wavelength, s.flux, s.ivar, s.mask, z=s.meta.extra["z"])
+        coverage = 1 - prepared.mask.mean()
+        assert result.applicable == (coverage >= 0.75)
+        if not result.applicable:
+            assert f"covers {coverage:.0%}" in result.reason
+            continue
+        n_applicable += 1
+        with torch.no_grad():
+            probs, free = module(torch.from_numpy(fill_masked(prepared.flux, prepared.mask)[None]))
+        assert result.values["p_cv"] == pytest.approx(float(probs[0, 1]), rel=1e-4, abs=1e-6)
+        assert result.values["free_energy_non_cv"] == pytest.approx(float(free[0, 0]), rel=1e-4, abs=1e-4)
+        assert result.values["p_cv"] + result.values["p_non_cv"] == pytest.approx(1.0, abs=1e-6)
+    assert n_applicable >= 4
+
+
+def test_bad_spectra_fail_alone(analyzer):
+    az, _ = analyzer
+    wave = np.linspace(3600, 7500, 3000)
+    good = SpectrumInput("good", wave, np.ones(3000))
+    bad = [
+        SpectrumInput("nan", wave, np.full(3000, np.nan)),
+        SpectrumInput("empty", np.array([]), np.array([])),
+        SpectrumInput("mismatch", wave, np.ones(2999)),
+        SpectrumInput("unsorted", wave[::-1], np.ones(3000)),
+        SpectrumInput("bad-z", wave, np.ones(3000), redshift=float("nan")),
+    ]
+    outcomes = az.analyze([bad[0], good] + bad[1:])
+    by_id = {o.id: o for o in outcomes}
+    assert by_id["good"].error is None and by_id["good"].results[0].applicable
+    for s in bad:
+        assert isinstance(by_id[s.id].error, InvalidSpectrumError), s.id
+        assert by_id[s.id].results == []
+
+
+def test_not_applicable_when_grid_not_covered(analyzer):
+    az, _ = analyzer
+    wave = np.linspace(15100, 16900, 4000)  # an APOGEE spectrum
+    (outcome,) = az.analyze([SpectrumInput("ir", wave, np.ones(4000))])
+    (result,) = outcome.results
+    assert not result.applicable and "covers 0% of the model grid" in result.reason
+
+
+def test_unknown_and_unready_models(analyzer):
+    az, _ = analyzer
+    spectrum = SpectrumInput("x", np.linspace(3600, 7500, 100), np.ones(100))
+    with pytest.raises(ModelNotFoundError, match="unknown model 'nope'"):
+        az.analyze([spectrum], ["nope"])
+    with pytest.raises(ModelNotReadyError, match="broken"):
+        az.analyze([spectrum], ["broken"])
+    assert [m.name for m in az.resolve(None)] == ["rbm"]
