@@ -7,6 +7,10 @@ Subcommands:
 - ``specserve data build NAME...``: build benchmark sets (``giants``, ``stars``, ``cv``) into the
   cache and print their sizes and content hashes.
 - ``specserve bench preprocess``: time resampling + normalisation of 4,000 LAMOST spectra.
+- ``specserve serve --repository DIR [--host H] [--port N]``: serve a model repository over gRPC.
+- ``specserve analyze [--server HOST:PORT] [--out CATALOGUE] FILE...``: stream spectrum files to a
+  server, print a table and write a catalogue (CSV, or FITS by extension).
+- ``specserve train ...`` / ``specserve eval ...``: training and evaluation (the ``train`` extra).
 
 Exit codes: 0 success, 1 a domain error (message on stderr), 2 bad usage.
 """
@@ -45,7 +49,81 @@ def _parser() -> argparse.ArgumentParser:
     pre = bench_sub.add_parser("preprocess", help="resample + normalise 4,000 LAMOST spectra")
     pre.add_argument("--n", type=int, default=4000)
     pre.add_argument("--data", type=Path)
+    srv = sub.add_parser("serve", help="serve a model repository over gRPC")
+    srv.add_argument("--repository", type=Path, required=True, help="model repository (Triton layout)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8001)
+
+    ana = sub.add_parser("analyze", help="analyse spectrum files on a running server")
+    ana.add_argument("files", nargs="+", type=Path)
+    ana.add_argument("--server", default="localhost:8001", help="HOST:PORT (default localhost:8001)")
+    ana.add_argument("--out", type=Path, help="catalogue to write (.csv, or .fits/.fit for a FITS table)")
+    ana.add_argument("--models", default="", help="comma-separated model names (default: every applicable model)")
+    ana.add_argument("--batch", type=int, default=64, help="spectra per stream message")
+
+    from specserve.training.commands import register
+
+    register(sub)
     return parser
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .server import serve
+
+    asyncio.run(serve(args.repository, args.host, args.port,
+                      on_started=lambda port: print(f"specserve: serving {args.repository} on {args.host}:{port}", flush=True)))
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .client import Client, StreamError, write_catalogue
+    from .errors import SpectrumReadError
+    from .io import read_spectra
+
+    failed = 0
+    sent_files: list[str] = []
+
+    def spectra():
+        nonlocal failed
+        for path in args.files:
+            try:
+                items = read_spectra(path)
+            except SpectrumReadError as exc:
+                failed += 1
+                print(f"specserve: skipped {path}: {exc.reason}", file=sys.stderr)
+                continue
+            for spectrum in items:
+                sent_files.append(str(path))
+                yield spectrum
+
+    models = [m for m in args.models.split(",") if m]
+    rows = []
+    with Client(args.server) as client:
+        try:
+            for row in client.stream(spectra(), models=models, batch_size=args.batch):
+                rows.append((sent_files[len(rows)], row))
+        except StreamError as exc:
+            print(f"specserve: error: {exc}", file=sys.stderr)
+            return 1
+        except grpc.RpcError as exc:
+            print(f"specserve: error: server {args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    columns = sorted({k for _, r in rows for k in r.values})[:6]
+    print("  ".join(["file".ljust(40), "id".ljust(28)] + [c.rjust(14) for c in columns]))
+    for path, row in rows:
+        cells = [f"{row.values[c]:14.5g}" if c in row.values else " " * 14 for c in columns]
+        note = row.error or "; ".join(row.notes)
+        print("  ".join([Path(path).name[:40].ljust(40), row.id[:28].ljust(28)] + cells) + (f"  {note}" if note else ""))
+    errors = sum(1 for _, r in rows if not r.ok)
+    print(f"{len(rows)} spectra analysed, {errors} rejected, {failed} files unreadable")
+    if args.out:
+        write_catalogue(args.out, rows)
+        print(f"catalogue written to {args.out}")
+    return 1 if failed or errors else 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -99,9 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     handlers = {"data": {"inspect": _cmd_inspect, "build": _cmd_build}, "bench": {"preprocess": _cmd_bench}}
-    sub = getattr(args, f"{args.command}_command")
     try:
-        return handlers[args.command][sub](args)
+        if args.command == "serve":
+            return _cmd_serve(args)
+        if args.command == "analyze":
+            return _cmd_analyze(args)
+        if hasattr(args, "handler"):
+            return args.handler(args)
+        return handlers[args.command][getattr(args, f"{args.command}_command")](args)
     except SpecserveError as exc:
         print(f"specserve: error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,150 @@
+"""Python client of the ``specserve.v1`` API and the catalogue writer behind ``specserve analyze``.
+
+``Client.analyze`` sends spectra in one request. ``Client.stream`` sends them over one
+``AnalyzeStream`` in batches and yields results as they come back. Both accept
+:class:`~.spectrum.Spectrum` objects (from :func:`~.io.read_spectra`),
+:class:`~.analysis.SpectrumInput` objects, or ``(id, wavelength, flux[, ivar])`` tuples of numpy
+arrays. Results come back as :class:`Row` objects: the spectrum id, one plain value per result
+(``p_cv``, ``free_energy_cv``...), the models used, and any error or not-applicable note.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from specserve.protos import specserve_pb2 as pb
+from specserve.protos import specserve_pb2_grpc as pb_grpc
+
+from .analysis import SpectrumInput
+from .spectrum import Spectrum
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "localhost:8001"
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class Row:
+    """One spectrum's results, flattened for a catalogue."""
+
+    id: str
+    values: dict[str, float] = field(default_factory=dict)
+    models: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def to_proto(item) -> pb.Spectrum:
+    """A Spectrum, SpectrumInput or (id, wavelength, flux[, ivar]) tuple as a proto message."""
+    if isinstance(item, Spectrum):
+        item = SpectrumInput.from_spectrum(item)
+    if isinstance(item, tuple):
+        item = SpectrumInput(str(item[0]), *item[1:])
+    message = pb.Spectrum(id=item.id, flux=np.asarray(item.flux, dtype=np.float32).tolist())
+    message.wavelength.values.extend(np.asarray(item.wavelength, dtype=np.float64).tolist())
+    if item.ivar is not None:
+        message.ivar.extend(np.asarray(item.ivar, dtype=np.float32).tolist())
+    if item.mask is not None:
+        message.mask.extend(np.asarray(item.mask, dtype=bool).tolist())
+    if item.redshift is not None:
+        message.redshift = float(item.redshift)
+    message.metadata.update({str(k): str(v) for k, v in item.metadata.items()})
+    return message
+
+
+def row_from_proto(result: pb.SpectrumResult) -> Row:
+    row = Row(result.id)
+    if result.HasField("error"):
+        row.error = result.error.message
+    for model_result in result.results:
+        if model_result.applicable:
+            row.models.append(f"{model_result.model}:{model_result.version}")
+            row.values.update(model_result.values)
+        else:
+            row.notes.append(f"{model_result.model}: {model_result.not_applicable_reason}")
+    return row
+
+
+class Client:
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = 120.0):
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ])
+        self.stub = pb_grpc.SpecServeStub(self.channel)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def list_models(self) -> list[pb.ModelInfo]:
+        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+
+    def analyze(self, spectra: Iterable, models: Sequence[str] = ()) -> list[Row]:
+        request = pb.AnalyzeRequest(spectra=[to_proto(s) for s in spectra], models=list(models))
+        response = self.stub.Analyze(request, timeout=self.timeout)
+        return [row_from_proto(r) for r in response.results]
+
+    def stream(self, spectra: Iterable, models: Sequence[str] = (), batch_size: int = 64) -> Iterator[Row]:
+        """Send ``spectra`` over one AnalyzeStream, ``batch_size`` per message; yield rows in order.
+
+        A message the server rejects as a whole (e.g. an unknown model) raises
+        :class:`StreamError` after the rows before it were yielded.
+        """
+
+        def requests() -> Iterator[pb.AnalyzeRequest]:
+            batch: list[pb.Spectrum] = []
+            number = 0
+            for item in spectra:
+                batch.append(to_proto(item))
+                if len(batch) == batch_size:
+                    yield pb.AnalyzeRequest(request_id=str(number), spectra=batch, models=list(models))
+                    number += 1
+                    batch = []
+            if batch:
+                yield pb.AnalyzeRequest(request_id=str(number), spectra=batch, models=list(models))
+
+        for response in self.stub.AnalyzeStream(requests(), timeout=self.timeout):
+            if response.HasField("error"):
+                raise StreamError(f"message {response.request_id}: {response.error.message}")
+            for result in response.results:
+                yield row_from_proto(result)
+
+
+class StreamError(RuntimeError):
+    """The server rejected a whole stream message (reported in-band)."""
+
+
+def write_catalogue(path: str | Path, rows: Sequence[tuple[str, Row]]) -> None:
+    """Write ``(file, row)`` pairs as CSV, or as a FITS table when the name ends in .fits/.fit."""
+    from astropy.table import Table
+
+    value_names = sorted({k for _, row in rows for k in row.values})
+    table = Table()
+    table["file"] = [f for f, _ in rows]
+    table["id"] = [row.id for _, row in rows]
+    for name in value_names:
+        table[name] = np.array([row.values.get(name, np.nan) for _, row in rows], dtype=np.float64)
+    table["models"] = [";".join(row.models) for _, row in rows]
+    table["notes"] = ["; ".join(row.notes + ([row.error] if row.error else [])) for _, row in rows]
+    path = Path(path)
+    fmt = "fits" if path.suffix.lower() in (".fits", ".fit") else "ascii.csv"
+    table.write(path, format=fmt, overwrite=True)

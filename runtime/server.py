@@ -1,0 +1,394 @@
+"""The gRPC server: KServe v2 inference protocol, the ``specserve.v1`` domain API, health and
+reflection, on grpc.aio with ONNX Runtime sessions run off the event loop.
+
+The servicers only translate protobuf <-> domain objects (:mod:`.analysis`, :mod:`.repository`).
+Domain errors become status codes in one table, :func:`status_for`. Anything unexpected becomes
+``INTERNAL`` with a generic message, and its traceback goes to the log. Stream RPCs report a bad
+message in-band (``error_message`` / ``error``) and go on serving the next ones.
+
+``create_server(repository, address)`` returns ``(server, port)``, so tests can bind port 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from importlib import metadata
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from specserve.protos import grpc_service_pb2 as kserve
+from specserve.protos import grpc_service_pb2_grpc as kserve_grpc
+from specserve.protos import specserve_pb2 as pb
+from specserve.protos import specserve_pb2_grpc as pb_grpc
+
+from . import dtypes
+from .analysis import Analyzer, ModelResult, SpectrumInput, SpectrumOutcome
+from .contract import BATCH
+from .errors import (
+    ContractError,
+    InvalidInputError,
+    InvalidSpectrumError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    SpecserveError,
+)
+from .repository import LoadedModel, load_repository
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+SERVER_NAME = "specserve"
+
+_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (InvalidSpectrumError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ModelNotReadyError, grpc.StatusCode.UNAVAILABLE),
+    (ContractError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+_ERROR_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT: pb.Error.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND: pb.Error.NOT_FOUND,
+    grpc.StatusCode.UNAVAILABLE: pb.Error.UNAVAILABLE,
+    grpc.StatusCode.FAILED_PRECONDITION: pb.Error.FAILED_PRECONDITION,
+    grpc.StatusCode.INTERNAL: pb.Error.INTERNAL,
+}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The one place where errors become gRPC status codes and client-facing messages."""
+    for cls, code in _STATUS:
+        if isinstance(exc, cls):
+            return code, str(exc)
+    log.error("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal error (see the server log)"
+
+
+def _error_message(exc: BaseException) -> pb.Error:
+    code, message = status_for(exc)
+    return pb.Error(code=_ERROR_CODES.get(code, pb.Error.INTERNAL), message=message)
+
+
+def _unary(handler: Callable) -> Callable:
+    """Wrap a unary handler so that every exception goes through :func:`status_for`."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return await handler(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped in one place
+            code, message = status_for(exc)
+            await context.abort(code, message)
+
+    return wrapper
+
+
+def _version() -> str:
+    try:
+        return metadata.version("specserve")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class ModelStore:
+    """The loaded repository and the analyzer over it."""
+
+    def __init__(self, repository: str | Path):
+        self.repository = Path(repository)
+        self.models: dict[str, LoadedModel] = load_repository(self.repository)
+        self.analyzer = Analyzer(self.models)
+        ready = [n for n, m in self.models.items() if m.ready]
+        log.info("repository %s: %d models, ready: %s", self.repository, len(self.models), ", ".join(ready) or "none")
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFoundError(f"unknown model {name!r} (available: {', '.join(sorted(self.models))})")
+        if version and version != model.version:
+            raise ModelNotFoundError(f"model {name!r} has no loaded version {version!r} (serving {model.version!r})")
+        return model
+
+    def ready_model(self, name: str, version: str = "") -> LoadedModel:
+        model = self.get(name, version)
+        if not model.ready:
+            raise ModelNotReadyError(f"model {name!r} is not ready: {model.reason}")
+        return model
+
+
+# ------------------------------------------------------------------ KServe v2
+
+
+def _decode_inputs(request: kserve.ModelInferRequest) -> dict[str, np.ndarray]:
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    arrays: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        dtype = _dtype(tensor.datatype, tensor.name)
+        shape = tuple(int(d) for d in tensor.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidInputError(f"input {tensor.name!r} has a negative dimension {list(shape)}")
+        count = int(np.prod(shape)) if shape else 1
+        if raw:
+            data = raw[i]
+            if len(data) != count * dtype.numpy.itemsize:
+                raise InvalidInputError(
+                    f"input {tensor.name!r}: {len(data)} bytes for shape {list(shape)} of {dtype.kserve} "
+                    f"(expected {count * dtype.numpy.itemsize})"
+                )
+            array = np.frombuffer(data, dtype=dtype.numpy.newbyteorder("<")).astype(dtype.numpy)
+        else:
+            array = np.asarray(_typed_contents(tensor, dtype), dtype=dtype.numpy)
+            if array.size != count:
+                raise InvalidInputError(f"input {tensor.name!r}: {array.size} values for shape {list(shape)}")
+        arrays[tensor.name] = array.reshape(shape)
+    return arrays
+
+
+def _dtype(name: str, tensor: str) -> dtypes.DType:
+    try:
+        return dtypes.from_kserve(name)
+    except ContractError as exc:
+        raise InvalidInputError(f"input {tensor!r}: {exc}") from None
+
+
+def _typed_contents(tensor, dtype: dtypes.DType):
+    field = {
+        "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+        "INT64": "int64_contents", "UINT8": "uint_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
+    }.get(dtype.kserve)
+    if field is None:
+        raise InvalidInputError(f"input {tensor.name!r}: {dtype.kserve} must be sent in raw_input_contents")
+    return list(getattr(tensor.contents, field))
+
+
+def _infer(store: ModelStore, request: kserve.ModelInferRequest) -> kserve.ModelInferResponse:
+    model = store.ready_model(request.model_name, request.model_version)
+    outputs = model.run(_decode_inputs(request))
+    wanted = [o.name for o in request.outputs] or list(outputs)
+    unknown = [n for n in wanted if n not in outputs]
+    if unknown:
+        raise InvalidInputError(f"model {model.name!r} has no outputs {unknown} (outputs: {list(outputs)})")
+    response = kserve.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+    for name in wanted:
+        array = np.ascontiguousarray(outputs[name])
+        response.outputs.add(name=name, datatype=dtypes.from_numpy(array.dtype).kserve, shape=list(array.shape))
+        response.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
+    return response
+
+
+def _tensor_metadata(spec, dims) -> kserve.ModelMetadataResponse.TensorMetadata:
+    shape = [-1 if d == BATCH else int(d) for d in spec.resolve(dims)]
+    return kserve.ModelMetadataResponse.TensorMetadata(
+        name=spec.name, datatype=dtypes.from_name(spec.dtype).kserve, shape=shape)
+
+
+class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, store: ModelStore):
+        self.store = store
+
+    @_unary
+    async def ServerLive(self, request, context):
+        return kserve.ServerLiveResponse(live=True)
+
+    @_unary
+    async def ServerReady(self, request, context):
+        return kserve.ServerReadyResponse(ready=any(m.ready for m in self.store.models.values()))
+
+    @_unary
+    async def ModelReady(self, request, context):
+        return kserve.ModelReadyResponse(ready=self.store.get(request.name, request.version).ready)
+
+    @_unary
+    async def ServerMetadata(self, request, context):
+        return kserve.ServerMetadataResponse(name=SERVER_NAME, version=_version(), extensions=[])
+
+    @_unary
+    async def ModelMetadata(self, request, context):
+        model = self.store.ready_model(request.name, request.version)
+        contract, dims = model.card.contract, model.card.dims
+        return kserve.ModelMetadataResponse(
+            name=model.name, versions=[model.version], platform="onnxruntime_onnx",
+            inputs=[_tensor_metadata(t, dims) for t in contract.inputs],
+            outputs=[_tensor_metadata(t, dims) for t in contract.outputs],
+        )
+
+    @_unary
+    async def ModelInfer(self, request, context):
+        return await asyncio.to_thread(_infer, self.store, request)
+
+    async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[kserve.ModelStreamInferResponse]:
+        async for request in request_iterator:
+            try:
+                response = await asyncio.to_thread(_infer, self.store, request)
+            except Exception as exc:  # noqa: BLE001 - reported in-band, the stream goes on
+                yield kserve.ModelStreamInferResponse(error_message=status_for(exc)[1])
+            else:
+                yield kserve.ModelStreamInferResponse(infer_response=response)
+
+
+# ------------------------------------------------------------------ specserve.v1
+
+
+def _as_array(values, name: str, n: int | None) -> np.ndarray | None:
+    if len(values) == 0:
+        return None
+    array = np.asarray(values)
+    if n is not None and array.size != n:
+        raise InvalidSpectrumError(f"{name} has {array.size} values but flux has {n}")
+    return array
+
+
+def spectrum_from_proto(message: pb.Spectrum) -> SpectrumInput:
+    flux = np.asarray(message.flux, dtype=np.float64)
+    if flux.size == 0:
+        raise InvalidSpectrumError(f"spectrum {message.id!r}: empty flux")
+    which = message.WhichOneof("wavelengths")
+    if which == "wavelength":
+        wave = np.asarray(message.wavelength.values, dtype=np.float64)
+    elif which == "grid":
+        grid = message.grid
+        if grid.length != flux.size:
+            raise InvalidSpectrumError(f"spectrum {message.id!r}: grid length {grid.length} but flux has {flux.size} values")
+        if not (np.isfinite(grid.start) and np.isfinite(grid.step) and grid.step > 0):
+            raise InvalidSpectrumError(f"spectrum {message.id!r}: log-linear grid needs finite start and step > 0")
+        wave = 10.0 ** (grid.start + grid.step * np.arange(grid.length))
+    else:
+        raise InvalidSpectrumError(f"spectrum {message.id!r}: no wavelengths (set wavelength or grid)")
+    if wave.size != flux.size:
+        raise InvalidSpectrumError(f"spectrum {message.id!r}: {wave.size} wavelengths but {flux.size} flux values")
+    return SpectrumInput(
+        id=message.id,
+        wavelength=wave,
+        flux=flux,
+        ivar=_as_array(message.ivar, "ivar", flux.size),
+        mask=_as_array(message.mask, "mask", flux.size),
+        redshift=message.redshift if message.HasField("redshift") else None,
+        metadata=dict(message.metadata),
+    )
+
+
+def _result_to_proto(result: ModelResult) -> pb.ModelResult:
+    out = pb.ModelResult(model=result.model, version=result.version, applicable=result.applicable,
+                         not_applicable_reason=result.reason, class_names=list(result.class_names))
+    out.values.update(result.values)
+    if result.probabilities is not None:
+        out.probabilities.extend(float(p) for p in result.probabilities)
+    return out
+
+
+def _outcome_to_proto(outcome: SpectrumOutcome) -> pb.SpectrumResult:
+    message = pb.SpectrumResult(id=outcome.id, results=[_result_to_proto(r) for r in outcome.results])
+    if outcome.error is not None:
+        message.error.CopyFrom(_error_message(outcome.error))
+    return message
+
+
+def _analyze(store: ModelStore, request: pb.AnalyzeRequest) -> list[pb.SpectrumResult]:
+    inputs: list[SpectrumInput | None] = []
+    early: dict[int, SpectrumOutcome] = {}
+    for i, message in enumerate(request.spectra):
+        try:
+            inputs.append(spectrum_from_proto(message))
+        except InvalidSpectrumError as exc:
+            inputs.append(None)
+            early[i] = SpectrumOutcome(message.id, error=exc)
+    valid = [s for s in inputs if s is not None]
+    outcomes = iter(store.analyzer.analyze(valid, list(request.models)))
+    ordered = [early[i] if s is None else next(outcomes) for i, s in enumerate(inputs)]
+    return [_outcome_to_proto(o) for o in ordered]
+
+
+class DomainServicer(pb_grpc.SpecServeServicer):
+    def __init__(self, store: ModelStore):
+        self.store = store
+
+    @_unary
+    async def Analyze(self, request, context):
+        if not request.spectra:
+            raise InvalidSpectrumError("the request holds no spectra")
+        results = await asyncio.to_thread(_analyze, self.store, request)
+        return pb.AnalyzeResponse(request_id=request.request_id, results=results)
+
+    async def AnalyzeStream(self, request_iterator, context) -> AsyncIterator[pb.AnalyzeStreamResponse]:
+        async for request in request_iterator:
+            try:
+                if not request.spectra:
+                    raise InvalidSpectrumError("the message holds no spectra")
+                results = await asyncio.to_thread(_analyze, self.store, request)
+            except Exception as exc:  # noqa: BLE001 - reported in-band, the stream goes on
+                yield pb.AnalyzeStreamResponse(request_id=request.request_id, error=_error_message(exc))
+            else:
+                yield pb.AnalyzeStreamResponse(request_id=request.request_id, results=results)
+
+    @_unary
+    async def ListModels(self, request, context):
+        models = []
+        for name, model in sorted(self.store.models.items()):
+            info = pb.ModelInfo(name=name, version=model.version, ready=model.ready, reason=model.reason)
+            if model.card is not None:
+                info.metadata.update({"kind": model.card.kind, "classes": ",".join(model.card.class_names)})
+            models.append(info)
+        return pb.ListModelsResponse(models=models)
+
+
+# ------------------------------------------------------------------ server
+
+
+def create_server(repository: str | Path, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
+    """A configured, not yet started grpc.aio server and the port it is bound to."""
+    store = ModelStore(repository)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ])
+    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(store), server)
+    pb_grpc.add_SpecServeServicer_to_server(DomainServicer(store), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services = (
+        kserve.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+        pb.DESCRIPTOR.services_by_name["SpecServe"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(services, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    server.health_servicer = health_servicer  # type: ignore[attr-defined]
+    server.store = store  # type: ignore[attr-defined]
+    return server, port
+
+
+async def _set_health(server, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for service in ("", "inference.GRPCInferenceService", "specserve.v1.SpecServe"):
+        await server.health_servicer.set(service, status)
+
+
+async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 8001,
+                grace_seconds: float = 10.0, on_started: Callable[[int], None] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM, then stop accepting and finish what was accepted."""
+    server, bound = create_server(repository, f"{host}:{port}")
+    await server.start()
+    await _set_health(server, any(m.ready for m in server.store.models.values()))
+    log.info("serving %s on %s:%d", repository, host, bound)
+    if on_started is not None:
+        on_started(bound)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.0f s", grace_seconds)
+    await _set_health(server, False)
+    await server.stop(grace_seconds)

@@ -1,0 +1,264 @@
+"""A real server process on a real port: KServe v2 through tritonclient, the domain API through
+the specserve client and raw stubs, health, reflection, status codes, and `specserve analyze`.
+
+The server runs in a subprocess: tritonclient's compiled protocol and ours define the same
+message names, so they are not imported into one interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from specserve.export.onnx_export import export_model
+from specserve.export.repository import write_model
+from specserve.protos import specserve_pb2 as pb
+from specserve.protos import specserve_pb2_grpc as pb_grpc
+from specserve.runtime.client import Client, StreamError, to_proto
+from specserve.runtime.contract import ModelCard, fill_masked
+from specserve.runtime.io import read_spectra
+from specserve.runtime.preprocess import OPTICAL_PREPROCESSING
+
+from test_contract_export import ToyFreeEnergy
+
+SPECSERVE = str(Path(sys.executable).with_name("specserve"))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    card = ModelCard(kind="rbm", preprocessing=OPTICAL_PREPROCESSING, class_names=("non_cv", "cv"))
+    report = export_model(ToyFreeEnergy(card.dims["n_pixels"]), card, tmp / "build" / "model.onnx",
+                          atol=1e-5, rtol=1e-4)
+    write_model(tmp / "repo", "rbm", 1, report.path, card)
+    (tmp / "repo" / "broken" / "1").mkdir(parents=True)
+    (tmp / "repo" / "broken" / "1" / "model.onnx").write_bytes(b"junk")
+    return tmp / "repo", report.path
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    proc = subprocess.Popen([SPECSERVE, "serve", "--repository", str(repo[0]), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+    line = proc.stdout.readline()
+    assert "serving" in line, proc.stderr.read()
+    address = line.strip().rsplit(" on ", 1)[1]
+    yield address
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def _direct(onnx_path: Path, flux: np.ndarray):
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"flux": flux})
+
+
+def _flux(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(1.0, 0.1, (n, 3011)).astype(np.float32)
+
+
+# ------------------------------------------------------------------ KServe v2 via tritonclient
+
+
+def test_triton_client_metadata_and_readiness(server):
+    client = triton.InferenceServerClient(server)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("rbm") and not client.is_model_ready("broken")
+    meta = client.get_model_metadata("rbm")
+    assert meta.name == "rbm" and list(meta.versions) == ["1"]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("flux", "FP32", [-1, 3011])]
+    assert [t.name for t in meta.outputs] == ["probabilities", "free_energy"]
+    assert client.get_server_metadata().name == "specserve"
+    with pytest.raises(triton.InferenceServerException) as info:
+        client.get_model_metadata("nope")
+    assert "StatusCode.NOT_FOUND" in str(info.value.status())
+
+
+def test_triton_client_infer_matches_direct_session(server, repo):
+    client = triton.InferenceServerClient(server)
+    flux = _flux(5)
+    inp = triton.InferInput("flux", list(flux.shape), "FP32")
+    inp.set_data_from_numpy(flux)
+    result = client.infer("rbm", [inp], outputs=[triton.InferRequestedOutput("probabilities"),
+                                                 triton.InferRequestedOutput("free_energy")])
+    probs, free = _direct(repo[1], flux)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), probs, rtol=1e-6)
+    np.testing.assert_allclose(result.as_numpy("free_energy"), free, rtol=1e-6)
+    bad = triton.InferInput("flux", [2, 100], "FP32")
+    bad.set_data_from_numpy(np.ones((2, 100), np.float32))
+    with pytest.raises(triton.InferenceServerException) as info:
+        client.infer("rbm", [bad])
+    assert "INVALID_ARGUMENT" in str(info.value.status()) and "axis 1 must be 3011" in info.value.message()
+
+
+def test_triton_stream_with_bad_message_in_the_middle(server, repo):
+    client = triton.InferenceServerClient(server)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        flux = _flux(3, seed=1)
+        for i in range(3):
+            if i == 1:
+                bad = triton.InferInput("flux", [1, 7], "FP32")
+                bad.set_data_from_numpy(np.ones((1, 7), np.float32))
+                client.async_stream_infer("rbm", [bad], request_id="bad")
+            inp = triton.InferInput("flux", [1, 3011], "FP32")
+            inp.set_data_from_numpy(flux[i:i + 1])
+            client.async_stream_infer("rbm", [inp], request_id=str(i))
+        got = [results.get(timeout=30) for _ in range(4)]
+    finally:
+        client.stop_stream()
+    errors = [e for r, e in got if e is not None]
+    answers = {r.get_response().id: r.as_numpy("probabilities") for r, e in got if e is None}
+    assert len(errors) == 1 and "axis 1 must be 3011" in str(errors[0])
+    probs, _ = _direct(repo[1], flux)
+    assert sorted(answers) == ["0", "1", "2"]
+    for i in range(3):
+        # one-row and three-row batches take different kernel paths: float32 rounding only
+        np.testing.assert_allclose(answers[str(i)][0], probs[i], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------ specserve.v1
+
+
+def test_domain_analyze_real_spectra_matches_direct(server, repo, kit):
+    files = sorted((kit / "lamost_dr1/fits").glob("*.fits"))[:8]
+    spectra = [read_spectra(f)[0] for f in files]
+    with Client(server) as client:
+        rows = client.analyze(spectra)
+        assert [m.name for m in client.list_models()] == ["broken", "rbm"]
+    assert [r.id for r in rows] == [s.meta.object_id for s in spectra]
+    checked = 0
+    for s, row in zip(spectra, rows):
+        assert row.ok
+        prepared = OPTICAL_PREPROCESSING.apply(s.wavelength, s.flux, s.ivar, s.mask, z=s.meta.extra["z"])
+        if prepared.mask.mean() > 0.25:
+            assert row.notes and "covers" in row.notes[0]
+            continue
+        probs, free = _direct(repo[1], fill_masked(prepared.flux, prepared.mask)[None])
+        assert row.values["p_cv"] == pytest.approx(float(probs[0, 1]), rel=1e-5, abs=1e-6)
+        assert row.values["free_energy_cv"] == pytest.approx(float(free[0, 1]), rel=1e-5)
+        checked += 1
+    assert checked >= 5
+
+
+def test_domain_stream_of_1000_spectra_keeps_ids(server):
+    rng = np.random.default_rng(3)
+    wave = 10 ** (3.567 + 1e-4 * np.arange(3100))
+    items = [(f"s{i:04d}", wave, rng.normal(1, 0.05, 3100)) for i in range(1000)]
+    with Client(server) as client:
+        rows = list(client.stream(items, batch_size=50))
+    assert [r.id for r in rows] == [f"s{i:04d}" for i in range(1000)]
+    assert all(r.ok and 0.0 <= r.values["p_cv"] <= 1.0 for r in rows)
+
+
+def test_domain_stream_reports_bad_messages_in_band(server):
+    wave = np.linspace(3650, 7450, 3200)
+
+    def request(rid: str, spectrum: pb.Spectrum, models=()):
+        return pb.AnalyzeRequest(request_id=rid, spectra=[spectrum], models=list(models))
+
+    good = to_proto(("good", wave, np.ones(3200)))
+    mismatched = to_proto(("mismatch", wave, np.ones(3199)))
+    nan = to_proto(("nan", wave, np.full(3200, np.nan)))
+    empty = pb.Spectrum(id="empty")
+    short_ivar = to_proto(("short-ivar", wave, np.ones(3200)))
+    del short_ivar.ivar[:]
+    short_ivar.ivar.extend([1.0] * 10)
+    requests = [request("0", good), request("1", mismatched), request("2", good), request("3", nan),
+                request("4", good, ["nope"]), request("5", empty), request("6", short_ivar), request("7", good),
+                pb.AnalyzeRequest(request_id="8")]
+    with grpc.insecure_channel(server) as channel:
+        responses = list(pb_grpc.SpecServeStub(channel).AnalyzeStream(iter(requests), timeout=60))
+    assert [r.request_id for r in responses] == [str(i) for i in range(9)]
+    by_id = {r.request_id: r for r in responses}
+    for rid in ("0", "2", "7"):
+        (result,) = by_id[rid].results
+        assert not result.HasField("error") and result.results[0].applicable
+    for rid, text in (("1", "3200 wavelengths but 3199 flux"), ("3", "NaN"), ("5", "empty flux"),
+                      ("6", "ivar has 10 values")):
+        (result,) = by_id[rid].results
+        assert result.error.code == pb.Error.INVALID_ARGUMENT and text in result.error.message, rid
+    assert by_id["4"].error.code == pb.Error.NOT_FOUND and "nope" in by_id["4"].error.message
+    assert by_id["8"].error.code == pb.Error.INVALID_ARGUMENT
+
+
+def test_domain_status_codes(server):
+    wave = np.linspace(3650, 7450, 3200)
+    with grpc.insecure_channel(server) as channel:
+        stub = pb_grpc.SpecServeStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Analyze(pb.AnalyzeRequest(spectra=[to_proto(("a", wave, np.ones(3200)))], models=["nope"]))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Analyze(pb.AnalyzeRequest())
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Analyze(pb.AnalyzeRequest(spectra=[to_proto(("a", wave, np.ones(3200)))], models=["broken"]))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "not ready" in info.value.details()
+        ir = to_proto(("ir", np.linspace(15100, 16900, 500), np.ones(500)))
+        (result,) = stub.Analyze(pb.AnalyzeRequest(spectra=[ir])).results
+        assert not result.results[0].applicable and "covers 0%" in result.results[0].not_applicable_reason
+
+
+def test_health_and_reflection(server):
+    with grpc.insecure_channel(server) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"inference.GRPCInferenceService", "specserve.v1.SpecServe", "grpc.health.v1.Health"} <= names
+
+
+def test_large_batch_above_default_message_limit(server):
+    wave = 10 ** (3.567 + 1e-4 * np.arange(3100))
+    items = [(f"big{i}", wave, np.ones(3100)) for i in range(400)]  # ~7.5 MB in one message
+    with Client(server) as client:
+        rows = client.analyze(items)
+    assert len(rows) == 400 and all(r.ok for r in rows)
+
+
+# ------------------------------------------------------------------ specserve analyze
+
+
+def test_cli_analyze_writes_catalogues(server, kit, tmp_path):
+    files = [str(p) for p in sorted((kit / "lamost_dr1/fits").glob("*.fits"))[:6]]
+    broken = tmp_path / "broken.fits"
+    broken.write_bytes(b"SIMPLE  = nonsense")
+    for out in ("cat.csv", "cat.fits"):
+        result = subprocess.run([SPECSERVE, "analyze", "--server", server, "--out", str(tmp_path / out),
+                                 *files, str(broken)], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1, result.stderr  # one unreadable file
+        assert f"skipped {broken}" in result.stderr
+        assert "6 spectra analysed, 0 rejected, 1 files unreadable" in result.stdout
+    from astropy.table import Table
+
+    for out in ("cat.csv", "cat.fits"):
+        table = Table.read(tmp_path / out)
+        assert len(table) == 6 and list(table["file"]) == files
+        assert {"id", "p_cv", "p_non_cv", "free_energy_cv", "models", "notes"} <= set(table.colnames)
+    ok = subprocess.run([SPECSERVE, "analyze", "--server", server, *files[:2]], capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0 and "2 spectra analysed" in ok.stdout
+
+
+def test_cli_analyze_reports_unreachable_server(kit):
+    result = subprocess.run([SPECSERVE, "analyze", "--server", "127.0.0.1:1",
+                             str(kit / "lamost_dr1/fits/spec-55862-B6212_sp06-003.fits")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "UNAVAILABLE" in result.stderr
