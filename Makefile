@@ -5,7 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.specserve-installed
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: install test data inspect bench-preprocess clean
+.PHONY: install test serve models data inspect bench-preprocess clean
+
+PORT ?= 8001
 
 # Create or reuse .venv and install the project (editable) with its train and dev extras.
 $(STAMP): pyproject.toml
@@ -18,6 +20,16 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Main job: make sure the default model repository exists (built from the data kit on first run,
+# about a minute on 2 cores), then serve it on localhost:$(PORT) until Ctrl-C.
+serve: $(STAMP)
+	$(BIN)/specserve models build --if-missing
+	$(BIN)/specserve serve --port $(PORT)
+
+# (Re)build the default model repository: train, evaluate and export every default model.
+models: $(STAMP)
+	$(BIN)/specserve models build
 
 # Read every file of the data kit, then build the three benchmark sets into the cache.
 data: $(STAMP)

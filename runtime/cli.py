@@ -7,10 +7,13 @@ Subcommands:
 - ``specserve data build NAME...``: build benchmark sets (``giants``, ``stars``, ``cv``) into the
   cache and print their sizes and content hashes.
 - ``specserve bench preprocess``: time resampling + normalisation of 4,000 LAMOST spectra.
-- ``specserve serve --repository DIR [--host H] [--port N]``: serve a model repository over gRPC.
+- ``specserve serve [--repository DIR] [--host H] [--port N]``: serve a model repository over gRPC
+  (default ``<cache>/models``, port 8001).
 - ``specserve analyze [--server HOST:PORT] [--out CATALOGUE] FILE...``: stream spectrum files to a
   server, print a table and write a catalogue (CSV, or FITS by extension).
 - ``specserve train ...`` / ``specserve eval ...``: training and evaluation (the ``train`` extra).
+- ``specserve export rbm ...`` / ``specserve models build``: ONNX export into a model repository
+  and the default repository that ``make serve`` serves (the ``train`` extra).
 
 Exit codes: 0 success, 1 a domain error (message on stderr), 2 bad usage.
 """
@@ -50,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--n", type=int, default=4000)
     pre.add_argument("--data", type=Path)
     srv = sub.add_parser("serve", help="serve a model repository over gRPC")
-    srv.add_argument("--repository", type=Path, required=True, help="model repository (Triton layout)")
+    srv.add_argument("--repository", type=Path,
+                     help="model repository in Triton's layout (default: <cache>/models, see `specserve models build`)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8001)
 
@@ -61,19 +65,23 @@ def _parser() -> argparse.ArgumentParser:
     ana.add_argument("--models", default="", help="comma-separated model names (default: every applicable model)")
     ana.add_argument("--batch", type=int, default=64, help="spectra per stream message")
 
-    from specserve.training.commands import register
+    from specserve.export.commands import register as register_export
+    from specserve.training.commands import register as register_training
 
-    register(sub)
+    register_training(sub)
+    register_export(sub)
     return parser
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from .datakit import models_dir
     from .server import serve
 
-    asyncio.run(serve(args.repository, args.host, args.port,
-                      on_started=lambda port: print(f"specserve: serving {args.repository} on {args.host}:{port}", flush=True)))
+    repository = args.repository or models_dir()
+    asyncio.run(serve(repository, args.host, args.port,
+                      on_started=lambda port: print(f"specserve: serving {repository} on {args.host}:{port}", flush=True)))
     return 0
 
 
@@ -112,7 +120,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             print(f"specserve: error: server {args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
-    columns = sorted({k for _, r in rows for k in r.values})[:6]
+    # probabilities first, then the other values (free energies, labels and their errors)
+    columns = sorted({k for _, r in rows for k in r.values}, key=lambda c: (not c.startswith("p_"), c))[:6]
     print("  ".join(["file".ljust(40), "id".ljust(28)] + [c.rjust(14) for c in columns]))
     for path, row in rows:
         cells = [f"{row.values[c]:14.5g}" if c in row.values else " " * 14 for c in columns]

@@ -103,8 +103,12 @@ class Client:
         response = self.stub.Analyze(request, timeout=self.timeout)
         return [row_from_proto(r) for r in response.results]
 
-    def stream(self, spectra: Iterable, models: Sequence[str] = (), batch_size: int = 64) -> Iterator[Row]:
+    def stream(self, spectra: Iterable, models: Sequence[str] = (), batch_size: int = 64,
+               timeout: float | None = None) -> Iterator[Row]:
         """Send ``spectra`` over one AnalyzeStream, ``batch_size`` per message; yield rows in order.
+
+        A stream has no deadline by default (a night's pipeline may keep one open); a server that
+        goes away ends it with ``UNAVAILABLE``.
 
         A message the server rejects as a whole (e.g. an unknown model) raises
         :class:`StreamError` after the rows before it were yielded.
@@ -122,7 +126,7 @@ class Client:
             if batch:
                 yield pb.AnalyzeRequest(request_id=str(number), spectra=batch, models=list(models))
 
-        for response in self.stub.AnalyzeStream(requests(), timeout=self.timeout):
+        for response in self.stub.AnalyzeStream(requests(), timeout=timeout):
             if response.HasField("error"):
                 raise StreamError(f"message {response.request_id}: {response.error.message}")
             for result in response.results:

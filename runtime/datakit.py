@@ -53,6 +53,12 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "specserve"
 
 
+def models_dir(cache: str | os.PathLike | None = None) -> Path:
+    """``<cache>/models``: the default model repository (``specserve models build`` writes it,
+    ``specserve serve`` serves it when no ``--repository`` is given)."""
+    return cache_dir(cache) / "models"
+
+
 @dataclass(frozen=True)
 class KitEntry:
     """One file of the kit: what it is and what reading it gave."""

@@ -74,7 +74,8 @@ def load_repository(repo: str | Path, providers: list[str] | None = None) -> dic
     """Every model folder under ``repo``: its newest loadable version, or not ready with a reason."""
     repo = Path(repo)
     if not repo.is_dir():
-        raise ModelNotFoundError(f"model repository {repo} does not exist")
+        raise ModelNotFoundError(f"model repository {repo} does not exist "
+                                 "(`specserve models build` builds the default one)")
     models: dict[str, LoadedModel] = {}
     for model_dir in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
         versions = sorted((int(v.name) for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()), reverse=True)

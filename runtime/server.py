@@ -349,6 +349,7 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0") -> tuple
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
     ])
     kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(store), server)
     pb_grpc.add_SpecServeServicer_to_server(DomainServicer(store), server)
@@ -361,9 +362,12 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0") -> tuple
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(services, server)
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind"
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind {address}")
+        raise SpecserveError(f"cannot listen on {address}: the port is in use or the address is not local")
     server.health_servicer = health_servicer  # type: ignore[attr-defined]
     server.store = store  # type: ignore[attr-defined]
     return server, port

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data kit (required: tests fail, never skip, without it)."""
+"""Shared fixtures: the real data kit (required: tests fail, never skip, without it) and a tiny
+RBM run trained on the real ``cv`` set (shared by the training and export tests)."""
 
 from __future__ import annotations
 
@@ -12,3 +13,25 @@ from specserve.runtime.datakit import data_dir
 @pytest.fixture(scope="session")
 def kit() -> Path:
     return data_dir()
+
+
+@pytest.fixture(scope="session")
+def cv_run(tmp_path_factory):
+    """A tiny RBM trained on 200 spectra of the cv train split: (bench, run_dir, model, report)."""
+    import numpy as np
+    import torch
+
+    from specserve.training import commands
+    from specserve.training.evaluate import EvalConfig, evaluate_rbm
+    from specserve.training.rbm import RBMConfig
+
+    torch.set_num_threads(2)
+    bench = commands.load_cv()
+    rng = np.random.default_rng(0)
+    train = np.sort(rng.choice(bench.split_indices("train"), 200, replace=False))
+    cfg = RBMConfig(n_hidden=16, cd_epochs=2, finetune_epochs=4, batch_size=32, seed=0)
+    run_dir = tmp_path_factory.mktemp("rbm-run")
+    model, trainer = commands.train_rbm(cfg, run_dir, bench, train_indices=train, progress=False)
+    eval_cfg = EvalConfig(bernoulli_components=16, bernoulli_iter=3)
+    report = evaluate_rbm(model, bench, run_dir, eval_cfg, train_indices=train)
+    return bench, run_dir, model, report

@@ -252,20 +252,6 @@ def test_register_parses_train_and_eval_and_overrides():
 # ---------------------------------------------------------------- the cv report
 
 
-@pytest.fixture(scope="module")
-def cv_run(tmp_path_factory):
-    """A tiny model trained on 200 spectra of the cv train split, and its report."""
-    bench = commands.load_cv()
-    rng = np.random.default_rng(0)
-    train = np.sort(rng.choice(bench.split_indices("train"), 200, replace=False))
-    cfg = RBMConfig(n_hidden=16, cd_epochs=2, finetune_epochs=4, batch_size=32, seed=0)
-    run_dir = tmp_path_factory.mktemp("rbm-run")
-    model, trainer = commands.train_rbm(cfg, run_dir, bench, train_indices=train, progress=False)
-    eval_cfg = EvalConfig(bernoulli_components=16, bernoulli_iter=3)
-    report = evaluate_rbm(model, bench, run_dir, eval_cfg, train_indices=train)
-    return bench, run_dir, model, report
-
-
 def test_tiny_training_on_cv_gives_a_complete_report(cv_run):
     bench, run_dir, model, report = cv_run
     assert (run_dir / REPORT_PNG).stat().st_size > 10_000

@@ -262,3 +262,13 @@ def test_cli_analyze_reports_unreachable_server(kit):
                              str(kit / "lamost_dr1/fits/spec-55862-B6212_sp06-003.fits")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "UNAVAILABLE" in result.stderr
+
+
+def test_second_server_on_a_busy_port_fails_clearly(server, repo):
+    port = server.rsplit(":", 1)[1]
+    result = subprocess.run([SPECSERVE, "serve", "--repository", str(repo[0]), "--port", port],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    missing = subprocess.run([SPECSERVE, "serve", "--repository", str(repo[0] / "nope"), "--port", "0"],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "does not exist" in missing.stderr

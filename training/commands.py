@@ -161,6 +161,7 @@ def train_rbm(config: RBMConfig, run_dir: str | Path, bench: BenchmarkSet, *,
         "data": {
             "benchmark": bench.name, "content_hash": bench.meta.get("content_hash"),
             "n_train": int(train.size), "n_validation": int(val.size),
+            "preprocessing": bench.meta.get("preprocessing"),
             "train_indices": None if train_indices is None else [int(i) for i in train],
         },
         "torch": {"version": str(torch.__version__), "threads": torch.get_num_threads()},
