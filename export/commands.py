@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from specserve.runtime.datakit import cache_dir, models_dir
-from specserve.runtime.errors import SpecserveError
 
 DEFAULT_MODELS = ("rbm",)
 
@@ -49,9 +48,9 @@ def _present(repository: Path, name: str) -> bool:
 
 
 def cmd_export_rbm(args: argparse.Namespace) -> int:
-    from specserve.training.commands import _require_training_extra
+    from specserve.training.commands import require_training_extra
 
-    _require_training_extra(2)
+    require_training_extra(2)
     from .rbm import export_rbm
 
     repository = args.repository or models_dir()
@@ -67,17 +66,14 @@ def cmd_models_build(args: argparse.Namespace) -> int:
     if args.if_missing and not missing:
         print(f"model repository {repository} is ready ({', '.join(DEFAULT_MODELS)})")
         return 0
-    from specserve.training.commands import _require_training_extra, headline, load_cv, train_rbm
+    from specserve.training.commands import require_training_extra, headline, load_cv, train_rbm
 
-    _require_training_extra(args.threads)
+    require_training_extra(args.threads)
     from specserve.training.evaluate import evaluate_rbm
     from specserve.training.rbm import RBMConfig
 
     from .rbm import export_rbm
 
-    names = missing if args.if_missing else list(DEFAULT_MODELS)
-    if names != ["rbm"]:
-        raise SpecserveError(f"do not know how to build {names}")
     print(f"building the default model repository in {repository} (first run: about a minute)", flush=True)
     t0 = time.perf_counter()
     bench = load_cv(args.cache)

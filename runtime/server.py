@@ -54,14 +54,6 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ModelNotReadyError, grpc.StatusCode.UNAVAILABLE),
     (ContractError, grpc.StatusCode.FAILED_PRECONDITION),
 )
-_ERROR_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT: pb.Error.INVALID_ARGUMENT,
-    grpc.StatusCode.NOT_FOUND: pb.Error.NOT_FOUND,
-    grpc.StatusCode.UNAVAILABLE: pb.Error.UNAVAILABLE,
-    grpc.StatusCode.FAILED_PRECONDITION: pb.Error.FAILED_PRECONDITION,
-    grpc.StatusCode.INTERNAL: pb.Error.INTERNAL,
-}
-
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The one place where errors become gRPC status codes and client-facing messages."""
@@ -74,7 +66,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def _error_message(exc: BaseException) -> pb.Error:
     code, message = status_for(exc)
-    return pb.Error(code=_ERROR_CODES.get(code, pb.Error.INTERNAL), message=message)
+    return pb.Error(code=code.value[0], message=message)  # Error.Code numbers are gRPC's own
 
 
 def _unary(handler: Callable) -> Callable:

@@ -68,7 +68,7 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def _require_training_extra(threads: int) -> None:
+def require_training_extra(threads: int) -> None:
     missing = []
     for module in ("torch", "sklearn", "matplotlib", "tqdm"):
         try:
@@ -227,7 +227,7 @@ def headline(report: Mapping[str, Any]) -> str:
 
 
 def cmd_train_rbm(args: argparse.Namespace) -> int:
-    _require_training_extra(getattr(args, "threads", DEFAULT_THREADS))
+    require_training_extra(getattr(args, "threads", DEFAULT_THREADS))
     from .evaluate import REPORT_JSON, EvalConfig, evaluate_rbm
 
     overrides = {k: str(v) for k, v in QUICK_OVERRIDES.items()} if args.quick else {}
@@ -255,7 +255,7 @@ def cmd_train_rbm(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_rbm(args: argparse.Namespace) -> int:
-    _require_training_extra(getattr(args, "threads", DEFAULT_THREADS))
+    require_training_extra(getattr(args, "threads", DEFAULT_THREADS))
     from .evaluate import REPORT_JSON, EvalConfig, evaluate_rbm
     from .rbm import RBMClassifier
     from .trainer import CHECKPOINT_NAME, load_checkpoint
