@@ -1,7 +1,8 @@
 """Model repository writer in Triton's layout.
 
 ``<repo>/<model>/config.pbtxt`` (onnxruntime backend, inputs/outputs from the contract with the
-batch axis left to ``max_batch_size``), ``<repo>/<model>/<version>/model.onnx`` and
+batch axis left to ``max_batch_size`` when every tensor leads with it, else ``max_batch_size: 0``
+and -1 for every dynamic axis), ``<repo>/<model>/<version>/model.onnx`` and
 ``<repo>/<model>/README.md`` (a model card for people). The same folder can be served by
 ``specserve serve`` or by Triton Inference Server.
 """
@@ -14,15 +15,21 @@ import shutil
 from pathlib import Path
 
 from specserve.runtime import dtypes
-from specserve.runtime.contract import BATCH, ModelCard, TensorSpec
+from specserve.runtime.contract import BATCH, DYNAMIC_DIMS, ModelCard, TensorSpec
 
 DEFAULT_MAX_BATCH_SIZE = 256
 
 
-def _tensor_block(tensors: tuple[TensorSpec, ...], dims: dict[str, int]) -> str:
+def _batched(tensors: tuple[TensorSpec, ...]) -> bool:
+    """True when every tensor's first axis is the batch (Triton's max_batch_size > 0 convention)."""
+    return all(t.shape[:1] == (BATCH,) for t in tensors)
+
+
+def _tensor_block(tensors: tuple[TensorSpec, ...], dims: dict[str, int], batched: bool) -> str:
     entries = []
     for t in tensors:
-        shape = [d for d in t.resolve(dims) if d != BATCH]
+        resolved = t.resolve(dims)[1:] if batched else t.resolve(dims)
+        shape = [-1 if d in DYNAMIC_DIMS else d for d in resolved]
         entries.append(
             "  {\n"
             f'    name: "{t.name}"\n'
@@ -35,12 +42,13 @@ def _tensor_block(tensors: tuple[TensorSpec, ...], dims: dict[str, int]) -> str:
 
 def config_pbtxt(name: str, card: ModelCard, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> str:
     contract, dims = card.contract, card.dims
+    batched = _batched(contract.inputs + contract.outputs)
     return (
         f'name: "{name}"\n'
         'platform: "onnxruntime_onnx"\n'
-        f"max_batch_size: {max_batch_size}\n"
-        f"input {_tensor_block(contract.inputs, dims)}\n"
-        f"output {_tensor_block(contract.outputs, dims)}\n"
+        f"max_batch_size: {max_batch_size if batched else 0}\n"
+        f"input {_tensor_block(contract.inputs, dims, batched)}\n"
+        f"output {_tensor_block(contract.outputs, dims, batched)}\n"
         "dynamic_batching { }\n"
     )
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from .contract import ModelCard, fill_masked
+from .contract import N_SAMPLES, ModelCard, fill_masked
 from .errors import InvalidSpectrumError, ModelNotFoundError, ModelNotReadyError, SpecserveError
 from .repository import LoadedModel
 from .spectrum import Spectrum, SpectrumMeta
@@ -78,8 +78,19 @@ def _rbm_values(card: ModelCard, outputs: Mapping[str, np.ndarray], row: int) ->
     return values
 
 
+def _estimate_values(card: ModelCard, outputs: Mapping[str, np.ndarray], row: int) -> dict[str, float]:
+    """MC estimates: ``<label>`` and ``<label>_err`` per label (physical units), ``n_samples``."""
+    values = {}
+    for j, name in enumerate(card.label_names):
+        values[name] = float(outputs["mean"][row, j])
+        values[f"{name}_err"] = float(outputs["std"][row, j])
+    values["n_samples"] = float(outputs["samples"].shape[0])
+    return values
+
+
 INTERPRETERS: dict[str, Callable[[ModelCard, Mapping[str, np.ndarray], int], dict[str, float]]] = {
     "rbm": _rbm_values,
+    "spt": _estimate_values,
 }
 
 
@@ -117,7 +128,10 @@ class Analyzer:
             chosen.append(model)
         return chosen
 
-    def analyze(self, spectra: Sequence[SpectrumInput], model_names: Sequence[str] | None = None) -> list[SpectrumOutcome]:
+    def analyze(self, spectra: Sequence[SpectrumInput], model_names: Sequence[str] | None = None,
+                mc_samples: int = 0) -> list[SpectrumOutcome]:
+        """Run the models on the spectra. ``mc_samples``: Monte Carlo samples for the models that
+        draw them (0: each model's default; beyond a model's maximum: InvalidInputError)."""
         models = self.resolve(model_names)
         outcomes = [SpectrumOutcome(s.id) for s in spectra]
         checked: list[Spectrum | None] = []
@@ -128,11 +142,11 @@ class Analyzer:
                 outcome.error = exc
                 checked.append(None)
         for model in models:
-            self._run_model(model, spectra, checked, outcomes)
+            self._run_model(model, spectra, checked, outcomes, mc_samples)
         return outcomes
 
     def _run_model(self, model: LoadedModel, spectra: Sequence[SpectrumInput], checked: list[Spectrum | None],
-                   outcomes: list[SpectrumOutcome]) -> None:
+                   outcomes: list[SpectrumOutcome], mc_samples: int = 0) -> None:
         card = model.card
         recipe = card.preprocessing
         rows: list[np.ndarray] = []
@@ -157,7 +171,10 @@ class Analyzer:
             owners.append(i)
         if not rows:
             return
-        outputs = model.run({"flux": np.stack(rows)})
+        inputs = {"flux": np.stack(rows)}
+        if mc_samples and N_SAMPLES in card.contract.input_names:
+            inputs[N_SAMPLES] = np.array([mc_samples], dtype=np.int64)
+        outputs = model.run(inputs)
         interpret = INTERPRETERS[card.kind]
         for row, i in enumerate(owners):
             result = ModelResult(model.name, model.version, True, values=interpret(card, outputs, row),

@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     ana.add_argument("--out", type=Path, help="catalogue to write (.csv, or .fits/.fit for a FITS table)")
     ana.add_argument("--models", default="", help="comma-separated model names (default: every applicable model)")
     ana.add_argument("--batch", type=int, default=64, help="spectra per stream message")
+    ana.add_argument("--mc-samples", type=int, default=0,
+                     help="Monte Carlo samples for models that draw them (default 0: each model's default)")
 
     from specserve.export.commands import register as register_export
     from specserve.training.commands import register as register_training
@@ -112,7 +114,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     rows = []
     with Client(args.server) as client:
         try:
-            for row in client.stream(spectra(), models=models, batch_size=args.batch):
+            for row in client.stream(spectra(), models=models, batch_size=args.batch, mc_samples=args.mc_samples):
                 rows.append((sent_files[len(rows)], row))
         except StreamError as exc:
             print(f"specserve: error: {exc}", file=sys.stderr)
@@ -120,8 +122,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             print(f"specserve: error: server {args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
-    # probabilities first, then the other values (free energies, labels and their errors)
-    columns = sorted({k for _, r in rows for k in r.values}, key=lambda c: (not c.startswith("p_"), c))[:6]
+    # probabilities first, then estimates with their errors, then free energies (the catalogue has all)
+    rank = lambda c: (0 if c.startswith("p_") else 2 if c.startswith("free_energy") else 1, c)  # noqa: E731
+    columns = sorted({k for _, r in rows for k in r.values if k != "n_samples"}, key=rank)[:6]
     print("  ".join(["file".ljust(40), "id".ljust(28)] + [c.rjust(14) for c in columns]))
     for path, row in rows:
         cells = [f"{row.values[c]:14.5g}" if c in row.values else " " * 14 for c in columns]

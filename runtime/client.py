@@ -98,13 +98,16 @@ class Client:
     def list_models(self) -> list[pb.ModelInfo]:
         return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
 
-    def analyze(self, spectra: Iterable, models: Sequence[str] = ()) -> list[Row]:
-        request = pb.AnalyzeRequest(spectra=[to_proto(s) for s in spectra], models=list(models))
+    def analyze(self, spectra: Iterable, models: Sequence[str] = (), mc_samples: int = 0) -> list[Row]:
+        """Analyse spectra in one request. ``mc_samples``: Monte Carlo samples for the models that
+        draw them (0: each model's default)."""
+        request = pb.AnalyzeRequest(spectra=[to_proto(s) for s in spectra], models=list(models),
+                                    mc_samples=mc_samples)
         response = self.stub.Analyze(request, timeout=self.timeout)
         return [row_from_proto(r) for r in response.results]
 
     def stream(self, spectra: Iterable, models: Sequence[str] = (), batch_size: int = 64,
-               timeout: float | None = None) -> Iterator[Row]:
+               timeout: float | None = None, mc_samples: int = 0) -> Iterator[Row]:
         """Send ``spectra`` over one AnalyzeStream, ``batch_size`` per message; yield rows in order.
 
         A stream has no deadline by default (a night's pipeline may keep one open); a server that
@@ -120,11 +123,13 @@ class Client:
             for item in spectra:
                 batch.append(to_proto(item))
                 if len(batch) == batch_size:
-                    yield pb.AnalyzeRequest(request_id=str(number), spectra=batch, models=list(models))
+                    yield pb.AnalyzeRequest(request_id=str(number), spectra=batch, models=list(models),
+                                            mc_samples=mc_samples)
                     number += 1
                     batch = []
             if batch:
-                yield pb.AnalyzeRequest(request_id=str(number), spectra=batch, models=list(models))
+                yield pb.AnalyzeRequest(request_id=str(number), spectra=batch, models=list(models),
+                                        mc_samples=mc_samples)
 
         for response in self.stub.AnalyzeStream(requests(), timeout=timeout):
             if response.HasField("error"):

@@ -27,6 +27,9 @@ from .preprocess import Preprocessing
 
 CONTRACT_VERSION = "1"
 BATCH = "batch"
+N_SAMPLES = "n_samples"
+DYNAMIC_DIMS = frozenset({BATCH, N_SAMPLES})
+"""Named dimensions that vary from run to run (the rest are fixed by the model card)."""
 METADATA_PREFIX = "specserve."
 MASKED_PIXEL_FILL = 1.0
 """Value that unusable pixels of a continuum-normalised input spectrum take (the continuum)."""
@@ -40,15 +43,19 @@ class TensorSpec:
     dtype: str  # a contract dtype name, see runtime.dtypes
     shape: tuple[Dim, ...]
     description: str = ""
+    optional: bool = False
+    """An input the runtime fills in when a request leaves it out (see :func:`fill_defaults`)."""
+    example: float | None = None
+    """A valid constant value for dummy inputs (export, tests); None: random values around 1."""
 
     def __post_init__(self) -> None:
         dtypes.from_name(self.dtype)
 
     def resolve(self, dims: Mapping[str, int]) -> tuple[Dim, ...]:
-        """Shape with every named dimension except ``batch`` replaced by its value in ``dims``."""
+        """Shape with every named dimension except the dynamic ones replaced by its value in ``dims``."""
         out: list[Dim] = []
         for d in self.shape:
-            if isinstance(d, str) and d != BATCH:
+            if isinstance(d, str) and d not in DYNAMIC_DIMS:
                 if d not in dims:
                     raise ContractError(f"tensor {self.name!r}: dimension {d!r} is not known for this model")
                 out.append(int(dims[d]))
@@ -72,11 +79,11 @@ class ModelContract:
         return [t.name for t in self.outputs]
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        """``dynamic_axes`` for ``torch.onnx.export``: every ``batch`` axis of every tensor."""
+        """``dynamic_axes`` for ``torch.onnx.export``: every dynamic axis of every tensor."""
         return {
-            t.name: {i: BATCH for i, d in enumerate(t.shape) if d == BATCH}
+            t.name: {i: d for i, d in enumerate(t.shape) if d in DYNAMIC_DIMS}
             for t in self.inputs + self.outputs
-            if BATCH in t.shape
+            if DYNAMIC_DIMS & set(t.shape)
         }
 
     def dummy_inputs(self, dims: Mapping[str, int], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -84,7 +91,10 @@ class ModelContract:
         out = {}
         for t in self.inputs:
             shape = tuple(batch if d == BATCH else d for d in t.resolve(dims))
-            out[t.name] = rng.normal(1.0, 0.1, size=shape).astype(dtypes.from_name(t.dtype).numpy)
+            if t.example is not None:
+                out[t.name] = np.full(shape, t.example, dtype=dtypes.from_name(t.dtype).numpy)
+            else:
+                out[t.name] = rng.normal(1.0, 0.1, size=shape).astype(dtypes.from_name(t.dtype).numpy)
         return out
 
     def validate_session(self, session, dims: Mapping[str, int]) -> None:
@@ -109,8 +119,8 @@ class ModelContract:
                     problems.append(f"{kind} {t.name!r} has rank {len(got)}, the contract says {len(want)}")
                     continue
                 for axis, (w, g) in enumerate(zip(want, got)):
-                    if w == BATCH and isinstance(g, int):
-                        problems.append(f"{kind} {t.name!r} axis {axis} is fixed to {g}, the contract says batch")
+                    if w in DYNAMIC_DIMS and isinstance(g, int):
+                        problems.append(f"{kind} {t.name!r} axis {axis} is fixed to {g}, the contract says {w}")
                     elif isinstance(w, int) and g != w:
                         problems.append(f"{kind} {t.name!r} axis {axis} is {g}, the contract says {w}")
         if problems:
@@ -121,7 +131,7 @@ class ModelContract:
 
         Raises :class:`InvalidInputError` (a client error) naming the first problem.
         """
-        missing = [n for n in self.input_names if n not in arrays]
+        missing = [t.name for t in self.inputs if t.name not in arrays and not t.optional]
         unknown = [n for n in arrays if n not in self.input_names]
         if missing or unknown:
             raise InvalidInputError(
@@ -130,6 +140,8 @@ class ModelContract:
         out: dict[str, np.ndarray] = {}
         batch: int | None = None
         for t in self.inputs:
+            if t.name not in arrays:
+                continue
             array = np.asarray(arrays[t.name])
             want = t.resolve(dims)
             if array.ndim != len(want):
@@ -166,7 +178,25 @@ RBM_CONTRACT = ModelContract(
     ),
 )
 
-CONTRACTS: dict[str, ModelContract] = {c.kind: c for c in (RBM_CONTRACT,)}
+SPT_CONTRACT = ModelContract(
+    kind="spt",
+    inputs=(
+        TensorSpec("flux", "float32", (BATCH, "n_pixels"),
+                   "continuum-normalised flux on the model grid, unusable pixels set to 1"),
+        TensorSpec(N_SAMPLES, "int64", (1,), "Monte Carlo dropout samples T per spectrum "
+                   "(default and maximum in the card's normalisation.mc_samples)", optional=True, example=8),
+        TensorSpec("seed", "float32", (1,), "shifts the dropout masks' uniform draws; pass a fresh random "
+                   "number in [0, 1) per run (two sessions in one process otherwise draw the same masks)",
+                   optional=True, example=0.25),
+    ),
+    outputs=(
+        TensorSpec("mean", "float32", (BATCH, "n_labels"), "MC mean, exp(mean of log samples), physical units"),
+        TensorSpec("std", "float32", (BATCH, "n_labels"), "calibrated MC standard deviation, physical units"),
+        TensorSpec("samples", "float32", (N_SAMPLES, BATCH, "n_labels"), "the MC samples, physical units"),
+    ),
+)
+
+CONTRACTS: dict[str, ModelContract] = {c.kind: c for c in (RBM_CONTRACT, SPT_CONTRACT)}
 
 
 def contract_for(kind: str) -> ModelContract:
@@ -258,6 +288,32 @@ class ModelCard:
             description=str(values.get("description", "")),
             contract_version=str(values["contract_version"]),
         )
+
+
+def fill_defaults(card: ModelCard, arrays: Mapping[str, np.ndarray], rng: np.random.Generator
+                  ) -> dict[str, np.ndarray]:
+    """``arrays`` with the contract's optional inputs filled in and checked.
+
+    ``n_samples``: the card's ``normalisation.mc_samples.default`` when absent; a request may ask
+    for 1 to ``normalisation.mc_samples.max`` (else :class:`InvalidInputError`). ``seed``: a fresh
+    uniform number from ``rng`` when absent, so every run draws new dropout masks.
+    """
+    out = dict(arrays)
+    names = {t.name for t in card.contract.inputs if t.optional}
+    if N_SAMPLES in names:
+        mc = card.normalisation.get("mc_samples", {})
+        default, largest = int(mc.get("default", 1)), int(mc.get("max", 1))
+        if N_SAMPLES not in out:
+            out[N_SAMPLES] = np.array([default], dtype=np.int64)
+        else:
+            value = np.asarray(out[N_SAMPLES])
+            if value.size != 1 or value.dtype.kind not in "iu":
+                raise InvalidInputError(f"input {N_SAMPLES!r} must be one integer, got {value.dtype} {list(value.shape)}")
+            if not 1 <= int(value.reshape(-1)[0]) <= largest:
+                raise InvalidInputError(f"{N_SAMPLES} must be between 1 and {largest}, got {int(value.reshape(-1)[0])}")
+    if "seed" in names and "seed" not in out:
+        out["seed"] = np.array([rng.random()], dtype=np.float32)
+    return out
 
 
 def fill_masked(flux: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -15,10 +15,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .contract import ModelCard
+from .contract import ModelCard, fill_defaults
 from .errors import ContractError, ModelNotFoundError, ModelNotReadyError
 
 log = logging.getLogger(__name__)
+
+_RNG = np.random.default_rng()
+"""Seeds of MC-dropout runs: fresh OS entropy per process, a new draw per run."""
 
 
 @dataclass
@@ -39,7 +42,7 @@ class LoadedModel:
         if not self.ready:
             raise ModelNotReadyError(f"model {self.name!r} is not ready: {self.reason}")
         contract = self.card.contract
-        checked = contract.validate_inputs(inputs, self.card.dims)
+        checked = contract.validate_inputs(fill_defaults(self.card, inputs, _RNG), self.card.dims)
         outputs = self.session.run(contract.output_names, checked)
         return dict(zip(contract.output_names, outputs))
 

@@ -31,7 +31,7 @@ from specserve.protos import specserve_pb2_grpc as pb_grpc
 
 from . import dtypes
 from .analysis import Analyzer, ModelResult, SpectrumInput, SpectrumOutcome
-from .contract import BATCH
+from .contract import DYNAMIC_DIMS
 from .errors import (
     ContractError,
     InvalidInputError,
@@ -178,7 +178,7 @@ def _infer(store: ModelStore, request: kserve.ModelInferRequest) -> kserve.Model
 
 
 def _tensor_metadata(spec, dims) -> kserve.ModelMetadataResponse.TensorMetadata:
-    shape = [-1 if d == BATCH else int(d) for d in spec.resolve(dims)]
+    shape = [-1 if d in DYNAMIC_DIMS else int(d) for d in spec.resolve(dims)]
     return kserve.ModelMetadataResponse.TensorMetadata(
         name=spec.name, datatype=dtypes.from_name(spec.dtype).kserve, shape=shape)
 
@@ -294,7 +294,7 @@ def _analyze(store: ModelStore, request: pb.AnalyzeRequest) -> list[pb.SpectrumR
             inputs.append(None)
             early[i] = SpectrumOutcome(message.id, error=exc)
     valid = [s for s in inputs if s is not None]
-    outcomes = iter(store.analyzer.analyze(valid, list(request.models)))
+    outcomes = iter(store.analyzer.analyze(valid, list(request.models), mc_samples=int(request.mc_samples)))
     ordered = [early[i] if s is None else next(outcomes) for i, s in enumerate(inputs)]
     return [_outcome_to_proto(o) for o in ordered]
 
@@ -327,7 +327,12 @@ class DomainServicer(pb_grpc.SpecServeServicer):
         for name, model in sorted(self.store.models.items()):
             info = pb.ModelInfo(name=name, version=model.version, ready=model.ready, reason=model.reason)
             if model.card is not None:
-                info.metadata.update({"kind": model.card.kind, "classes": ",".join(model.card.class_names)})
+                card = model.card
+                info.metadata.update({"kind": card.kind, "classes": ",".join(card.class_names),
+                                      "labels": ",".join(card.label_names), "units": ",".join(card.label_units)})
+                mc = card.normalisation.get("mc_samples")
+                if mc:
+                    info.metadata.update({"mc_samples_default": str(mc["default"]), "mc_samples_max": str(mc["max"])})
             models.append(info)
         return pb.ListModelsResponse(models=models)
 

@@ -35,3 +35,24 @@ def cv_run(tmp_path_factory):
     eval_cfg = EvalConfig(bernoulli_components=16, bernoulli_iter=3)
     report = evaluate_rbm(model, bench, run_dir, eval_cfg, train_indices=train)
     return bench, run_dir, model, report
+
+
+@pytest.fixture(scope="session")
+def spt_run(tmp_path_factory):
+    """A tiny SPT trained (quick config) on 200 spectra of the giants train split and evaluated
+    without ablations: (bench, run_dir, model, report)."""
+    import torch
+
+    from specserve.training import commands, spt_commands
+    from specserve.training.spt_eval import SPTEvalConfig, evaluate_spt
+    from specserve.training.spt_train import train_spt
+
+    torch.set_num_threads(2)
+    bench = commands.load_set("giants")
+    cfg = spt_commands.quick_config()
+    train = spt_commands.quick_indices(bench, cfg.seed)
+    run_dir = tmp_path_factory.mktemp("spt-run")
+    model, _ = train_spt(cfg, run_dir, bench, train_indices=train, progress=False)
+    report = evaluate_spt(model, bench, run_dir, SPTEvalConfig(mc_samples=cfg.mc_samples, boosting_iter=50),
+                          train_indices=train)
+    return bench, run_dir, model, report

@@ -60,6 +60,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     erbm.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (default 2)")
     erbm.set_defaults(handler=cmd_eval_rbm)
 
+    from . import spt_commands
+
+    spt_commands.register(train_sub, eval_sub)
+
 
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
@@ -82,16 +86,18 @@ def require_training_extra(threads: int) -> None:
     torch.set_num_threads(max(1, threads))
 
 
-def config_with_overrides(overrides: Mapping[str, str] | Sequence[tuple[str, str]], base: RBMConfig | None = None) -> RBMConfig:
-    """``base`` (default RBMConfig()) with string overrides converted to each field's type."""
+def config_with_overrides(overrides: Mapping[str, str] | Sequence[tuple[str, str]], base: Any = None) -> Any:
+    """``base`` (default RBMConfig(); any config dataclass) with string overrides converted to each
+    field's type."""
     from .rbm import RBMConfig
 
     base = RBMConfig() if base is None else base
-    fields = {f.name: f for f in dataclasses.fields(RBMConfig)}
+    kind_name = type(base).__name__.removesuffix("Config")
+    fields = {f.name: f for f in dataclasses.fields(base)}
     values: dict[str, Any] = {}
     for key, text in dict(overrides).items():
         if key not in fields:
-            raise SpecserveError(f"unknown RBM setting {key!r}; known: {', '.join(fields)}")
+            raise SpecserveError(f"unknown {kind_name} setting {key!r}; known: {', '.join(fields)}")
         kind = type(getattr(base, key))
         try:
             if kind is bool:
@@ -101,23 +107,28 @@ def config_with_overrides(overrides: Mapping[str, str] | Sequence[tuple[str, str
             else:
                 values[key] = kind(text)
         except ValueError:
-            raise SpecserveError(f"RBM setting {key}: {text!r} is not a valid {kind.__name__}") from None
+            raise SpecserveError(f"{kind_name} setting {key}: {text!r} is not a valid {kind.__name__}") from None
     try:
         return dataclasses.replace(base, **values)
     except ValueError as exc:
-        raise SpecserveError(f"invalid RBM settings: {exc}") from exc
+        raise SpecserveError(f"invalid {kind_name} settings: {exc}") from exc
+
+
+def load_set(name: str, cache: Path | None = None) -> BenchmarkSet:
+    """A benchmark set from the cache, built from the data kit first if it is not there."""
+    from . import benchsets
+
+    try:
+        return benchsets.load(name, cache=cache)
+    except DatasetError:
+        log.warning("benchmark set %r is not built; building it from the data kit", name)
+        bench, _ = benchsets.build(name, cache=cache)
+        return bench
 
 
 def load_cv(cache: Path | None = None) -> BenchmarkSet:
     """The ``cv`` set from the cache, built from the data kit first if it is not there."""
-    from . import benchsets
-
-    try:
-        return benchsets.load("cv", cache=cache)
-    except DatasetError:
-        log.warning("benchmark set 'cv' is not built; building it from the data kit")
-        bench, _ = benchsets.build("cv", cache=cache)
-        return bench
+    return load_set("cv", cache)
 
 
 # ---------------------------------------------------------------- the RBM training recipe

@@ -69,6 +69,8 @@ class Phase:
     """Key of ``validate``'s result that selects the best epoch; None keeps the last epoch."""
     mode: str = "min"
     grad_clip: float | None = None
+    scheduler: Any = None
+    """A ``torch.optim.lr_scheduler`` stepped after every optimiser step, or None."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("min", "max"):
@@ -120,6 +122,8 @@ class Trainer:
                 if phase.grad_clip is not None:
                     nn.utils.clip_grad_norm_(self.model.parameters(), phase.grad_clip)
                 phase.optimizer.step()
+                if phase.scheduler is not None:
+                    phase.scheduler.step()
                 self.step += 1
                 n_batches += 1
                 for k, v in metrics.items():
@@ -185,3 +189,14 @@ class Trainer:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :class:`Trainer` (tensors and plain Python values only)."""
     return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def update_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> None:
+    """Rewrite a checkpoint with ``model``'s current state (e.g. after post-training calibration)
+    and extra top-level entries; the rest (step, epoch, best, config) is kept."""
+    state = load_checkpoint(path)
+    state["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    state.update(extra)
+    tmp = Path(path).with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
