@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.specserve-installed
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: install test serve models data inspect bench-preprocess clean
+.PHONY: install test serve models data inspect bench-preprocess bench-mc clean
 
 PORT ?= 8001
 
@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # Main job: make sure the default model repository exists (built from the data kit on first run,
-# about a minute on 2 cores), then serve it on localhost:$(PORT) until Ctrl-C.
+# about five minutes on 2 cores), then serve it on localhost:$(PORT) until Ctrl-C.
 serve: $(STAMP)
 	$(BIN)/specserve models build --if-missing
 	$(BIN)/specserve serve --port $(PORT)
@@ -41,6 +41,10 @@ inspect: $(STAMP)
 
 bench-preprocess: $(STAMP)
 	$(BIN)/specserve bench preprocess
+
+# One in-graph MC run (T = 64) against 64 separate runs; needs the default repository (make models).
+bench-mc: $(STAMP)
+	$(BIN)/specserve bench mc
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

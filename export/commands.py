@@ -3,11 +3,14 @@
 - ``specserve export rbm --run RUN_DIR [--repository DIR] [--name rbm] [--version N]``: export a
   trained run to ONNX, validate it (checker, operator set, contract, metadata, torch-vs-ORT
   parity at batch 1, 3 and 64) and copy it into the repository. Exit 1 when validation fails.
-- ``specserve models build [--repository DIR] [--cache DIR] [--if-missing]``: the default model
-  repository (``<cache>/models``): builds the ``cv`` set if it is missing, trains the RBM with the
-  default configuration (progress on the terminal), evaluates it and exports it. With
-  ``--if-missing`` a repository that already holds a model file for every default model is left
-  as it is. ``make serve`` runs this before ``specserve serve``.
+- ``specserve export spt --run RUN_DIR [--repository DIR] [--name spt] [--version N]``: the same
+  for an SPT run, with the MC-dropout checks of :mod:`specserve.export.spt`.
+- ``specserve models build [--repository DIR] [--cache DIR] [--if-missing] [--models rbm,spt]``: the
+  default model repository (``<cache>/models``): for each model, builds its benchmark set if it
+  is missing (``cv``, ``giants``), trains it with the default configuration (progress on the
+  terminal), evaluates it and exports it. The SPT is built without its ablations (``specserve
+  train spt`` trains those). With ``--if-missing`` only the models without a model file are
+  built. ``make serve`` runs this before ``specserve serve``.
 
 Importing this module imports neither torch nor onnx; the handlers do.
 """
@@ -20,25 +23,27 @@ from pathlib import Path
 
 from specserve.runtime.datakit import cache_dir, models_dir
 
-DEFAULT_MODELS = ("rbm",)
+DEFAULT_MODELS = ("rbm", "spt")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     exp = subparsers.add_parser("export", help="export a trained run to ONNX (needs the 'train' extra)")
     exp_sub = exp.add_subparsers(dest="export_command", required=True)
-    rbm = exp_sub.add_parser("rbm", help="export an RBM run into a model repository")
-    rbm.add_argument("--run", type=Path, required=True, help="run folder holding checkpoint.pt")
-    rbm.add_argument("--repository", type=Path, help="model repository (default <cache>/models)")
-    rbm.add_argument("--name", default="rbm", help="model name in the repository (default rbm)")
-    rbm.add_argument("--version", type=int, help="version number (default: one above the newest)")
-    rbm.set_defaults(handler=cmd_export_rbm)
+    for kind, handler, extra in (("rbm", cmd_export_rbm, ""), ("spt", cmd_export_spt, " (MC dropout in the graph)")):
+        cmd = exp_sub.add_parser(kind, help=f"export a {kind.upper()} run{extra} into a model repository")
+        cmd.add_argument("--run", type=Path, required=True, help="run folder holding checkpoint.pt")
+        cmd.add_argument("--repository", type=Path, help="model repository (default <cache>/models)")
+        cmd.add_argument("--name", default=kind, help=f"model name in the repository (default {kind})")
+        cmd.add_argument("--version", type=int, help="version number (default: one above the newest)")
+        cmd.set_defaults(handler=handler)
 
     models = subparsers.add_parser("models", help="the default model repository")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     build = models_sub.add_parser("build", help="train and export the default models")
     build.add_argument("--repository", type=Path, help="model repository (default <cache>/models)")
     build.add_argument("--cache", type=Path, help="cache folder (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
-    build.add_argument("--if-missing", action="store_true", help="do nothing if every default model is there")
+    build.add_argument("--if-missing", action="store_true", help="build only the models that are not there")
+    build.add_argument("--models", default="", help=f"comma-separated (default {','.join(DEFAULT_MODELS)})")
     build.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     build.set_defaults(handler=cmd_models_build)
 
@@ -60,30 +65,84 @@ def cmd_export_rbm(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models_build(args: argparse.Namespace) -> int:
-    repository = args.repository or models_dir(args.cache)
-    missing = [name for name in DEFAULT_MODELS if not _present(repository, name)]
-    if args.if_missing and not missing:
-        print(f"model repository {repository} is ready ({', '.join(DEFAULT_MODELS)})")
-        return 0
-    from specserve.training.commands import require_training_extra, headline, load_cv, train_rbm
+def cmd_export_spt(args: argparse.Namespace) -> int:
+    from specserve.training.commands import require_training_extra
 
-    require_training_extra(args.threads)
+    require_training_extra(2)
+    from .spt import export_spt
+
+    repository = args.repository or models_dir()
+    folder, report, check = export_spt(args.run, repository, name=args.name, version=args.version)
+    print(report.summary())
+    print(check.summary())
+    t = check.timing
+    print(f"one MC run with T = {t['n_samples']} at batch {t['batch']}: {t['mc_seconds'] * 1e3:.1f} ms, "
+          f"{t['ratio']:.2f}x one deterministic pass ({t['deterministic_seconds'] * 1e3:.1f} ms)")
+    print(f"exported to {folder}")
+    return 0
+
+
+def _build_rbm(repository: Path, cache: Path | None) -> None:
+    from specserve.training.commands import headline, load_set, train_rbm
     from specserve.training.evaluate import evaluate_rbm
     from specserve.training.rbm import RBMConfig
 
     from .rbm import export_rbm
 
-    print(f"building the default model repository in {repository} (first run: about a minute)", flush=True)
-    t0 = time.perf_counter()
-    bench = load_cv(args.cache)
-    run_dir = cache_dir(args.cache) / "runs" / f"rbm-{time.strftime('%Y%m%d-%H%M%S')}"
+    bench = load_set("cv", cache)
+    run_dir = cache_dir(cache) / "runs" / f"rbm-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"training the RBM on '{bench.name}' ({bench.split_indices('train').size} spectra) into {run_dir}",
           flush=True)
-    model, trainer = train_rbm(RBMConfig(), run_dir, bench, run_info={"built_by": "specserve models build"})
-    report = evaluate_rbm(model, bench, run_dir)
-    print(headline(report), flush=True)
+    model, _ = train_rbm(RBMConfig(), run_dir, bench, run_info={"built_by": "specserve models build"})
+    print(headline(evaluate_rbm(model, bench, run_dir)), flush=True)
     folder, export = export_rbm(run_dir, repository)
     print(export.summary())
-    print(f"model repository ready: {folder} ({time.perf_counter() - t0:.0f} s)")
+    print(f"exported to {folder}", flush=True)
+
+
+def _build_spt(repository: Path, cache: Path | None) -> None:
+    from specserve.training.commands import load_set
+    from specserve.training.spt import SPTConfig
+    from specserve.training.spt_commands import headline
+    from specserve.training.spt_eval import SPTEvalConfig, evaluate_spt
+    from specserve.training.spt_train import train_spt
+
+    from .spt import export_spt
+
+    bench = load_set("giants", cache)
+    run_dir = cache_dir(cache) / "runs" / f"spt-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = SPTConfig()
+    print(f"training the SPT on '{bench.name}' ({bench.split_indices('train').size} spectra, {config.epochs} epochs; "
+          f"the ablations are left to 'specserve train spt') into {run_dir}", flush=True)
+    model, _ = train_spt(config, run_dir, bench, run_info={"built_by": "specserve models build"})
+    print(headline(evaluate_spt(model, bench, run_dir, SPTEvalConfig(mc_samples=config.mc_samples))), flush=True)
+    folder, export, check = export_spt(run_dir, repository)
+    print(export.summary())
+    print(check.summary())
+    print(f"exported to {folder}", flush=True)
+
+
+BUILDERS = {"rbm": _build_rbm, "spt": _build_spt}
+
+
+def cmd_models_build(args: argparse.Namespace) -> int:
+    from specserve.runtime.errors import SpecserveError
+
+    repository = args.repository or models_dir(args.cache)
+    names = [m for m in (args.models or ",".join(DEFAULT_MODELS)).split(",") if m]
+    unknown = [m for m in names if m not in BUILDERS]
+    if unknown:
+        raise SpecserveError(f"unknown model {', '.join(unknown)} (buildable: {', '.join(BUILDERS)})")
+    todo = [name for name in names if not _present(repository, name)] if args.if_missing else names
+    if not todo:
+        print(f"model repository {repository} is ready ({', '.join(names)})")
+        return 0
+    from specserve.training.commands import require_training_extra
+
+    require_training_extra(args.threads)
+    print(f"building {', '.join(todo)} into {repository} (first run: a few minutes)", flush=True)
+    t0 = time.perf_counter()
+    for name in todo:
+        BUILDERS[name](repository, args.cache)
+    print(f"model repository ready: {repository} ({time.perf_counter() - t0:.0f} s)")
     return 0

@@ -3,6 +3,10 @@
 ``preprocess``: resampling plus continuum normalisation of one LAMOST exposure's worth of spectra
 (4,000 by default, the kit's LAMOST low-resolution files cycled), each moved to its own rest frame
 so every row has its own wavelengths, onto the 3700-7400 A LAMOST-like grid.
+
+``mc``: an MC-dropout model (the SPT) on one input batch: one graph run drawing T samples against T
+separate runs of one sample each, and against one single-sample run (the cost of a deterministic
+pass plus one head evaluation).
 """
 
 from __future__ import annotations
@@ -82,3 +86,62 @@ def run_preprocess(root: Path, n: int = 4000, repeats: int = 3) -> PreprocessBen
         seconds_resample=best_resample, seconds_normalise=best_total - best_resample,
         seconds_total=best_total, cores=len(os.sched_getaffinity(0)),
     )
+
+
+@dataclass(frozen=True)
+class MCBenchmark:
+    model: str
+    batch: int
+    n_samples: int
+    seconds_in_graph: float
+    seconds_loop: float
+    seconds_single: float
+    threads: int
+
+    def report(self) -> str:
+        t = self.n_samples
+        return "\n".join([
+            f"MC benchmark: {self.model}, batch {self.batch}, T = {t}, ONNX Runtime CPU, {self.threads} threads "
+            "(best of the repeats, same input batch)",
+            f"  one run drawing T = {t} samples in the graph: {self.seconds_in_graph * 1e3:8.2f} ms",
+            f"  {t} separate runs of one sample:           {self.seconds_loop * 1e3:8.2f} ms",
+            f"  one run of one sample:                      {self.seconds_single * 1e3:8.2f} ms",
+            f"  loop / in-graph: {self.seconds_loop / self.seconds_in_graph:.1f}x; "
+            f"in-graph T = {t} / one sample: {self.seconds_in_graph / self.seconds_single:.2f}x",
+        ])
+
+
+def run_mc(model_path: Path, batch: int = 64, n_samples: int = 64, repeats: int = 5,
+           threads: int = 2) -> MCBenchmark:
+    """Time ``model_path`` (a ``spt`` model.onnx) as described in the module docstring."""
+    from .contract import N_SAMPLES
+    from .repository import load_model_file, session_options
+
+    loaded = load_model_file(model_path.parent.parent.name, model_path.parent.name, model_path)
+    if not loaded.ready:
+        raise DatasetError(f"cannot benchmark {model_path}: {loaded.reason}")
+    if N_SAMPLES not in loaded.card.contract.input_names:
+        raise DatasetError(f"{model_path} is a {loaded.card.kind!r} model, which draws no MC samples")
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), sess_options=session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    flux = rng.normal(1.0, 0.05, (batch, loaded.card.dims["n_pixels"])).astype(np.float32)
+
+    def feed(t: int) -> dict[str, np.ndarray]:
+        return {"flux": flux, N_SAMPLES: np.array([t], np.int64), "seed": np.array([rng.random()], np.float32)}
+
+    def best(run) -> float:
+        run()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    in_graph = best(lambda: session.run(None, feed(n_samples)))
+    loop = best(lambda: [session.run(None, feed(1)) for _ in range(n_samples)])
+    single = best(lambda: session.run(None, feed(1)))
+    return MCBenchmark(f"{loaded.name} version {loaded.version}", batch, n_samples, in_graph, loop, single, threads)

@@ -7,6 +7,8 @@ Subcommands:
 - ``specserve data build NAME...``: build benchmark sets (``giants``, ``stars``, ``cv``) into the
   cache and print their sizes and content hashes.
 - ``specserve bench preprocess``: time resampling + normalisation of 4,000 LAMOST spectra.
+- ``specserve bench mc [--repository DIR] [--model spt]``: one in-graph MC run of T = 64 samples
+  against 64 separate runs, on the same input batch.
 - ``specserve serve [--repository DIR] [--host H] [--port N]``: serve a model repository over gRPC
   (default ``<cache>/models``, port 8001).
 - ``specserve analyze [--server HOST:PORT] [--out CATALOGUE] FILE...``: stream spectrum files to a
@@ -52,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     pre = bench_sub.add_parser("preprocess", help="resample + normalise 4,000 LAMOST spectra")
     pre.add_argument("--n", type=int, default=4000)
     pre.add_argument("--data", type=Path)
+    mc = bench_sub.add_parser("mc", help="MC dropout: one in-graph run of T samples vs T separate runs")
+    mc.add_argument("--repository", type=Path, help="model repository (default <cache>/models)")
+    mc.add_argument("--model", default="spt", help="model name (default spt)")
+    mc.add_argument("--batch", type=int, default=64)
+    mc.add_argument("--samples", type=int, default=64)
+    mc.add_argument("--threads", type=int, default=2)
     srv = sub.add_parser("serve", help="serve a model repository over gRPC")
     srv.add_argument("--repository", type=Path,
                      help="model repository in Triton's layout (default: <cache>/models, see `specserve models build`)")
@@ -182,13 +190,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_mc(args: argparse.Namespace) -> int:
+    from .benchmarks import run_mc
+    from .datakit import models_dir
+    from .errors import ModelNotFoundError
+
+    folder = (args.repository or models_dir()) / args.model
+    versions = sorted((int(p.name) for p in folder.glob("[0-9]*") if (p / "model.onnx").is_file()), reverse=True)
+    if not versions:
+        raise ModelNotFoundError(f"no model.onnx under {folder} (`specserve models build` builds the default models)")
+    print(run_mc(folder / str(versions[0]) / "model.onnx", args.batch, args.samples, threads=args.threads).report())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    handlers = {"data": {"inspect": _cmd_inspect, "build": _cmd_build}, "bench": {"preprocess": _cmd_bench}}
+    handlers = {"data": {"inspect": _cmd_inspect, "build": _cmd_build}, "bench": {"preprocess": _cmd_bench, "mc": _cmd_bench_mc}}
     try:
         if args.command == "serve":
             return _cmd_serve(args)

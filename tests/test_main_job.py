@@ -1,7 +1,8 @@
 """The main job, as `make serve` runs it: build the default model repository (the full default RBM
-training on the real cv set), serve it, and analyse real spectra through the server.
+training on the real cv set and the full default SPT training on the giants set), serve it, and
+analyse real spectra through the server.
 
-Slow (about 40 s on 2 cores): it is the only test that trains the model users get.
+Slow (about 4 minutes on 2 cores): it is the only test that trains the models users get.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ SPECSERVE = str(Path(sys.executable).with_name("specserve"))
 def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("main-job")
     repo = tmp / "models"
-    commands.load_cv()  # the set from the shared cache (built there if missing)
+    commands.load_cv()  # the sets from the shared cache (built there if missing)
+    commands.load_set("giants")
     result = subprocess.run([SPECSERVE, "models", "build", "--repository", str(repo), "--if-missing"],
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr
     return repo, result.stdout
 
@@ -59,6 +61,44 @@ def test_models_build_reports_and_exports_the_default_rbm(built):
     assert report["target"]["measured_min_accuracy"] >= 0.98
     assert report["target"]["measured_max_fpr_real_non_cv"] <= 0.02
     assert (run_dir / "report.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_models_build_reports_and_exports_the_default_spt(built):
+    repo, out = built
+    assert "ridge" in out and "gradient_boosting" in out and "label_oracle" in out and "MC check" in out
+    assert (repo / "spt" / "1" / "model.onnx").is_file()
+    run_dir = Path(out.split("training the SPT on 'giants' (")[1].split(" into ")[1].splitlines()[0])
+    report = json.loads((run_dir / "report.json").read_text())
+    spt, oracle = report["spt"], report["baselines"]["label_oracle"]
+    # The issue's targets (beat ridge and boosting, <= 1.2x the oracle, 1-sigma coverage 60-76 %)
+    # are met by the default seed on this machine (numbers in the issue note); training on another
+    # CPU differs in float rounding, so this checks a margin around them rather than the exact run.
+    assert spt["mape_age"] <= 1.3 * oracle["mape_age"] and spt["mape_mass"] <= 1.3 * oracle["mape_mass"]
+    assert spt["mape_age"] < report["baselines"]["ridge"]["mape_age"]
+    assert 0.55 <= spt["coverage_1sigma"]["age"] <= 0.8 and 0.55 <= spt["coverage_1sigma"]["mass"] <= 0.8
+    assert (run_dir / "report.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_served_default_spt_estimates_test_giants(server):
+    bench = commands.load_set("giants")
+    test = bench.split_indices("test")
+    wave = bench.preprocessing.grid.wavelength
+    a = bench.arrays
+    items = [(f"g{i}", wave, a["flux"][i], a["ivar"][i]) for i in test]
+    with Client(server) as client:
+        rows = client.analyze(items, models=["spt"])
+    age = np.array([r.values["age"] for r in rows])
+    mass = np.array([r.values["mass"] for r in rows])
+    truth = a["targets"][test]
+    mape_age = 100 * np.mean(np.abs(age - truth[:, 0]) / truth[:, 0])
+    mape_mass = 100 * np.mean(np.abs(mass - truth[:, 1]) / truth[:, 1])
+    # through the server (its own resampling and renormalisation, masks from ivar) the estimates
+    # stay close to the report's (about 18 % and 5 %)
+    assert mape_age < 25 and mape_mass < 7, (mape_age, mape_mass)
+    err = np.array([r.values["age_err"] for r in rows])
+    assert np.all(err > 0) and 0.5 < np.mean(np.abs(age - truth[:, 0]) <= err) < 0.85
 
 
 @pytest.mark.slow

@@ -80,7 +80,7 @@ def test_models_build_if_missing_keeps_a_ready_repository(cv_run, tmp_path, caps
     repo = tmp_path / "models"
     assert _export(run_dir, repo) == 0
     before = (repo / "rbm" / "1" / "model.onnx").stat().st_mtime_ns
-    assert main(["models", "build", "--repository", str(repo), "--if-missing"]) == 0
+    assert main(["models", "build", "--repository", str(repo), "--if-missing", "--models", "rbm"]) == 0
     assert "is ready (rbm)" in capsys.readouterr().out
     assert (repo / "rbm" / "1" / "model.onnx").stat().st_mtime_ns == before
     assert sorted(p.name for p in (repo / "rbm").iterdir() if p.is_dir()) == ["1"]
