@@ -157,6 +157,7 @@ def test_training_run_writes_checkpoint_metrics_report_and_figure(spt_run):
     for row in ("ridge", "gradient_boosting", "label_oracle"):
         assert 0 < on_disk["baselines"][row]["mape_age"] < 100 and 0 < on_disk["baselines"][row]["mape_mass"] < 50
     assert on_disk["ablations_not_trained"] == ["dot_attention", "mse_loss"]
+    assert on_disk["target"]["missing_rows"] == ["dot_attention", "mse_loss"] and not on_disk["target"]["met"]
     spt = on_disk["spt"]
     assert set(spt["coverage_1sigma"]) == {"age", "mass"}
     # coverage grows with the interval; calibration on validation puts 1-sigma near 68 % on test
@@ -177,3 +178,20 @@ def test_calibration_is_in_the_checkpoint(spt_run):
     np.testing.assert_allclose(scale, checkpoint["calibration"]["std_scale"], rtol=1e-6)
     reloaded = SpectralTransformer.from_checkpoint(checkpoint)
     torch.testing.assert_close(reloaded.std_scale, model.std_scale)
+
+
+def test_target_check_needs_every_row_beaten_and_coverage_in_range():
+    from specserve.training.spt_eval import check_target
+
+    def row(age, mass):
+        return {"mape_age": age, "mape_mass": mass}
+
+    rows = {"ridge": row(22, 6.5), "gradient_boosting": row(18.6, 5.5), "dot_attention": row(18, 5.5),
+            "mse_loss": row(18, 5.6), "label_oracle": row(16, 5.0)}
+    spt = {**row(17.5, 5.2), "coverage_1sigma": {"age": 0.66, "mass": 0.7}}
+    assert check_target(spt, rows)["met"]
+    assert not check_target({**spt, "mape_age": 18.1}, rows)["met"]  # the MSE ablation wins on age
+    assert not check_target({**spt, "coverage_1sigma": {"age": 0.8, "mass": 0.7}}, rows)["met"]
+    assert not check_target({**spt, "mape_age": 15.0, "mape_mass": 4.0}, {**rows, "label_oracle": row(12, 3)})["met"]
+    partial = check_target(spt, {k: v for k, v in rows.items() if k != "mse_loss"})
+    assert partial["missing_rows"] == ["mse_loss"] and not partial["met"]

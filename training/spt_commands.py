@@ -113,7 +113,8 @@ def headline(report: Mapping[str, Any]) -> str:
     t = report["target"]
     lines.append(
         f"target (beat every non-oracle row, <= {t['oracle_ratio_max']}x oracle, 1-sigma coverage "
-        f"{t['coverage_1sigma_min']:.0%}-{t['coverage_1sigma_max']:.0%}): {'met' if t['met'] else 'NOT met'} "
+        f"{t['coverage_1sigma_min']:.0%}-{t['coverage_1sigma_max']:.0%}): "
+        f"{'met' if t['met'] else 'not judged, rows missing' if t.get('missing_rows') else 'NOT met'} "
         f"(oracle ratio age {t['oracle_ratio']['age']:.2f}, mass {t['oracle_ratio']['mass']:.2f}; "
         f"beaten: {', '.join(k for k, v in t['beats'].items() if v) or 'none'})")
     return "\n".join(lines)

@@ -130,9 +130,11 @@ def check_target(spt: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any]]) 
     ratio = {t: spt[f"mape_{t}"] / oracle[f"mape_{t}"] for t in TARGET_NAMES}
     cov = spt["coverage_1sigma"]
     within = {t: TARGET["coverage_1sigma_min"] <= cov[t] <= TARGET["coverage_1sigma_max"] for t in TARGET_NAMES}
-    met = all(beats.values()) and all(r <= TARGET["oracle_ratio_max"] for r in ratio.values()) and all(within.values())
+    missing = sorted(set(ABLATIONS) - set(others))
+    met = (all(beats.values()) and all(r <= TARGET["oracle_ratio_max"] for r in ratio.values())
+           and all(within.values()) and not missing)
     return {**TARGET, "beats": beats, "oracle_ratio": ratio, "coverage_in_range": within,
-            "compared_with": sorted(others), "met": bool(met)}
+            "compared_with": sorted(others), "missing_rows": missing, "met": bool(met)}
 
 
 def evaluate_spt(model: SpectralTransformer, bench: BenchmarkSet, run_dir: str | Path,
