@@ -78,11 +78,10 @@ def emergent_intensity(source: torch.Tensor, tau: torch.Tensor, mu: torch.Tensor
     ``source`` and ``tau``: (..., D, P); ``mu``: (K,); ``bottom``: (..., P) or None (no light from
     below). Returns I: (..., K, P).
     """
-    tau_lower = tau.unsqueeze(-3)                         # (..., 1, D, P)
-    tau_upper = torch.cat([torch.zeros_like(tau[..., :1, :]), tau[..., :-1, :]], dim=-2).unsqueeze(-3)
-    m = mu.reshape(-1, 1, 1)                              # (K, 1, 1)
-    transmitted_upper = torch.exp(-tau_upper / m)         # (..., K, D, P)
-    transmitted_lower = torch.exp(-tau_lower / m)
+    m = mu.reshape(-1, 1, 1)                                         # (K, 1, 1)
+    transmitted_lower = torch.exp(-tau.unsqueeze(-3) / m)            # (..., K, D, P)
+    transmitted_upper = torch.cat([torch.ones_like(transmitted_lower[..., :1, :]),
+                                   transmitted_lower[..., :-1, :]], dim=-2)  # exp(-tau_{d-1}/mu), tau_{-1} = 0
     intensity = (source.unsqueeze(-3) * (transmitted_upper - transmitted_lower)).sum(dim=-2)  # (..., K, P)
     if bottom is not None:
         intensity = intensity + bottom.unsqueeze(-2) * transmitted_lower[..., -1, :]

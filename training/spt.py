@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "SPTConfig", "HadamardAttention", "DotProductAttention", "MCDropout", "SpectralTransformer",
+    "SPTConfig", "HadamardAttention", "DotProductAttention", "Block", "MCDropout", "SpectralTransformer",
     "mahalanobis_loss", "deterministic", "TARGET_NAMES", "TARGET_UNITS", "AUX_NAMES",
 ]
 
@@ -182,13 +182,15 @@ class DotProductAttention(_Heads):
 
 
 class Block(nn.Module):
-    def __init__(self, config: SPTConfig):
+    """Pre-norm transformer block: attention ("hadamard" or "dot") and a GELU feed-forward layer."""
+
+    def __init__(self, d_model: int, n_heads: int, ffn: int, attention: str = "hadamard"):
         super().__init__()
-        attention = HadamardAttention if config.attention == "hadamard" else DotProductAttention
-        self.norm1 = nn.LayerNorm(config.d_model)
-        self.attention = attention(config.d_model, config.n_heads)
-        self.norm2 = nn.LayerNorm(config.d_model)
-        self.ffn = nn.Sequential(nn.Linear(config.d_model, config.ffn), nn.GELU(), nn.Linear(config.ffn, config.d_model))
+        layer = HadamardAttention if attention == "hadamard" else DotProductAttention
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attention = layer(d_model, n_heads)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(nn.Linear(d_model, ffn), nn.GELU(), nn.Linear(ffn, d_model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.norm1(x))
@@ -243,7 +245,8 @@ class SpectralTransformer(nn.Module):
         self.embed = nn.Linear(config.patch_size, config.d_model)
         self.position = nn.Parameter(torch.zeros(1, config.n_tokens, config.d_model))
         nn.init.normal_(self.position, std=0.02)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(Block(config.d_model, config.n_heads, config.ffn, config.attention)
+                                    for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.d_model)
         if config.pool == "flatten":
             self.pool = nn.Linear(config.n_tokens * config.d_model, config.d_model)

@@ -1,0 +1,72 @@
+"""PhysFormer model pieces: parameters inside the physical box for any input, the physical
+decoder's atmosphere (kappa >= 0, monotone temperatures), generation, the loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from specserve.training.physformer import PhysFormer, PhysFormerConfig, reduced_chi2
+
+
+def _tiny(decoder: str = "physics") -> PhysFormer:
+    torch.manual_seed(0)
+    return PhysFormer(PhysFormerConfig(n_pixels=300, patch_size=32, d_model=16, n_heads=2, depth=1, ffn=32,
+                                       encoder_hidden=16, decoder_hidden=32, n_layers=8, n_components=4,
+                                       n_nodes=4, decoder=decoder)).eval()
+
+
+@pytest.mark.parametrize("decoder", ["physics", "plain"])
+def test_parameters_stay_in_the_box_for_any_input(decoder):
+    model = _tiny(decoder)
+    with torch.no_grad():
+        for layer in (model.enc_out,):  # push the raw outputs far outside any box
+            layer.weight.mul_(1e4)
+        inputs = [torch.randn(4, 300) * 100, torch.ones(4, 300), torch.zeros(4, 300), torch.randn(4, 300) * 1e6]
+        for flux in inputs:
+            params, latent, spectrum = model(flux, torch.zeros(1))
+            c = model.config
+            assert torch.all(params[:, 0] >= c.teff_min) and torch.all(params[:, 0] <= c.teff_max)
+            assert torch.all(params[:, 1] >= c.logg_min) and torch.all(params[:, 1] <= c.logg_max)
+            assert torch.all(params[:, 2] >= c.feh_min) and torch.all(params[:, 2] <= c.feh_max)
+            assert torch.all(latent.abs() <= 1) and torch.all(torch.isfinite(spectrum)) and torch.all(spectrum > 0)
+
+
+def test_atmosphere_is_physical():
+    model = _tiny()
+    params = torch.tensor([[3500.0, 4.8, -1.0], [5800.0, 4.4, 0.0], [20000.0, 3.5, 0.3]])
+    with torch.no_grad():
+        temperature, dtau_line, dtau_cont = model.atmosphere(params, torch.zeros(3, 4))
+        spectrum = model.generate(params)
+    assert temperature.shape == (3, 8) and dtau_line.shape == (3, 8, 300) and dtau_cont.shape == (3, 8, 1)
+    assert torch.all(temperature[:, 1:] > temperature[:, :-1])  # monotone with depth
+    assert torch.all(dtau_line >= 0) and torch.all(dtau_cont > 0)
+    # the Eddington grey atmosphere: T(tau = 2/3) ~ Teff at the start of training (corrections small)
+    assert torch.all((temperature.min(1).values < params[:, 0]) & (temperature.max(1).values > params[:, 0]))
+    # line opacity only absorbs when T falls outwards: normalised flux <= 1 (broadening keeps it)
+    assert torch.all(spectrum <= 1.0 + 1e-5) and torch.all(spectrum > 0)
+
+
+def test_reduced_chi2_by_hand():
+    model = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    flux = torch.tensor([[1.1, 0.8, 1.0, 5.0]])
+    ivar = torch.tensor([[100.0, 25.0, 4.0, 0.0]])  # the last pixel is unusable
+    # (1 + 1 + 0) / 3 usable pixels
+    assert float(reduced_chi2(model, flux, ivar)[0]) == pytest.approx(2 / 3)
+
+
+def test_loss_trains_both_paths_and_mc_dropout_moves_the_parameters():
+    model = _tiny().train()
+    flux = 1.0 + 0.01 * torch.randn(4, 300)
+    ivar = torch.full((4, 300), 1e4)
+    params = torch.tensor([[5000.0, 4.5, 0.0]] * 4)
+    loss, metrics = model.loss(flux, ivar, params)
+    loss.backward()
+    assert set(metrics) == {"loss", "chi2", "chi2_true_params", "param"}
+    assert model.phi.grad is not None and float(model.phi.grad.abs().sum()) > 0
+    assert float(model.embed.weight.grad.abs().sum()) > 0
+    with torch.no_grad():
+        a = model(flux, torch.zeros(1))[0]
+        b = model(flux, torch.zeros(1))[0]
+    assert not torch.equal(a, b)

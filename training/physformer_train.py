@@ -1,0 +1,101 @@
+"""The PhysFormer training recipe on the ``stars`` set: :func:`train_physformer`.
+
+AdamW with warm-up and cosine decay, gradient clipping at 1, the loss of
+:meth:`~specserve.training.physformer.PhysFormer.loss` (reduced chi-square of the reconstruction
+from the encoded parameters and from the catalogue parameters, plus the MSE of the standardised
+parameters). Every epoch a fraction of the training spectra gets fresh noise at S/N
+``augment_snr_min``-``augment_snr_max`` (their ivar lowered to match), so the encoder learns to
+stay put as S/N drops. The kept epoch has the lowest validation parameter loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from specserve.runtime.contract import fill_masked
+from specserve.runtime.errors import SpecserveError
+from specserve.runtime.preprocess import add_noise
+
+from .physformer import PhysFormer, PhysFormerConfig
+
+if TYPE_CHECKING:
+    from .benchsets import BenchmarkSet
+    from .trainer import Trainer
+
+
+def inputs(bench: BenchmarkSet, idx: np.ndarray, snr: float | np.ndarray | None = None,
+           rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Model input flux (masked pixels 1.0) and ivar (masked 0) of spectra ``idx``, optionally noised."""
+    a = bench.arrays
+    flux, ivar, mask = a["flux"][idx], a["ivar"][idx], a["mask"][idx]
+    if snr is not None:
+        flux, ivar = add_noise(flux, ivar, snr, rng, mask=mask)
+    return fill_masked(flux, mask), np.where(mask, 0.0, ivar).astype(np.float32)
+
+
+def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: BenchmarkSet, *,
+                     train_indices: np.ndarray | None = None, progress: bool | None = None,
+                     run_info: Mapping[str, Any] | None = None) -> tuple[PhysFormer, Trainer]:
+    from .trainer import Phase, Trainer
+
+    cfg = config
+    a = bench.arrays
+    if a["flux"].shape[1] != cfg.n_pixels:
+        raise SpecserveError(f"set {bench.name!r} has {a['flux'].shape[1]} pixels, the config {cfg.n_pixels}")
+    grid = bench.preprocessing.grid
+    if abs(grid.start - cfg.log10_start) > 1e-9 or abs(grid.step - cfg.log10_step) > 1e-12:
+        raise SpecserveError("the config's wavelength grid is not the set's")
+    train = bench.split_indices("train") if train_indices is None else np.asarray(train_indices)
+    val = bench.split_indices("validation")
+    labels = torch.from_numpy(a["labels"].astype(np.float32))
+    x_val, iv_val = (torch.from_numpy(v) for v in inputs(bench, val))
+    y_val = labels[val]
+    run_config = {
+        "model_kind": "physformer", "model_config": cfg.to_dict(),
+        "data": {"benchmark": bench.name, "content_hash": bench.meta.get("content_hash"),
+                 "n_train": int(train.size), "n_validation": int(val.size),
+                 "preprocessing": bench.meta.get("preprocessing"),
+                 "train_indices": None if train_indices is None else [int(i) for i in train]},
+        "torch": {"version": str(torch.__version__), "threads": torch.get_num_threads()},
+        **dict(run_info or {}),
+    }
+    model = PhysFormer(cfg)
+    trainer = Trainer(model, run_dir, run_config, model_kind="physformer", model_config=cfg.to_dict(),
+                      seed=cfg.seed, log_every=5, progress=progress)
+    with torch.no_grad():
+        model.set_standardisation(labels[train])
+    rng = np.random.default_rng([cfg.seed, 2])
+
+    def batches(epoch: int):
+        snr = None
+        if cfg.augment_snr_max:
+            snr = np.exp(rng.uniform(np.log(cfg.augment_snr_min), np.log(cfg.augment_snr_max), train.size))
+            snr[rng.uniform(size=train.size) >= cfg.augment_fraction] = 1e9  # as observed
+        x, iv = (torch.from_numpy(v) for v in inputs(bench, train, snr, rng))
+        order = torch.from_numpy(rng.permutation(train.size))
+        for lo in range(0, train.size, cfg.batch_size):
+            j = order[lo:lo + cfg.batch_size]
+            yield x[j], iv[j], labels[train][j]
+
+    def validate(m: PhysFormer) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for lo in range(0, val.size, 64):
+            _, metrics = m.loss(x_val[lo:lo + 64], iv_val[lo:lo + 64], y_val[lo:lo + 64])
+            for k, v in metrics.items():
+                out[k] = out.get(k, 0.0) + v * min(64, val.size - lo) / val.size
+        return out
+
+    steps_per_epoch = max(1, -(-train.size // cfg.batch_size))
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = max(1, cfg.warmup_epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1.0 + np.cos(np.pi * min(s, total) / total)))
+    trainer.fit(Phase("train", cfg.epochs, optimizer, batches, lambda m, batch: m.loss(*batch),
+                      validate=validate, monitor="param", grad_clip=1.0, scheduler=scheduler))
+    return model, trainer
