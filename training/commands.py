@@ -60,9 +60,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     erbm.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (default 2)")
     erbm.set_defaults(handler=cmd_eval_rbm)
 
-    from . import spt_commands
+    from . import physformer_commands, spt_commands
 
     spt_commands.register(train_sub, eval_sub)
+    physformer_commands.register(train_sub, eval_sub)
 
 
 def _key_value(text: str) -> tuple[str, str]:

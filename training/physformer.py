@@ -18,9 +18,10 @@ Decoder: standardised parameters and latent -> MLP -> per atmosphere
   correction ``c_d = cumsum(softplus(raw))`` scaled by ``temperature_scale``; both factors grow
   with depth, so T is monotone;
 - continuum optical thicknesses ``dtau_cont_d = dtau_ref_d * exp(s_d)`` (grey);
-- line optical thicknesses ``dtau_line[d, p] = sum_r A[d, r] Phi[r, p]`` with ``A = softplus(...)``
-  from the decoder (B, D, R) and ``Phi = softplus(phi)`` a learned non-negative "line list" (R, P)
-  shared by all stars, so kappa >= 0 everywhere;
+- line optical thicknesses ``dtau_line[d, p] = dtau_ref_d sum_r A[d, r] Phi[r, p]`` with
+  ``A = exp(...)`` from the decoder (B, D, R) and ``Phi = exp(phi)`` a learned positive "line list"
+  (R, P) shared by all stars, so kappa >= 0 everywhere; exponentials because line opacities span
+  orders of magnitude (with softplus the reconstruction learned several times slower);
 
 then ``flux_layer.normalised_spectrum`` (Gauss-Legendre flux, line over continuum, Gaussian
 broadening to the grid's resolving power). ``decoder="plain"`` is the ablation: an MLP straight to
@@ -154,7 +155,7 @@ class PhysFormer(nn.Module):
             self.dec_temperature = nn.Linear(c.decoder_hidden, c.n_layers)
             self.dec_continuum = nn.Linear(c.decoder_hidden, c.n_layers)
             self.dec_lines = nn.Linear(c.decoder_hidden, c.n_layers * c.n_components)
-            self.phi = nn.Parameter(torch.randn(c.n_components, c.n_pixels) * 0.5 - 3.0)
+            self.phi = nn.Parameter(torch.randn(c.n_components, c.n_pixels) - 4.0)
             wave_um = 10.0 ** (c.log10_start + c.log10_step * torch.arange(c.n_pixels, dtype=torch.float64)) / 1e4
             self.register_buffer("wavelength_um", wave_um.to(torch.float32))
             edges = torch.logspace(math.log10(c.tau_min), math.log10(c.tau_max), c.n_layers + 1, dtype=torch.float64)
@@ -222,8 +223,8 @@ class PhysFormer(nn.Module):
         correction = torch.cumsum(F.softplus(self.dec_temperature(h)), dim=1) * c.temperature_scale
         temperature = params[:, :1] * self.grey * torch.exp(correction - correction[:, :1])
         dtau_cont = (self.dtau_ref * torch.exp(self.dec_continuum(h).clamp(-5.0, 5.0))).unsqueeze(-1)
-        strength = F.softplus(self.dec_lines(h)).reshape(-1, c.n_layers, c.n_components)
-        dtau_line = (strength @ F.softplus(self.phi)) * self.dtau_ref.reshape(1, -1, 1)
+        strength = torch.exp(self.dec_lines(h).clamp(-12.0, 6.0)).reshape(-1, c.n_layers, c.n_components)
+        dtau_line = (strength @ torch.exp(self.phi.clamp(-12.0, 8.0))) * self.dtau_ref.reshape(1, -1, 1)
         return temperature, dtau_line, dtau_cont
 
     def generate(self, params: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
