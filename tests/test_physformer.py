@@ -63,10 +63,43 @@ def test_loss_trains_both_paths_and_mc_dropout_moves_the_parameters():
     params = torch.tensor([[5000.0, 4.5, 0.0]] * 4)
     loss, metrics = model.loss(flux, ivar, params)
     loss.backward()
-    assert set(metrics) == {"loss", "chi2", "chi2_true_params", "param"}
+    assert set(metrics) == {"loss", "chi2_median", "chi2_true_params_median", "param"}
     assert model.phi.grad is not None and float(model.phi.grad.abs().sum()) > 0
     assert float(model.embed.weight.grad.abs().sum()) > 0
     with torch.no_grad():
         a = model(flux, torch.zeros(1))[0]
         b = model(flux, torch.zeros(1))[0]
     assert not torch.equal(a, b)
+
+
+def test_quick_training_writes_a_report_with_every_row(tmp_path, capsys):
+    import json
+
+    from specserve.runtime.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "physformer", "--quick", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "PhysFormer trained in" in out and "ablation plain_decoder trained in" in out
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "report.json", "report.png"):
+        assert (run / name).is_file(), name
+    assert (run / "ablations" / "plain_decoder" / "checkpoint.pt").is_file()
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["rows"]) == {"physformer", "ridge", "knn", "cannon_quadratic", "plain_decoder"}
+    assert report["snr_levels"] == ["100", "50", "20", "10", "5"]
+    for name, row in report["rows"].items():
+        for key in ["native"] + [f"snr/{s}" for s in report["snr_levels"]]:
+            metrics = row["native"] if key == "native" else row["snr"][key.split("/")[1]]
+            assert metrics["fgk"]["n"] > 0 and all(v >= 0 for v in metrics["fgk"]["mae"].values()), name
+    pf = report["rows"]["physformer"]
+    # the squashing keeps every output inside the box, whatever the input
+    assert pf["native"]["in_box_fraction"] == 1.0
+    assert all(pf["snr"][s]["in_box_fraction"] == 1.0 for s in report["snr_levels"])
+    assert set(report["in_box_non_stellar"]) == {"pure_noise", "wild_noise", "all_ones", "qso_template"}
+    assert all(v == 1.0 for v in report["in_box_non_stellar"].values())
+    assert report["rows"]["knn"]["k"] in (3, 5, 10, 20) and report["generation"]["median_residual_rms"] > 0
+    assert pf["reduced_chi2"]["p10"] <= pf["reduced_chi2"]["p50"] <= pf["reduced_chi2"]["p90"]
+    # re-evaluation from the run folder gives the same baseline numbers
+    assert main(["eval", "physformer", "--run", str(run)]) == 0
+    again = json.loads((run / "report.json").read_text())
+    assert again["rows"]["knn"] == report["rows"]["knn"] and again["rows"]["ridge"] == report["rows"]["ridge"]
