@@ -29,8 +29,9 @@ DEFAULT_MODELS = ("rbm", "spt")
 def register(subparsers: argparse._SubParsersAction) -> None:
     exp = subparsers.add_parser("export", help="export a trained run to ONNX (needs the 'train' extra)")
     exp_sub = exp.add_subparsers(dest="export_command", required=True)
-    for kind, handler, extra in (("rbm", cmd_export_rbm, ""), ("spt", cmd_export_spt, " (MC dropout in the graph)")):
-        cmd = exp_sub.add_parser(kind, help=f"export a {kind.upper()} run{extra} into a model repository")
+    for kind, handler, extra in (("rbm", cmd_export_rbm, ""), ("spt", cmd_export_spt, " (MC dropout in the graph)"),
+                                 ("physformer", cmd_export_physformer, " (and its -generate graph)")):
+        cmd = exp_sub.add_parser(kind, help=f"export a {kind} run{extra} into a model repository")
         cmd.add_argument("--run", type=Path, required=True, help="run folder holding checkpoint.pt")
         cmd.add_argument("--repository", type=Path, help="model repository (default <cache>/models)")
         cmd.add_argument("--name", default=kind, help=f"model name in the repository (default {kind})")
@@ -79,6 +80,21 @@ def cmd_export_spt(args: argparse.Namespace) -> int:
     print(f"one MC run with T = {t['n_samples']} at batch {t['batch']}: {t['mc_seconds'] * 1e3:.1f} ms, "
           f"{t['ratio']:.2f}x one deterministic pass ({t['deterministic_seconds'] * 1e3:.1f} ms)")
     print(f"exported to {folder}")
+    return 0
+
+
+def cmd_export_physformer(args: argparse.Namespace) -> int:
+    from specserve.training.commands import require_training_extra
+
+    require_training_extra(2)
+    from .physformer import export_physformer
+
+    repository = args.repository or models_dir()
+    folders, report, check, generate = export_physformer(args.run, repository, name=args.name, version=args.version)
+    print(report.summary())
+    print(check.summary())
+    print(generate.summary())
+    print("exported to " + ", ".join(str(f) for f in folders))
     return 0
 
 

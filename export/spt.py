@@ -129,14 +129,14 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _log_stats(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    logs = np.log(samples.astype(np.float64))  # (T, B, K)
-    return logs.mean(axis=0), logs.std(axis=0)
-
-
 def check_mc(path: str | Path, model: torch.nn.Module, card: ModelCard,
-             n_samples: int = MC_CHECK_SAMPLES) -> MCCheck:
-    """Statistical and randomness checks of an exported MC graph against torch (module docstring)."""
+             n_samples: int = MC_CHECK_SAMPLES, transform=np.log) -> MCCheck:
+    """Statistical and randomness checks of an exported MC graph against torch (module docstring).
+
+    ``model`` is called like the graph, with the contract's inputs in order, and returns the
+    ``samples`` output last; ``transform`` maps samples (T, B, K) to the space where means and
+    spreads are compared (log for positive quantities).
+    """
     path = Path(path)
     graph = onnx.load(str(path))
     ops = op_types(graph)
@@ -144,25 +144,30 @@ def check_mc(path: str | Path, model: torch.nn.Module, card: ModelCard,
         raise ExportError(f"{path}: contains Dropout nodes, which ONNX Runtime's EliminateDropout removes")
     if "RandomUniformLike" not in ops:
         raise ExportError(f"{path}: the graph has no random operator: MC dropout did not survive the export")
-    inputs = card.contract.dummy_inputs(card.dims, batch=MC_CHECK_INPUTS, seed=7)
-    flux = inputs["flux"]
-    feed = {"flux": flux, "n_samples": np.array([n_samples], np.int64), "seed": np.array([0.5], np.float32)}
+    contract = card.contract
+    feed = contract.dummy_inputs(card.dims, batch=MC_CHECK_INPUTS, seed=7)
+    feed.update({"n_samples": np.array([n_samples], np.int64), "seed": np.array([0.5], np.float32)})
     session = _session(path)
     ort_samples = session.run(["samples"], feed)[0]
     state = torch.random.get_rng_state()
     torch.manual_seed(0)
     try:
         with torch.no_grad():
-            _, _, torch_samples = model.eval()(torch.from_numpy(flux), torch.tensor([n_samples]), torch.zeros(1))
+            torch_samples = model.eval()(*(torch.from_numpy(feed[n]) for n in contract.input_names))[-1].numpy()
     finally:
         torch.random.set_rng_state(state)
-    m_ort, s_ort = _log_stats(ort_samples)
-    m_t, s_t = _log_stats(torch_samples.numpy())
+
+    def stats(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        values = transform(samples.astype(np.float64))
+        return values.mean(axis=0), values.std(axis=0)
+
+    m_ort, s_ort = stats(ort_samples)
+    m_t, s_t = stats(torch_samples)
     se = np.sqrt((s_ort**2 + s_t**2) / n_samples)  # (B, K)
     if not np.all(s_t > 0):
         raise ExportError("the torch model's MC samples have no spread: is its dropout switched off?")
     single_z = np.abs(m_ort - m_t) / se
-    mean_z = (m_ort - m_t).mean(axis=0) / (np.sqrt((se**2).sum(axis=0)) / flux.shape[0])
+    mean_z = (m_ort - m_t).mean(axis=0) / (np.sqrt((se**2).sum(axis=0)) / MC_CHECK_INPUTS)
     ratio = s_ort.mean(axis=0) / s_t.mean(axis=0)
     again = session.run(["samples"], feed)[0]
     other = _session(path).run(["samples"], {**feed, "seed": np.array([0.75], np.float32)})[0]

@@ -61,6 +61,7 @@ class ModelResult:
     values: dict[str, float] = field(default_factory=dict)
     class_names: tuple[str, ...] = ()
     probabilities: np.ndarray | None = None
+    model_spectrum: np.ndarray | None = None
 
 
 @dataclass
@@ -88,9 +89,21 @@ def _estimate_values(card: ModelCard, outputs: Mapping[str, np.ndarray], row: in
     return values
 
 
+def _physformer_values(card: ModelCard, outputs: Mapping[str, np.ndarray], row: int) -> dict[str, float]:
+    """Teff, logg, [Fe/H] with ``_err`` (MC), ``reduced_chi2`` (NaN when the client sent no ivar), ``n_samples``."""
+    values = {}
+    for j, name in enumerate(card.label_names):
+        values[name] = float(outputs["parameters"][row, j])
+        values[f"{name}_err"] = float(outputs["parameters_std"][row, j])
+    values["reduced_chi2"] = float(outputs["reduced_chi2"][row]) if outputs["_has_ivar"][row] else float("nan")
+    values["n_samples"] = float(outputs["samples"].shape[0])
+    return values
+
+
 INTERPRETERS: dict[str, Callable[[ModelCard, Mapping[str, np.ndarray], int], dict[str, float]]] = {
     "rbm": _rbm_values,
     "spt": _estimate_values,
+    "physformer": _physformer_values,
 }
 
 
@@ -150,6 +163,8 @@ class Analyzer:
         card = model.card
         recipe = card.preprocessing
         rows: list[np.ndarray] = []
+        ivars: list[np.ndarray] = []
+        has_ivar: list[bool] = []
         owners: list[int] = []
         for i, spectrum in enumerate(checked):
             if spectrum is None:
@@ -168,17 +183,24 @@ class Analyzer:
                 ))
                 continue
             rows.append(fill_masked(prepared.flux, prepared.mask))
+            ivars.append(np.where(prepared.mask, 0.0, prepared.ivar).astype(np.float32))
+            has_ivar.append(spectra[i].ivar is not None)  # without one the reader assumes unit variance
             owners.append(i)
         if not rows:
             return
         inputs = {"flux": np.stack(rows)}
+        if "ivar" in card.contract.input_names:
+            inputs["ivar"] = np.stack(ivars)
         if mc_samples and N_SAMPLES in card.contract.input_names:
             inputs[N_SAMPLES] = np.array([mc_samples], dtype=np.int64)
         outputs = model.run(inputs)
+        outputs["_has_ivar"] = np.array([known and bool(np.any(v > 0)) for known, v in zip(has_ivar, ivars)])
         interpret = INTERPRETERS[card.kind]
         for row, i in enumerate(owners):
             result = ModelResult(model.name, model.version, True, values=interpret(card, outputs, row),
                                  class_names=card.class_names)
             if "probabilities" in outputs:
                 result.probabilities = outputs["probabilities"][row]
+            if "model_spectrum" in outputs:
+                result.model_spectrum = outputs["model_spectrum"][row]
             outcomes[i].results.append(result)

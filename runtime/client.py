@@ -39,6 +39,8 @@ class Row:
     models: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     error: str = ""
+    model_spectra: dict[str, np.ndarray] = field(default_factory=dict)
+    """Model name -> its reconstruction on its grid (when asked for and produced)."""
 
     @property
     def ok(self) -> bool:
@@ -71,6 +73,8 @@ def row_from_proto(result: pb.SpectrumResult) -> Row:
         if model_result.applicable:
             row.models.append(f"{model_result.model}:{model_result.version}")
             row.values.update(model_result.values)
+            if len(model_result.model_spectrum):
+                row.model_spectra[model_result.model] = np.asarray(model_result.model_spectrum, dtype=np.float32)
         else:
             row.notes.append(f"{model_result.model}: {model_result.not_applicable_reason}")
     return row
@@ -98,11 +102,12 @@ class Client:
     def list_models(self) -> list[pb.ModelInfo]:
         return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
 
-    def analyze(self, spectra: Iterable, models: Sequence[str] = (), mc_samples: int = 0) -> list[Row]:
+    def analyze(self, spectra: Iterable, models: Sequence[str] = (), mc_samples: int = 0,
+                model_spectrum: bool = False) -> list[Row]:
         """Analyse spectra in one request. ``mc_samples``: Monte Carlo samples for the models that
-        draw them (0: each model's default)."""
+        draw them (0: each model's default); ``model_spectrum``: also return reconstructions."""
         request = pb.AnalyzeRequest(spectra=[to_proto(s) for s in spectra], models=list(models),
-                                    mc_samples=mc_samples)
+                                    mc_samples=mc_samples, return_model_spectrum=model_spectrum)
         response = self.stub.Analyze(request, timeout=self.timeout)
         return [row_from_proto(r) for r in response.results]
 

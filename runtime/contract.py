@@ -45,8 +45,9 @@ class TensorSpec:
     description: str = ""
     optional: bool = False
     """An input the runtime fills in when a request leaves it out (see :func:`fill_defaults`)."""
-    example: float | None = None
-    """A valid constant value for dummy inputs (export, tests); None: random values around 1."""
+    example: float | tuple[float, ...] | None = None
+    """Valid values for dummy inputs (export, tests): a constant, or typical values along the last
+    axis (each dummy value is one of them times a random factor around 1); None: random values around 1."""
 
     def __post_init__(self) -> None:
         dtypes.from_name(self.dtype)
@@ -91,7 +92,10 @@ class ModelContract:
         out = {}
         for t in self.inputs:
             shape = tuple(batch if d == BATCH else d for d in t.resolve(dims))
-            if t.example is not None:
+            if isinstance(t.example, tuple):
+                base = np.broadcast_to(np.asarray(t.example, dtype=np.float64), shape)
+                out[t.name] = (base * rng.normal(1.0, 0.05, size=shape)).astype(dtypes.from_name(t.dtype).numpy)
+            elif t.example is not None:
                 out[t.name] = np.full(shape, t.example, dtype=dtypes.from_name(t.dtype).numpy)
             else:
                 out[t.name] = rng.normal(1.0, 0.1, size=shape).astype(dtypes.from_name(t.dtype).numpy)
@@ -196,7 +200,38 @@ SPT_CONTRACT = ModelContract(
     ),
 )
 
-CONTRACTS: dict[str, ModelContract] = {c.kind: c for c in (RBM_CONTRACT, SPT_CONTRACT)}
+PHYSFORMER_CONTRACT = ModelContract(
+    kind="physformer",
+    inputs=(
+        TensorSpec("flux", "float32", (BATCH, "n_pixels"),
+                   "continuum-normalised flux on the model grid, unusable pixels set to 1"),
+        TensorSpec("ivar", "float32", (BATCH, "n_pixels"), "inverse variance of the normalised flux, 0 = unusable"),
+        SPT_CONTRACT.inputs[1],
+        SPT_CONTRACT.inputs[2],
+    ),
+    outputs=(
+        TensorSpec("parameters", "float32", (BATCH, "n_labels"), "MC mean of Teff [K], logg, [Fe/H], inside the box"),
+        TensorSpec("parameters_std", "float32", (BATCH, "n_labels"), "MC standard deviation of the parameters"),
+        TensorSpec("reduced_chi2", "float32", (BATCH,), "reduced chi-square of model_spectrum against flux"),
+        TensorSpec("model_spectrum", "float32", (BATCH, "n_pixels"), "normalised spectrum generated from the parameters"),
+        TensorSpec("samples", "float32", (N_SAMPLES, BATCH, "n_labels"), "the MC samples of the parameters"),
+    ),
+)
+
+PHYSFORMER_GENERATE_CONTRACT = ModelContract(
+    kind="physformer-generate",
+    inputs=(
+        TensorSpec("parameters", "float32", (BATCH, "n_labels"), "Teff [K], logg, [Fe/H] inside the card's bounds",
+                   example=(5500.0, 4.0, -0.3)),
+    ),
+    outputs=(
+        TensorSpec("spectrum", "float32", (BATCH, "n_pixels"), "normalised spectrum on the model grid"),
+    ),
+)
+
+CONTRACTS: dict[str, ModelContract] = {
+    c.kind: c for c in (RBM_CONTRACT, SPT_CONTRACT, PHYSFORMER_CONTRACT, PHYSFORMER_GENERATE_CONTRACT)
+}
 
 
 def contract_for(kind: str) -> ModelContract:
@@ -292,7 +327,8 @@ class ModelCard:
 
 def fill_defaults(card: ModelCard, arrays: Mapping[str, np.ndarray], rng: np.random.Generator
                   ) -> dict[str, np.ndarray]:
-    """``arrays`` with the contract's optional inputs filled in and checked.
+    """``arrays`` with the contract's optional inputs filled in and checked (and, for generators,
+    the parameters checked against the card's bounds).
 
     ``n_samples``: the card's ``normalisation.mc_samples.default`` when absent; a request may ask
     for 1 to ``normalisation.mc_samples.max`` (else :class:`InvalidInputError`). ``seed``: a fresh
@@ -313,6 +349,15 @@ def fill_defaults(card: ModelCard, arrays: Mapping[str, np.ndarray], rng: np.ran
                 raise InvalidInputError(f"{N_SAMPLES} must be between 1 and {largest}, got {int(value.reshape(-1)[0])}")
     if "seed" in names and "seed" not in out:
         out["seed"] = np.array([rng.random()], dtype=np.float32)
+    if card.kind == "physformer-generate" and "parameters" in out and card.bounds:
+        values = np.asarray(out["parameters"], dtype=np.float64)
+        if values.ndim == 2 and values.shape[1] == len(card.label_names):
+            for j, name in enumerate(card.label_names):
+                lo, hi = card.bounds[name]
+                bad = ~((values[:, j] >= lo) & (values[:, j] <= hi))
+                if bad.any():
+                    raise InvalidInputError(f"parameter {name} must be within [{lo:g}, {hi:g}]; "
+                                            f"row {int(np.flatnonzero(bad)[0])} has {values[bad, j][0]:g}")
     return out
 
 

@@ -268,17 +268,19 @@ def spectrum_from_proto(message: pb.Spectrum) -> SpectrumInput:
     )
 
 
-def _result_to_proto(result: ModelResult) -> pb.ModelResult:
+def _result_to_proto(result: ModelResult, model_spectrum: bool = False) -> pb.ModelResult:
     out = pb.ModelResult(model=result.model, version=result.version, applicable=result.applicable,
                          not_applicable_reason=result.reason, class_names=list(result.class_names))
     out.values.update(result.values)
     if result.probabilities is not None:
         out.probabilities.extend(float(p) for p in result.probabilities)
+    if model_spectrum and result.model_spectrum is not None:
+        out.model_spectrum.extend(np.asarray(result.model_spectrum, dtype=np.float32).tolist())
     return out
 
 
-def _outcome_to_proto(outcome: SpectrumOutcome) -> pb.SpectrumResult:
-    message = pb.SpectrumResult(id=outcome.id, results=[_result_to_proto(r) for r in outcome.results])
+def _outcome_to_proto(outcome: SpectrumOutcome, model_spectrum: bool = False) -> pb.SpectrumResult:
+    message = pb.SpectrumResult(id=outcome.id, results=[_result_to_proto(r, model_spectrum) for r in outcome.results])
     if outcome.error is not None:
         message.error.CopyFrom(_error_message(outcome.error))
     return message
@@ -296,7 +298,7 @@ def _analyze(store: ModelStore, request: pb.AnalyzeRequest) -> list[pb.SpectrumR
     valid = [s for s in inputs if s is not None]
     outcomes = iter(store.analyzer.analyze(valid, list(request.models), mc_samples=int(request.mc_samples)))
     ordered = [early[i] if s is None else next(outcomes) for i, s in enumerate(inputs)]
-    return [_outcome_to_proto(o) for o in ordered]
+    return [_outcome_to_proto(o, request.return_model_spectrum) for o in ordered]
 
 
 class DomainServicer(pb_grpc.SpecServeServicer):

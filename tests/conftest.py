@@ -56,3 +56,13 @@ def spt_run(tmp_path_factory):
     report = evaluate_spt(model, bench, run_dir, SPTEvalConfig(mc_samples=cfg.mc_samples, boosting_iter=50),
                           train_indices=train)
     return bench, run_dir, model, report
+
+
+@pytest.fixture(scope="session")
+def physformer_run(tmp_path_factory):
+    """A tiny PhysFormer (quick config, no ablation) trained and evaluated on the stars set: run_dir."""
+    from specserve.runtime.cli import main
+
+    run_dir = tmp_path_factory.mktemp("physformer-run") / "run"
+    assert main(["train", "physformer", "--quick", "--no-ablation", "--out", str(run_dir)]) == 0
+    return run_dir

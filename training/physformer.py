@@ -45,7 +45,8 @@ from torch import nn
 from . import flux_layer as fl
 from .spt import Block, MCDropout
 
-__all__ = ["PhysFormerConfig", "PhysFormer", "PARAMETER_NAMES", "PARAMETER_UNITS", "reduced_chi2"]
+__all__ = ["PhysFormerConfig", "PhysFormer", "PhysFormerInference", "PhysFormerGenerator", "PARAMETER_NAMES",
+           "PARAMETER_UNITS", "reduced_chi2"]
 
 PARAMETER_NAMES = ("teff", "logg", "feh")
 PARAMETER_UNITS = ("K", "dex", "dex")
@@ -188,6 +189,10 @@ class PhysFormer(nn.Module):
     # ---------------------------------------------------------------- encoder
     def encode(self, flux: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """flux (B, P) -> (parameters in physical units (B, 3): Teff [K], logg, [Fe/H]; latent (B, L))."""
+        return self.encode_head(self.encode_features(flux), offset)
+
+    def encode_features(self, flux: torch.Tensor) -> torch.Tensor:
+        """The deterministic part of the encoder: flux (B, P) -> pooled features (B, D)."""
         c = self.config
         x = flux - 1.0
         pad = c.n_tokens * c.patch_size - c.n_pixels
@@ -196,7 +201,10 @@ class PhysFormer(nn.Module):
         tokens = self.embed(x.reshape(x.shape[0], c.n_tokens, c.patch_size)) + self.position
         for block in self.blocks:
             tokens = block(tokens)
-        z = self.norm(tokens.mean(dim=1))
+        return self.norm(tokens.mean(dim=1))
+
+    def encode_head(self, z: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stochastic part (MC dropout): features (M, D) -> parameters (M, 3), latent (M, L)."""
         raw = self.enc_out(self.drop2(F.gelu(self.enc_hidden(self.drop1(z, offset))), offset))
         unit = torch.sigmoid(raw[:, :3])
         boxed = self.box_low + (self.box_high - self.box_low) * unit       # log10 Teff, logg, [Fe/H]
@@ -258,3 +266,50 @@ class PhysFormer(nn.Module):
         chi2, chi2_true = chi2.median(), chi2_true.median()
         return total, {"loss": float(total.detach()), "chi2_median": float(chi2.detach()),
                        "chi2_true_params_median": float(chi2_true.detach()), "param": float(param_loss.detach())}
+
+
+class PhysFormerInference(nn.Module):
+    """The exported ``physformer`` graph: MC inversion, reconstruction and its chi-square.
+
+    ``forward(flux, ivar, n_samples, seed)``: the encoder body runs once, its head ``T`` times on
+    the features tiled ``T`` times (sample-major). Returns ``parameters`` (B, 3): the MC mean (Teff
+    as ``10 ** mean log10 Teff``); ``parameters_std`` (B, 3) (Teff first order from the log spread);
+    ``reduced_chi2`` (B,) of ``model_spectrum`` (B, P), generated from the mean parameters and
+    mean latent, against ``flux`` with ``ivar``; ``samples`` (T, B, 3).
+    """
+
+    def __init__(self, model: PhysFormer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, flux: torch.Tensor, ivar: torch.Tensor, n_samples: torch.Tensor, seed: torch.Tensor):
+        from .spt import _TileSamples
+
+        m = self.model
+        features = _TileSamples.apply(m.encode_features(flux), n_samples)
+        params, latent = m.encode_head(features, seed.reshape(1, 1).to(flux.dtype))
+        samples = params.reshape(-1, flux.shape[0], 3)                      # (T, B, 3)
+        latent = latent.reshape(-1, flux.shape[0], m.config.n_latent).mean(dim=0)
+        log_teff = torch.log10(samples[..., :1])
+        rest = samples[..., 1:]
+        log_mean, rest_mean = log_teff.mean(dim=0), rest.mean(dim=0)
+        teff = 10.0 ** log_mean
+        mean = torch.cat([teff, rest_mean], dim=1)
+        # spreads of the offsets from the first sample: exactly 0 when every sample is the same
+        d_teff, d_rest = log_teff - log_teff[:1], rest - rest[:1]
+        teff_std = teff * math.log(10.0) * torch.sqrt(((d_teff - d_teff.mean(dim=0)) ** 2).mean(dim=0))
+        rest_std = torch.sqrt(((d_rest - d_rest.mean(dim=0)) ** 2).mean(dim=0))
+        spectrum = m.generate(mean, latent)
+        return mean, torch.cat([teff_std, rest_std], dim=1), reduced_chi2(spectrum, flux, ivar), spectrum, samples
+
+
+class PhysFormerGenerator(nn.Module):
+    """The exported ``physformer-generate`` graph: parameters (B, 3) -> normalised spectrum (B, P), latent 0."""
+
+    def __init__(self, model: PhysFormer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, parameters: torch.Tensor) -> torch.Tensor:
+        m = self.model  # clipped into the box (the server refuses parameters outside it)
+        return m.generate(torch.minimum(torch.maximum(parameters, m.box_min), m.box_max))

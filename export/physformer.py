@@ -1,0 +1,127 @@
+"""Export a trained PhysFormer run as two ONNX graphs: ``physformer`` (MC inversion, reconstruction,
+chi-square) and ``physformer-generate`` (parameters -> spectrum). The flux layer is in both, as
+standard operators.
+
+Validation (any failure raises :class:`~specserve.runtime.errors.ExportError`, nothing is written
+into the repository):
+
+- ``physformer``: deterministic parity with dropout off (a second export of the same weights) at
+  batch 1, 3, 64 within ``ATOL + RTOL * |torch|`` on every output; the checker, operator set,
+  contract and metadata checks; the MC checks of :func:`specserve.export.spt.check_mc` (log Teff,
+  logg and [Fe/H] compared; spreads within 10 %, runs and sessions differ);
+- ``physformer-generate``: parity at batch 1, 3, 64 within the same tolerance, with parameters
+  spread around a solar-type star.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from specserve.runtime.contract import ModelCard
+from specserve.runtime.errors import ExportError
+from specserve.runtime.preprocess import Preprocessing
+
+from .onnx_export import ExportReport, export_model
+from .rbm import next_version
+from .repository import write_model
+from .spt import ALLOWED_OPS as SPT_OPS
+from .spt import MCCheck, check_mc
+
+log = logging.getLogger(__name__)
+
+ATOL = 1e-4
+RTOL = 1e-3
+"""Parity tolerance: the flux layer sums exponentials over depth and angle in float32, and the
+normalised spectrum is a ratio of two such sums; torch and ONNX Runtime differ by ~1e-6 relative.
+Temperatures (~5,000 K) get 1e-3 relative (a few K) for the 10 ** log10 round trip."""
+ALLOWED_OPS = SPT_OPS | {"Sigmoid", "Tanh", "CumSum", "Min", "Max", "Clip", "Log", "Softplus", "Conv", "Neg",
+                         "Relu", "ReduceSum", "MatMul", "Div", "Expand", "ScatterND", "Range", "Less", "Not",
+                         "Identity", "Squeeze", "Greater", "And", "Or", "Abs", "Reciprocal", "Split"}
+"""Standard operators only: no control flow, nothing custom."""
+GENERATE_SUFFIX = "-generate"
+DESCRIPTION = ("Stellar parameters after Wang, Zhang, Bu & Mou 2026 (arXiv:2603.01459): transformer encoder into the "
+               "physical box (MC dropout), decoder to per-layer opacities and temperatures, radiative flux layer "
+               "(formal solution, Gauss-Legendre flux, continuum normalisation, broadening).")
+
+
+def _log10_first(samples: np.ndarray) -> np.ndarray:
+    out = samples.copy()
+    out[..., 0] = np.log10(out[..., 0])
+    return out
+
+
+def physformer_cards(checkpoint: dict[str, Any], report: dict[str, Any] | None) -> tuple[ModelCard, ModelCard]:
+    from specserve.training.physformer import PARAMETER_NAMES, PARAMETER_UNITS, PhysFormerConfig
+
+    config = checkpoint.get("config", {})
+    data = config.get("data", {})
+    recipe = data.get("preprocessing")
+    if not recipe:
+        raise ExportError("the checkpoint records no preprocessing recipe (train it with 'specserve train physformer')")
+    mc = PhysFormerConfig(**checkpoint["model_config"])
+    metrics: dict[str, Any] = {}
+    if report:
+        metrics = {"split": report["set"]["split"], "n_test": report["set"]["n_test"],
+                   "fgk_mae": {k: r["native"]["fgk"]["mae"] for k, r in report["rows"].items()},
+                   "target_met": report["target"]["met"]}
+    common = dict(preprocessing=Preprocessing.from_dict(recipe), label_names=PARAMETER_NAMES,
+                  label_units=PARAMETER_UNITS, bounds=mc.bounds,
+                  training_fingerprint=f"{data.get('benchmark', 'stars')}:sha256:{data.get('content_hash', 'unknown')}",
+                  metrics=metrics, description=DESCRIPTION)
+    normalisation = {"mc_samples": {"default": mc.mc_samples, "max": mc.mc_samples_max},
+                     "dropout": mc.dropout, "flux_layer": {"layers": mc.n_layers, "nodes": mc.n_nodes,
+                                                           "components": mc.n_components, "decoder": mc.decoder}}
+    return (ModelCard(kind="physformer", normalisation=normalisation, **common),
+            ModelCard(kind="physformer-generate", normalisation={"flux_layer": normalisation["flux_layer"]}, **common))
+
+
+def export_physformer_models(model: torch.nn.Module, cards: tuple[ModelCard, ModelCard], out_dir: str | Path
+                             ) -> tuple[ExportReport, MCCheck, ExportReport]:
+    from specserve.training.physformer import PhysFormerGenerator, PhysFormerInference
+    from specserve.training.spt import deterministic
+
+    out_dir = Path(out_dir)
+    inference = PhysFormerInference(model).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        with deterministic(inference):
+            parity = export_model(inference, cards[0], Path(tmp) / "deterministic.onnx", atol=ATOL, rtol=RTOL,
+                                  allowed_ops=ALLOWED_OPS)
+    report = export_model(inference, cards[0], out_dir / "physformer" / "model.onnx", atol=ATOL, rtol=RTOL,
+                          allowed_ops=ALLOWED_OPS, check_parity=False)
+    report.max_abs_diff = {f"{k} (dropout off)": v for k, v in parity.max_abs_diff.items()}
+    check = check_mc(report.path, inference, cards[0], transform=_log10_first)
+    generate = export_model(PhysFormerGenerator(model).eval(), cards[1], out_dir / "generate" / "model.onnx",
+                            atol=ATOL, rtol=RTOL, allowed_ops=ALLOWED_OPS)
+    return report, check, generate
+
+
+def export_physformer(run_dir: str | Path, repository: str | Path, *, name: str = "physformer",
+                      version: int | None = None) -> tuple[list[Path], ExportReport, MCCheck, ExportReport]:
+    """Export ``run_dir`` into ``repository/name`` and ``repository/name-generate``."""
+    from specserve.training.physformer import PhysFormer
+    from specserve.training.trainer import CHECKPOINT_NAME, load_checkpoint
+
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ExportError(f"no {CHECKPOINT_NAME} in {run_dir}")
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("model_kind") != "physformer":
+        raise ExportError(f"{path} holds a {checkpoint.get('model_kind')!r} model, not a PhysFormer")
+    report_path = run_dir / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    model = PhysFormer.from_checkpoint(checkpoint)
+    cards = physformer_cards(checkpoint, report)
+    inference, check, generate = export_physformer_models(model, cards, run_dir / "onnx")
+    folders = []
+    for model_name, result, card in ((name, inference, cards[0]), (name + GENERATE_SUFFIX, generate, cards[1])):
+        v = next_version(repository, model_name) if version is None else version
+        folders.append(write_model(repository, model_name, v, result.path, card))
+    return folders, inference, check, generate
