@@ -23,6 +23,10 @@ from specserve.training import commands
 
 SPECSERVE = str(Path(sys.executable).with_name("specserve"))
 
+# the fixture trains the default RBM and SPT (about 4 minutes on 2 idle cores): more than the
+# suite's per-test limit of 600 s on a busy machine
+pytestmark = pytest.mark.timeout(1500)
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
