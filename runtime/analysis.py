@@ -79,31 +79,27 @@ def _rbm_values(card: ModelCard, outputs: Mapping[str, np.ndarray], row: int) ->
     return values
 
 
-def _estimate_values(card: ModelCard, outputs: Mapping[str, np.ndarray], row: int) -> dict[str, float]:
-    """MC estimates: ``<label>`` and ``<label>_err`` per label (physical units), ``n_samples``."""
-    values = {}
-    for j, name in enumerate(card.label_names):
-        values[name] = float(outputs["mean"][row, j])
-        values[f"{name}_err"] = float(outputs["std"][row, j])
-    values["n_samples"] = float(outputs["samples"].shape[0])
-    return values
+def _estimates(mean: str, std: str) -> Callable[[ModelCard, Mapping[str, np.ndarray], int], dict[str, float]]:
+    """Interpreter of MC estimates: ``<label>`` and ``<label>_err`` per label (physical units),
+    ``n_samples``, and ``reduced_chi2`` where the model reports one (NaN when the client sent no ivar)."""
 
+    def values(card: ModelCard, outputs: Mapping[str, np.ndarray], row: int) -> dict[str, float]:
+        out = {}
+        for j, name in enumerate(card.label_names):
+            out[name] = float(outputs[mean][row, j])
+            out[f"{name}_err"] = float(outputs[std][row, j])
+        if "reduced_chi2" in outputs:
+            out["reduced_chi2"] = float(outputs["reduced_chi2"][row]) if outputs["_has_ivar"][row] else float("nan")
+        out["n_samples"] = float(outputs["samples"].shape[0])
+        return out
 
-def _physformer_values(card: ModelCard, outputs: Mapping[str, np.ndarray], row: int) -> dict[str, float]:
-    """Teff, logg, [Fe/H] with ``_err`` (MC), ``reduced_chi2`` (NaN when the client sent no ivar), ``n_samples``."""
-    values = {}
-    for j, name in enumerate(card.label_names):
-        values[name] = float(outputs["parameters"][row, j])
-        values[f"{name}_err"] = float(outputs["parameters_std"][row, j])
-    values["reduced_chi2"] = float(outputs["reduced_chi2"][row]) if outputs["_has_ivar"][row] else float("nan")
-    values["n_samples"] = float(outputs["samples"].shape[0])
     return values
 
 
 INTERPRETERS: dict[str, Callable[[ModelCard, Mapping[str, np.ndarray], int], dict[str, float]]] = {
     "rbm": _rbm_values,
-    "spt": _estimate_values,
-    "physformer": _physformer_values,
+    "spt": _estimates("mean", "std"),
+    "physformer": _estimates("parameters", "parameters_std"),
 }
 
 
@@ -162,9 +158,9 @@ class Analyzer:
                    outcomes: list[SpectrumOutcome], mc_samples: int = 0) -> None:
         card = model.card
         recipe = card.preprocessing
+        wants_ivar = "ivar" in card.contract.input_names
         rows: list[np.ndarray] = []
         ivars: list[np.ndarray] = []
-        has_ivar: list[bool] = []
         owners: list[int] = []
         for i, spectrum in enumerate(checked):
             if spectrum is None:
@@ -183,18 +179,20 @@ class Analyzer:
                 ))
                 continue
             rows.append(fill_masked(prepared.flux, prepared.mask))
-            ivars.append(np.where(prepared.mask, 0.0, prepared.ivar).astype(np.float32))
-            has_ivar.append(spectra[i].ivar is not None)  # without one the reader assumes unit variance
+            if wants_ivar:  # a spectrum sent without ivar has unknown noise (the reader assumes 1): all 0
+                known = spectra[i].ivar is not None
+                ivars.append(np.where(prepared.mask | (not known), 0.0, prepared.ivar).astype(np.float32))
             owners.append(i)
         if not rows:
             return
         inputs = {"flux": np.stack(rows)}
-        if "ivar" in card.contract.input_names:
+        if wants_ivar:
             inputs["ivar"] = np.stack(ivars)
         if mc_samples and N_SAMPLES in card.contract.input_names:
             inputs[N_SAMPLES] = np.array([mc_samples], dtype=np.int64)
         outputs = model.run(inputs)
-        outputs["_has_ivar"] = np.array([known and bool(np.any(v > 0)) for known, v in zip(has_ivar, ivars)])
+        if wants_ivar:
+            outputs["_has_ivar"] = inputs["ivar"].any(axis=1)
         interpret = INTERPRETERS[card.kind]
         for row, i in enumerate(owners):
             result = ModelResult(model.name, model.version, True, values=interpret(card, outputs, row),

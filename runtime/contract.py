@@ -45,6 +45,8 @@ class TensorSpec:
     description: str = ""
     optional: bool = False
     """An input the runtime fills in when a request leaves it out (see :func:`fill_defaults`)."""
+    bounded: bool = False
+    """Values along the last axis are the card's labels and must lie within ``card.bounds``."""
     example: float | tuple[float, ...] | None = None
     """Valid values for dummy inputs (export, tests): a constant, or typical values along the last
     axis (each dummy value is one of them times a random factor around 1); None: random values around 1."""
@@ -222,7 +224,7 @@ PHYSFORMER_GENERATE_CONTRACT = ModelContract(
     kind="physformer-generate",
     inputs=(
         TensorSpec("parameters", "float32", (BATCH, "n_labels"), "Teff [K], logg, [Fe/H] inside the card's bounds",
-                   example=(5500.0, 4.0, -0.3)),
+                   bounded=True, example=(5500.0, 4.0, -0.3)),
     ),
     outputs=(
         TensorSpec("spectrum", "float32", (BATCH, "n_pixels"), "normalised spectrum on the model grid"),
@@ -327,8 +329,8 @@ class ModelCard:
 
 def fill_defaults(card: ModelCard, arrays: Mapping[str, np.ndarray], rng: np.random.Generator
                   ) -> dict[str, np.ndarray]:
-    """``arrays`` with the contract's optional inputs filled in and checked (and, for generators,
-    the parameters checked against the card's bounds).
+    """``arrays`` with the contract's optional inputs filled in and checked, and bounded inputs
+    checked against the card's bounds.
 
     ``n_samples``: the card's ``normalisation.mc_samples.default`` when absent; a request may ask
     for 1 to ``normalisation.mc_samples.max`` (else :class:`InvalidInputError`). ``seed``: a fresh
@@ -349,15 +351,16 @@ def fill_defaults(card: ModelCard, arrays: Mapping[str, np.ndarray], rng: np.ran
                 raise InvalidInputError(f"{N_SAMPLES} must be between 1 and {largest}, got {int(value.reshape(-1)[0])}")
     if "seed" in names and "seed" not in out:
         out["seed"] = np.array([rng.random()], dtype=np.float32)
-    if card.kind == "physformer-generate" and "parameters" in out and card.bounds:
-        values = np.asarray(out["parameters"], dtype=np.float64)
-        if values.ndim == 2 and values.shape[1] == len(card.label_names):
-            for j, name in enumerate(card.label_names):
-                lo, hi = card.bounds[name]
-                bad = ~((values[:, j] >= lo) & (values[:, j] <= hi))
-                if bad.any():
-                    raise InvalidInputError(f"parameter {name} must be within [{lo:g}, {hi:g}]; "
-                                            f"row {int(np.flatnonzero(bad)[0])} has {values[bad, j][0]:g}")
+    for t in card.contract.inputs:
+        if t.bounded and t.name in out and card.bounds:
+            values = np.asarray(out[t.name], dtype=np.float64)
+            if values.ndim == 2 and values.shape[1] == len(card.label_names):
+                for j, name in enumerate(card.label_names):
+                    lo, hi = card.bounds[name]
+                    bad = ~((values[:, j] >= lo) & (values[:, j] <= hi))
+                    if bad.any():
+                        raise InvalidInputError(f"{t.name}: {name} must be within [{lo:g}, {hi:g}]; "
+                                                f"row {int(np.flatnonzero(bad)[0])} has {values[bad, j][0]:g}")
     return out
 
 

@@ -150,7 +150,7 @@ def train_rbm(config: RBMConfig, run_dir: str | Path, bench: BenchmarkSet, *,
 
     from .evaluate import augmented_inputs, model_inputs
     from .rbm import RBMClassifier
-    from .trainer import Phase, Trainer
+    from .trainer import Phase, Trainer, run_config
 
     cfg = config
     a = bench.arrays
@@ -167,20 +167,9 @@ def train_rbm(config: RBMConfig, run_dir: str | Path, bench: BenchmarkSet, *,
         y_val = np.concatenate([y_val, y_val])
     x_val_t, y_val_t = torch.from_numpy(x_val), torch.from_numpy(y_val)
 
-    run_config = {
-        "model_kind": "rbm",
-        "model_config": cfg.to_dict(),
-        "data": {
-            "benchmark": bench.name, "content_hash": bench.meta.get("content_hash"),
-            "n_train": int(train.size), "n_validation": int(val.size),
-            "preprocessing": bench.meta.get("preprocessing"),
-            "train_indices": None if train_indices is None else [int(i) for i in train],
-        },
-        "torch": {"version": str(torch.__version__), "threads": torch.get_num_threads()},
-        **dict(run_info or {}),
-    }
+    config_json = run_config("rbm", cfg.to_dict(), bench, train, val.size, train_indices is not None, run_info)
     model = RBMClassifier(cfg)
-    trainer = Trainer(model, run_dir, run_config, model_kind="rbm", model_config=cfg.to_dict(), seed=cfg.seed,
+    trainer = Trainer(model, run_dir, config_json, model_kind="rbm", model_config=cfg.to_dict(), seed=cfg.seed,
                       log_every=5, progress=progress)
     data_rng = np.random.default_rng([cfg.seed, 2])
 

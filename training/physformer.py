@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import flux_layer as fl
-from .spt import Block, MCDropout
+from .spt import Block, MCDropout, encode_patches
 
 __all__ = ["PhysFormerConfig", "PhysFormer", "PhysFormerInference", "PhysFormerGenerator", "PARAMETER_NAMES",
            "PARAMETER_UNITS", "reduced_chi2"]
@@ -193,15 +193,7 @@ class PhysFormer(nn.Module):
 
     def encode_features(self, flux: torch.Tensor) -> torch.Tensor:
         """The deterministic part of the encoder: flux (B, P) -> pooled features (B, D)."""
-        c = self.config
-        x = flux - 1.0
-        pad = c.n_tokens * c.patch_size - c.n_pixels
-        if pad:
-            x = F.pad(x, (0, pad))
-        tokens = self.embed(x.reshape(x.shape[0], c.n_tokens, c.patch_size)) + self.position
-        for block in self.blocks:
-            tokens = block(tokens)
-        return self.norm(tokens.mean(dim=1))
+        return self.norm(encode_patches(self, flux).mean(dim=1))
 
     def encode_head(self, z: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The stochastic part (MC dropout): features (M, D) -> parameters (M, 3), latent (M, L)."""

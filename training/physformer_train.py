@@ -41,7 +41,7 @@ def inputs(bench: BenchmarkSet, idx: np.ndarray, snr: float | np.ndarray | None 
 def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: BenchmarkSet, *,
                      train_indices: np.ndarray | None = None, progress: bool | None = None,
                      run_info: Mapping[str, Any] | None = None) -> tuple[PhysFormer, Trainer]:
-    from .trainer import Phase, Trainer
+    from .trainer import Phase, Trainer, run_config, warmup_cosine
 
     cfg = config
     a = bench.arrays
@@ -55,17 +55,9 @@ def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: Bench
     labels = torch.from_numpy(a["labels"].astype(np.float32))
     x_val, iv_val = (torch.from_numpy(v) for v in inputs(bench, val))
     y_val = labels[val]
-    run_config = {
-        "model_kind": "physformer", "model_config": cfg.to_dict(),
-        "data": {"benchmark": bench.name, "content_hash": bench.meta.get("content_hash"),
-                 "n_train": int(train.size), "n_validation": int(val.size),
-                 "preprocessing": bench.meta.get("preprocessing"),
-                 "train_indices": None if train_indices is None else [int(i) for i in train]},
-        "torch": {"version": str(torch.__version__), "threads": torch.get_num_threads()},
-        **dict(run_info or {}),
-    }
+    config_json = run_config("physformer", cfg.to_dict(), bench, train, val.size, train_indices is not None, run_info)
     model = PhysFormer(cfg)
-    trainer = Trainer(model, run_dir, run_config, model_kind="physformer", model_config=cfg.to_dict(),
+    trainer = Trainer(model, run_dir, config_json, model_kind="physformer", model_config=cfg.to_dict(),
                       seed=cfg.seed, log_every=5, progress=progress)
     with torch.no_grad():
         model.set_standardisation(labels[train])
@@ -90,12 +82,8 @@ def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: Bench
                 out[k] = out.get(k, 0.0) + v * min(64, val.size - lo) / val.size
         return out
 
-    steps_per_epoch = max(1, -(-train.size // cfg.batch_size))
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = max(1, cfg.warmup_epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1.0 + np.cos(np.pi * min(s, total) / total)))
+    scheduler = warmup_cosine(optimizer, cfg.epochs, -(-train.size // cfg.batch_size), cfg.warmup_epochs)
     trainer.fit(Phase("train", cfg.epochs, optimizer, batches, lambda m, batch: m.loss(*batch),
                       validate=validate, monitor="param", grad_clip=1.0, scheduler=scheduler))
     return model, trainer

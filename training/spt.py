@@ -197,6 +197,21 @@ class Block(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 
+def encode_patches(model: nn.Module, flux: torch.Tensor) -> torch.Tensor:
+    """Shared by the SPT and PhysFormer encoders: ``flux - 1`` zero-padded to whole patches,
+    patches -> tokens (``model.embed`` + ``model.position``) -> ``model.blocks``: (B, N, D).
+    ``model.config`` gives ``n_pixels``, ``patch_size`` and ``n_tokens``."""
+    c = model.config
+    x = flux - 1.0
+    pad = c.n_tokens * c.patch_size - c.n_pixels
+    if pad:
+        x = F.pad(x, (0, pad))
+    tokens = model.embed(x.reshape(x.shape[0], c.n_tokens, c.patch_size)) + model.position
+    for block in model.blocks:
+        tokens = block(tokens)
+    return tokens
+
+
 class MCDropout(nn.Module):
     """Always-on dropout whose mask ONNX export keeps random (module docstring).
 
@@ -273,13 +288,7 @@ class SpectralTransformer(nn.Module):
     def features(self, flux: torch.Tensor) -> torch.Tensor:
         """Deterministic body: flux (B, P) -> pooled features (B, D)."""
         c = self.config
-        x = flux - 1.0
-        pad = c.n_tokens * c.patch_size - c.n_pixels
-        if pad:
-            x = F.pad(x, (0, pad))
-        tokens = self.embed(x.reshape(x.shape[0], c.n_tokens, c.patch_size)) + self.position
-        for block in self.blocks:
-            tokens = block(tokens)
+        tokens = encode_patches(self, flux)
         if c.pool == "flatten":
             return self.pool(self.norm(tokens).reshape(tokens.shape[0], -1))
         return self.norm(tokens.mean(dim=1))

@@ -94,7 +94,7 @@ def train_spt(config: SPTConfig, run_dir: str | Path, bench: BenchmarkSet, *,
 
     ``train_indices`` restricts training to some spectra of the train split.
     """
-    from .trainer import Phase, Trainer, update_checkpoint
+    from .trainer import Phase, Trainer, run_config, update_checkpoint, warmup_cosine
 
     cfg = config
     a = bench.arrays
@@ -109,20 +109,9 @@ def train_spt(config: SPTConfig, run_dir: str | Path, bench: BenchmarkSet, *,
     x_val = model_inputs(bench, val)
     truth_val = a["targets"][val]
 
-    run_config = {
-        "model_kind": "spt",
-        "model_config": cfg.to_dict(),
-        "data": {
-            "benchmark": bench.name, "content_hash": bench.meta.get("content_hash"),
-            "n_train": int(train.size), "n_validation": int(val.size),
-            "preprocessing": bench.meta.get("preprocessing"),
-            "train_indices": None if train_indices is None else [int(i) for i in train],
-        },
-        "torch": {"version": str(torch.__version__), "threads": torch.get_num_threads()},
-        **dict(run_info or {}),
-    }
+    config_json = run_config("spt", cfg.to_dict(), bench, train, val.size, train_indices is not None, run_info)
     model = SpectralTransformer(cfg)
-    trainer = Trainer(model, run_dir, run_config, model_kind="spt", model_config=cfg.to_dict(), seed=cfg.seed,
+    trainer = Trainer(model, run_dir, config_json, model_kind="spt", model_config=cfg.to_dict(), seed=cfg.seed,
                       log_every=10, progress=progress)
     with torch.no_grad():
         model.set_standardisation(y_train, aux_train)
@@ -141,12 +130,8 @@ def train_spt(config: SPTConfig, run_dir: str | Path, bench: BenchmarkSet, *,
         err = mape(truth_val, mean)
         return {"mape_age": float(err[0]), "mape_mass": float(err[1]), "mape": float(err.mean())}
 
-    steps_per_epoch = max(1, -(-train.size // cfg.batch_size))
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = max(1, cfg.warmup_epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1.0 + np.cos(np.pi * min(s, total) / total)))
+    scheduler = warmup_cosine(optimizer, cfg.epochs, -(-train.size // cfg.batch_size), cfg.warmup_epochs)
     trainer.fit(Phase("train", cfg.epochs, optimizer, batches, lambda m, batch: m.loss(*batch),
                       validate=validate, monitor="mape", grad_clip=1.0, scheduler=scheduler))
     calibration = calibrate(model, bench, cfg.mc_samples, seed=cfg.seed)

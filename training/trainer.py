@@ -200,3 +200,30 @@ def update_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> None:
     tmp = Path(path).with_suffix(".pt.tmp")
     torch.save(state, tmp)
     tmp.replace(path)
+
+
+def run_config(kind: str, model_config: Mapping[str, Any], bench: Any, train: np.ndarray, n_validation: int,
+               subset: bool, run_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``config.json`` of a run on a benchmark set: model, data (set, hash, sizes, recipe and,
+    for a subset of the train split, its indices), torch version and threads, and ``run_info``."""
+    return {
+        "model_kind": kind,
+        "model_config": dict(model_config),
+        "data": {
+            "benchmark": bench.name, "content_hash": bench.meta.get("content_hash"),
+            "n_train": int(train.size), "n_validation": int(n_validation),
+            "preprocessing": bench.meta.get("preprocessing"),
+            "train_indices": [int(i) for i in train] if subset else None,
+        },
+        "torch": {"version": str(torch.__version__), "threads": torch.get_num_threads()},
+        **dict(run_info or {}),
+    }
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int,
+                  warmup_epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step learning rate: linear warm-up over ``warmup_epochs``, then cosine decay to 0."""
+    total = max(1, epochs * steps_per_epoch)
+    warmup = max(1, warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
