@@ -5,12 +5,15 @@
   parity at batch 1, 3 and 64) and copy it into the repository. Exit 1 when validation fails.
 - ``specserve export spt --run RUN_DIR [--repository DIR] [--name spt] [--version N]``: the same
   for an SPT run, with the MC-dropout checks of :mod:`specserve.export.spt`.
-- ``specserve models build [--repository DIR] [--cache DIR] [--if-missing] [--models rbm,spt]``: the
-  default model repository (``<cache>/models``): for each model, builds its benchmark set if it
-  is missing (``cv``, ``giants``), trains it with the default configuration (progress on the
-  terminal), evaluates it and exports it. The SPT is built without its ablations (``specserve
-  train spt`` trains those). With ``--if-missing`` only the models without a model file are
-  built. ``make serve`` runs this before ``specserve serve``.
+- ``specserve models build [--repository DIR] [--cache DIR] [--if-missing] [--models rbm,spt,physformer]
+  [--quick physformer]``: the default model repository (``<cache>/models``): for each model,
+  builds its benchmark set if it is missing (``cv``, ``giants``, ``stars``), trains it with the
+  default configuration (progress on the terminal), evaluates it and exports it (PhysFormer as
+  ``physformer`` and ``physformer-generate``). The SPT and PhysFormer are built without their
+  ablations (``specserve train spt|physformer`` trains those). With ``--if-missing`` only the
+  models without a model file are built. ``--quick physformer`` builds PhysFormer with its smoke
+  configuration instead (seconds instead of about 16 minutes; for tests of the serving path, not
+  for use). ``make serve`` runs this before ``specserve serve``.
 
 Importing this module imports neither torch nor onnx; the handlers do.
 """
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from specserve.runtime.datakit import cache_dir, models_dir
 
-DEFAULT_MODELS = ("rbm", "spt")
+DEFAULT_MODELS = ("rbm", "spt", "physformer")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,12 +48,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--cache", type=Path, help="cache folder (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
     build.add_argument("--if-missing", action="store_true", help="build only the models that are not there")
     build.add_argument("--models", default="", help=f"comma-separated (default {','.join(DEFAULT_MODELS)})")
+    build.add_argument("--quick", default="", metavar="MODELS",
+                       help="comma-separated models to build with their smoke configuration (tests only; "
+                            "supported: physformer)")
     build.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     build.set_defaults(handler=cmd_models_build)
 
 
 def _present(repository: Path, name: str) -> bool:
-    return any(p.is_file() for p in (repository / name).glob("[0-9]*/model.onnx"))
+    """Whether every repository model that building ``name`` makes has a model file."""
+    folders = (name, f"{name}-generate") if name == "physformer" else (name,)
+    return all(any(p.is_file() for p in (repository / f).glob("[0-9]*/model.onnx")) for f in folders)
 
 
 def cmd_export_rbm(args: argparse.Namespace) -> int:
@@ -98,7 +106,7 @@ def cmd_export_physformer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_rbm(repository: Path, cache: Path | None) -> None:
+def _build_rbm(repository: Path, cache: Path | None, quick: bool = False) -> None:
     from specserve.training.commands import headline, load_set, train_rbm
     from specserve.training.evaluate import evaluate_rbm
     from specserve.training.rbm import RBMConfig
@@ -116,7 +124,7 @@ def _build_rbm(repository: Path, cache: Path | None) -> None:
     print(f"exported to {folder}", flush=True)
 
 
-def _build_spt(repository: Path, cache: Path | None) -> None:
+def _build_spt(repository: Path, cache: Path | None, quick: bool = False) -> None:
     from specserve.training.commands import load_set
     from specserve.training.spt import SPTConfig
     from specserve.training.spt_commands import headline
@@ -138,7 +146,37 @@ def _build_spt(repository: Path, cache: Path | None) -> None:
     print(f"exported to {folder}", flush=True)
 
 
-BUILDERS = {"rbm": _build_rbm, "spt": _build_spt}
+def _build_physformer(repository: Path, cache: Path | None, quick: bool = False) -> None:
+    from specserve.training.commands import load_set
+    from specserve.training.physformer import PhysFormerConfig
+    from specserve.training.physformer_commands import headline, qso_inputs, quick_config, quick_indices
+    from specserve.training.physformer_eval import PhysFormerEvalConfig, evaluate_physformer
+    from specserve.training.physformer_train import train_physformer
+
+    from .physformer import export_physformer
+
+    bench = load_set("stars", cache)
+    run_dir = cache_dir(cache) / "runs" / f"physformer-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = quick_config() if quick else PhysFormerConfig()
+    train_indices = quick_indices(bench, config.seed) if quick else None
+    n_train = bench.split_indices("train").size if train_indices is None else train_indices.size
+    print(f"training PhysFormer on '{bench.name}' ({n_train} spectra, {config.epochs} epochs"
+          f"{', smoke configuration' if quick else ''}; the ablation is left to 'specserve train physformer') "
+          f"into {run_dir}", flush=True)
+    model, _ = train_physformer(config, run_dir, bench, train_indices=train_indices,
+                                run_info={"built_by": "specserve models build", "quick": quick})
+    report = evaluate_physformer(model, bench, run_dir, PhysFormerEvalConfig(mc_samples=config.mc_samples),
+                                 train_indices=train_indices, others=qso_inputs(cache))
+    print(headline(report), flush=True)
+    folders, export, check, generate = export_physformer(run_dir, repository)
+    print(export.summary())
+    print(check.summary())
+    print(generate.summary())
+    print("exported to " + ", ".join(str(f) for f in folders), flush=True)
+
+
+BUILDERS = {"rbm": _build_rbm, "spt": _build_spt, "physformer": _build_physformer}
+QUICK_BUILDS = ("physformer",)
 
 
 def cmd_models_build(args: argparse.Namespace) -> int:
@@ -149,6 +187,9 @@ def cmd_models_build(args: argparse.Namespace) -> int:
     unknown = [m for m in names if m not in BUILDERS]
     if unknown:
         raise SpecserveError(f"unknown model {', '.join(unknown)} (buildable: {', '.join(BUILDERS)})")
+    quick = [m for m in args.quick.split(",") if m]
+    if [m for m in quick if m not in QUICK_BUILDS]:
+        raise SpecserveError(f"--quick supports {', '.join(QUICK_BUILDS)}, got {args.quick}")
     todo = [name for name in names if not _present(repository, name)] if args.if_missing else names
     if not todo:
         print(f"model repository {repository} is ready ({', '.join(names)})")
@@ -159,6 +200,6 @@ def cmd_models_build(args: argparse.Namespace) -> int:
     print(f"building {', '.join(todo)} into {repository} (first run: a few minutes)", flush=True)
     t0 = time.perf_counter()
     for name in todo:
-        BUILDERS[name](repository, args.cache)
+        BUILDERS[name](repository, args.cache, quick=name in quick)
     print(f"model repository ready: {repository} ({time.perf_counter() - t0:.0f} s)")
     return 0

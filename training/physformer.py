@@ -65,6 +65,9 @@ class PhysFormerConfig:
     depth: int = 2
     ffn: int = 128
     encoder_hidden: int = 128
+    pool: str = "mean"
+    """How the encoder's tokens become one feature vector: "mean" or "flatten" (a linear map of all
+    tokens, as in the SPT)."""
     n_latent: int = 4
     dropout: float = 0.1
     decoder: str = "physics"
@@ -92,13 +95,24 @@ class PhysFormerConfig:
     weight_decay: float = 1e-4
     warmup_epochs: int = 3
     parameter_weight: float = 1.0
-    """Weight of the parameter loss (MSE on standardised parameters) against the reduced chi-square."""
+    """Weight of the parameter loss (on standardised parameters) against the reduced chi-square."""
+    parameter_loss: str = "mse"
+    """"mse" or "huber" (smooth L1 with ``huber_beta``: MAE-like, so the many well-fitted FGK stars
+    are not outweighed by the few hot stars with large errors)."""
+    huber_beta: float = 0.05
     chi2_weight: float = 1.0
     """Weight of the reconstruction term ``mean log(1 + reduced chi-square)``: the logarithm keeps the few
     spectra no model fits (chi-square ~1e3 with MILES' ivar; median ~40) from dominating the batch."""
     augment_snr_min: float = 5.0
     augment_snr_max: float = 200.0
     augment_fraction: float = 0.5
+    augment_shift: int = 0
+    """The encoder sees each training spectrum shifted by a random whole number of pixels in
+    [-augment_shift, augment_shift] (1 pixel = 69 km/s): robustness to radial-velocity residuals.
+    The reconstruction is still scored against the unshifted spectrum."""
+    augment_tilt: float = 0.0
+    """The encoder sees each training spectrum times a random linear tilt ``1 + a (x - 1/2)`` over the grid,
+    ``|a| <= augment_tilt``: robustness to continuum-normalisation errors (scored unshifted, untilted)."""
     mc_samples: int = 32
     mc_samples_max: int = 256
     seed: int = 0
@@ -106,6 +120,10 @@ class PhysFormerConfig:
     def __post_init__(self) -> None:
         if self.decoder not in ("physics", "plain"):
             raise ValueError(f"PhysFormerConfig.decoder must be 'physics' or 'plain', got {self.decoder!r}")
+        if self.pool not in ("mean", "flatten"):
+            raise ValueError(f"PhysFormerConfig.pool must be 'mean' or 'flatten', got {self.pool!r}")
+        if self.parameter_loss not in ("mse", "huber"):
+            raise ValueError(f"PhysFormerConfig.parameter_loss must be 'mse' or 'huber', got {self.parameter_loss!r}")
         if self.d_model % self.n_heads:
             raise ValueError("PhysFormerConfig.d_model must be a multiple of n_heads")
         for name in ("n_pixels", "patch_size", "n_layers", "n_components", "n_nodes", "batch_size"):
@@ -145,6 +163,8 @@ class PhysFormer(nn.Module):
         nn.init.normal_(self.position, std=0.02)
         self.blocks = nn.ModuleList(Block(c.d_model, c.n_heads, c.ffn, "dot") for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.d_model)
+        if c.pool == "flatten":
+            self.pool = nn.Linear(c.n_tokens * c.d_model, c.d_model)
         self.drop1 = MCDropout(c.dropout)
         self.enc_hidden = nn.Linear(c.d_model, c.encoder_hidden)
         self.drop2 = MCDropout(c.dropout)
@@ -193,7 +213,10 @@ class PhysFormer(nn.Module):
 
     def encode_features(self, flux: torch.Tensor) -> torch.Tensor:
         """The deterministic part of the encoder: flux (B, P) -> pooled features (B, D)."""
-        return self.norm(encode_patches(self, flux).mean(dim=1))
+        tokens = encode_patches(self, flux)
+        if self.config.pool == "flatten":
+            return self.pool(self.norm(tokens).reshape(tokens.shape[0], -1))
+        return self.norm(tokens.mean(dim=1))
 
     def encode_head(self, z: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The stochastic part (MC dropout): features (M, D) -> parameters (M, 3), latent (M, L)."""
@@ -243,16 +266,22 @@ class PhysFormer(nn.Module):
         params, latent = self.encode(flux, seed.reshape(1, 1).to(flux.dtype))
         return params, latent, self.generate(params, latent)
 
-    def loss(self, flux: torch.Tensor, ivar: torch.Tensor, params_true: torch.Tensor
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, flux: torch.Tensor, ivar: torch.Tensor, params_true: torch.Tensor,
+             encoder_flux: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss; ``encoder_flux`` (default ``flux``) is what the encoder sees (augmented),
+        ``flux`` with ``ivar`` what the reconstructions are scored against."""
         c = self.config
-        params, latent = self.encode(flux, flux.new_zeros(()))
+        params, latent = self.encode(flux if encoder_flux is None else encoder_flux, flux.new_zeros(()))
         model = self.generate(params, latent)
         chi2 = reduced_chi2(model, flux, ivar)
         # the decoder also learns from the true parameters (teacher forcing), so it is a generator
         model_true = self.generate(params_true, latent.detach())
         chi2_true = reduced_chi2(model_true, flux, ivar)
-        param_loss = F.mse_loss(self.standardise(params), self.standardise(params_true)) * 3
+        predicted, true = self.standardise(params), self.standardise(params_true)
+        if c.parameter_loss == "huber":
+            param_loss = F.smooth_l1_loss(predicted, true, beta=c.huber_beta) * 3
+        else:
+            param_loss = F.mse_loss(predicted, true) * 3
         reconstruction = 0.5 * (torch.log1p(chi2) + torch.log1p(chi2_true)).mean()
         total = c.chi2_weight * reconstruction + c.parameter_weight * param_loss
         chi2, chi2_true = chi2.median(), chi2_true.median()

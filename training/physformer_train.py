@@ -38,6 +38,26 @@ def inputs(bench: BenchmarkSet, idx: np.ndarray, snr: float | np.ndarray | None 
     return fill_masked(flux, mask), np.where(mask, 0.0, ivar).astype(np.float32)
 
 
+def perturb(flux: np.ndarray, shift: int, tilt: float, rng: np.random.Generator) -> np.ndarray:
+    """What the encoder sees in training: each spectrum shifted by a random whole number of pixels in
+    [-shift, shift] (the pixels shifted in are 1.0, the masked value) and times ``1 + a (x - 1/2)``,
+    ``x`` in [0, 1] across the grid, ``a`` uniform in [-tilt, tilt]. A copy; ``flux`` is untouched."""
+    out = np.array(flux, dtype=np.float32, copy=True)
+    n, p = out.shape
+    if shift:
+        for i, k in enumerate(rng.integers(-shift, shift + 1, n)):
+            if k:
+                out[i] = np.roll(out[i], k)
+                if k > 0:
+                    out[i, :k] = 1.0
+                else:
+                    out[i, k:] = 1.0
+    if tilt:
+        slope = rng.uniform(-tilt, tilt, (n, 1)).astype(np.float32)
+        out *= 1.0 + slope * (np.linspace(0.0, 1.0, p, dtype=np.float32) - 0.5)
+    return out
+
+
 def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: BenchmarkSet, *,
                      train_indices: np.ndarray | None = None, progress: bool | None = None,
                      run_info: Mapping[str, Any] | None = None) -> tuple[PhysFormer, Trainer]:
@@ -69,10 +89,11 @@ def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: Bench
             snr = np.exp(rng.uniform(np.log(cfg.augment_snr_min), np.log(cfg.augment_snr_max), train.size))
             snr[rng.uniform(size=train.size) >= cfg.augment_fraction] = 1e9  # as observed
         x, iv = (torch.from_numpy(v) for v in inputs(bench, train, snr, rng))
+        seen = torch.from_numpy(perturb(x.numpy(), cfg.augment_shift, cfg.augment_tilt, rng))
         order = torch.from_numpy(rng.permutation(train.size))
         for lo in range(0, train.size, cfg.batch_size):
             j = order[lo:lo + cfg.batch_size]
-            yield x[j], iv[j], labels[train][j]
+            yield x[j], iv[j], labels[train][j], seen[j]
 
     def validate(m: PhysFormer) -> dict[str, float]:
         out: dict[str, float] = {}
