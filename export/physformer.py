@@ -75,8 +75,12 @@ def physformer_cards(checkpoint: dict[str, Any], report: dict[str, Any] | None) 
                   label_units=PARAMETER_UNITS, bounds=mc.bounds,
                   training_fingerprint=f"{data.get('benchmark', 'stars')}:sha256:{data.get('content_hash', 'unknown')}",
                   metrics=metrics, description=DESCRIPTION)
+    std_scale = checkpoint["state_dict"].get("std_scale")
     normalisation = {"mc_samples": {"default": mc.mc_samples, "max": mc.mc_samples_max},
-                     "dropout": mc.dropout, "flux_layer": {"layers": mc.n_layers, "nodes": mc.n_nodes,
+                     "dropout": mc.dropout,
+                     "std_scale": [1.0, 1.0, 1.0] if std_scale is None else [float(v) for v in std_scale],
+                     "outputs": "parameters_std = MC spread * std_scale (fitted on the validation split); "
+                                "samples are the raw MC draws", "flux_layer": {"layers": mc.n_layers, "nodes": mc.n_nodes,
                                                            "components": mc.n_components, "decoder": mc.decoder}}
     return (ModelCard(kind="physformer", normalisation=normalisation, **common),
             ModelCard(kind="physformer-generate", normalisation={"flux_layer": normalisation["flux_layer"]}, **common))

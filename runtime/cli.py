@@ -130,9 +130,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             print(f"specserve: error: server {args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
-    # probabilities first, then estimates with their errors, then free energies (the catalogue has all)
-    rank = lambda c: (0 if c.startswith("p_") else 2 if c.startswith("free_energy") else 1, c)  # noqa: E731
-    columns = sorted({k for _, r in rows for k in r.values if k != "n_samples"}, key=rank)[:6]
+    # the headline value of each model on the terminal (the catalogue has every column)
+    present = {k for _, r in rows for k in r.values}
+    columns = [c for c in TERMINAL_COLUMNS if c in present][:6]
     print("  ".join(["file".ljust(40), "id".ljust(28)] + [c.rjust(14) for c in columns]))
     for path, row in rows:
         cells = [f"{row.values[c]:14.5g}" if c in row.values else " " * 14 for c in columns]
@@ -144,6 +144,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         write_catalogue(args.out, rows)
         print(f"catalogue written to {args.out}")
     return 1 if failed or errors else 0
+
+
+TERMINAL_COLUMNS = ("p_cv", "teff", "logg", "feh", "age", "mass", "reduced_chi2", "teff_err", "age_err", "mass_err")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

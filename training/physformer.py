@@ -193,6 +193,9 @@ class PhysFormer(nn.Module):
         # parameter standardisation (log10 Teff, logg, [Fe/H]), set from the training split
         self.register_buffer("param_mean", torch.tensor([3.75, 3.0, -0.4]))
         self.register_buffer("param_std", torch.tensor([0.15, 1.2, 0.6]))
+        # per-parameter factor on the MC spread, fitted on the validation split after training
+        # (physformer_train.calibrate): MC dropout alone under-covers
+        self.register_buffer("std_scale", torch.ones(3))
         lo = torch.tensor([math.log10(c.teff_min), c.logg_min, c.feh_min])
         hi = torch.tensor([math.log10(c.teff_max), c.logg_max, c.feh_max])
         self.register_buffer("box_low", lo)
@@ -203,7 +206,9 @@ class PhysFormer(nn.Module):
     @classmethod
     def from_checkpoint(cls, checkpoint: Mapping[str, Any]) -> PhysFormer:
         model = cls(PhysFormerConfig(**checkpoint["model_config"]))
-        model.load_state_dict(checkpoint["state_dict"])
+        state = dict(checkpoint["state_dict"])
+        state.setdefault("std_scale", torch.ones(3))  # runs from before the calibration existed
+        model.load_state_dict(state)
         return model.eval()
 
     # ---------------------------------------------------------------- encoder
@@ -294,7 +299,8 @@ class PhysFormerInference(nn.Module):
 
     ``forward(flux, ivar, n_samples, seed)``: the encoder body runs once, its head ``T`` times on
     the features tiled ``T`` times (sample-major). Returns ``parameters`` (B, 3): the MC mean (Teff
-    as ``10 ** mean log10 Teff``); ``parameters_std`` (B, 3) (Teff first order from the log spread);
+    as ``10 ** mean log10 Teff``); ``parameters_std`` (B, 3) (Teff first order from the log spread;
+    each times ``std_scale``, the calibration on the validation split); the ``samples`` are raw;
     ``reduced_chi2`` (B,) of ``model_spectrum`` (B, P), generated from the mean parameters and
     mean latent, against ``flux`` with ``ivar``; ``samples`` (T, B, 3).
     """
@@ -320,8 +326,9 @@ class PhysFormerInference(nn.Module):
         d_teff, d_rest = log_teff - log_teff[:1], rest - rest[:1]
         teff_std = teff * math.log(10.0) * torch.sqrt(((d_teff - d_teff.mean(dim=0)) ** 2).mean(dim=0))
         rest_std = torch.sqrt(((d_rest - d_rest.mean(dim=0)) ** 2).mean(dim=0))
+        std = torch.cat([teff_std, rest_std], dim=1) * m.std_scale
         spectrum = m.generate(mean, latent)
-        return mean, torch.cat([teff_std, rest_std], dim=1), reduced_chi2(spectrum, flux, ivar), spectrum, samples
+        return mean, std, reduced_chi2(spectrum, flux, ivar), spectrum, samples
 
 
 class PhysFormerGenerator(nn.Module):

@@ -69,7 +69,8 @@ class PhysFormerEvalConfig:
 
 def physformer_predict(model: PhysFormer, flux: np.ndarray, n_samples: int, seed: int = 0,
                        batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """MC mean and std of the parameters, the mean latent and the reconstruction from the mean."""
+    """MC mean and std (calibrated: times ``model.std_scale``) of the parameters, the mean latent and
+    the reconstruction from the mean."""
     model.eval()
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -83,7 +84,7 @@ def physformer_predict(model: PhysFormer, flux: np.ndarray, n_samples: int, seed
                 z = torch.stack([d[1] for d in draws]).mean(0)
                 logt = torch.log10(p[..., :1])
                 mean = torch.cat([10 ** logt.mean(0), p[..., 1:].mean(0)], dim=1)
-                std = torch.cat([mean[:, :1] * np.log(10) * logt.std(0), p[..., 1:].std(0)], dim=1)
+                std = torch.cat([mean[:, :1] * np.log(10) * logt.std(0), p[..., 1:].std(0)], dim=1) * model.std_scale
                 means.append(mean.numpy())
                 stds.append(std.numpy())
                 latents.append(z.numpy())
