@@ -139,3 +139,26 @@ def test_encoder_augmentation_shifts_and_tilts_a_copy():
     slope = ratio[:, -1] - ratio[:, 0]
     assert np.all(np.abs(slope) <= 0.1 + 1e-6) and np.std(slope) > 0.02
     np.testing.assert_allclose(ratio, 1 + slope[:, None] * (np.linspace(0, 1, 100) - 0.5), atol=1e-5)
+
+
+def test_training_window_generates_exactly_the_full_grid_pixels():
+    torch.manual_seed(0)
+    model = PhysFormer(PhysFormerConfig(n_pixels=600, train_window=128, n_layers=6, n_components=4, n_nodes=3,
+                                        d_model=16, n_heads=2, ffn=32, encoder_hidden=32, decoder_hidden=32))
+    params = torch.tensor([[5000.0, 4.0, 0.0], [9000.0, 3.0, -1.5]])
+    with torch.no_grad():
+        full = model.eval().generate(params)
+        model.train()
+        windows = [model.training_window() for _ in range(50)]
+        for window, scored in windows[:5]:
+            part = model.generate(params, None, window)
+            inner = slice(scored.start - window.start, scored.stop - window.start)
+            # the scored pixels are bit for bit the full grid's; only the broadening margins differ
+            torch.testing.assert_close(part[:, inner], full[:, scored], rtol=0, atol=0)
+    half = model.kernel.numel() // 2
+    assert half >= 1
+    assert all(w.stop - w.start == 128 and s.start == w.start + half and s.stop == w.stop - half and 0 <= w.start
+               and w.stop <= 600 for w, s in windows)
+    assert len({w.start for w, _ in windows}) > 10
+    # evaluation always sees the whole grid
+    assert model.eval().training_window() == (slice(None), slice(None))

@@ -94,6 +94,12 @@ class PhysFormerConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_epochs: int = 3
+    train_window: int = 0
+    """When > 0, each training batch scores the reconstructions on one random window of this many
+    contiguous pixels (its broadening margins excluded) instead of the whole grid: the flux layer is
+    almost all of a training step's cost, so a 512-pixel window makes a step several times cheaper
+    while every pixel is still fitted over the epochs. Evaluation and the exported graphs always
+    use the whole grid."""
     parameter_weight: float = 1.0
     """Weight of the parameter loss (on standardised parameters) against the reduced chi-square."""
     parameter_loss: str = "mse"
@@ -244,28 +250,41 @@ class PhysFormer(nn.Module):
         self.param_std.copy_(x.std(0).clamp_min(1e-3))
 
     # ---------------------------------------------------------------- decoder
-    def atmosphere(self, params: torch.Tensor, latent: torch.Tensor
+    def atmosphere(self, params: torch.Tensor, latent: torch.Tensor, pixels: slice = slice(None)
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Temperatures (B, D), line and continuum optical thicknesses (B, D, P), (B, D, 1)."""
+        """Temperatures (B, D), line and continuum optical thicknesses (B, D, P), (B, D, 1);
+        ``pixels`` selects part of the grid (training windows)."""
         c = self.config
         h = self.dec(torch.cat([self.standardise(params), latent], dim=1))
         correction = torch.cumsum(F.softplus(self.dec_temperature(h)), dim=1) * c.temperature_scale
         temperature = params[:, :1] * self.grey * torch.exp(correction - correction[:, :1])
         dtau_cont = (self.dtau_ref * torch.exp(self.dec_continuum(h).clamp(-5.0, 5.0))).unsqueeze(-1)
         strength = torch.exp(self.dec_lines(h).clamp(-12.0, 6.0)).reshape(-1, c.n_layers, c.n_components)
-        dtau_line = (strength @ torch.exp(self.phi.clamp(-12.0, 8.0))) * self.dtau_ref.reshape(1, -1, 1)
+        dtau_line = (strength @ torch.exp(self.phi[:, pixels].clamp(-12.0, 8.0))) * self.dtau_ref.reshape(1, -1, 1)
         return temperature, dtau_line, dtau_cont
 
-    def generate(self, params: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
-        """Parameters (B, 3) in physical units (and latent (B, L), default 0) -> normalised spectrum (B, P)."""
+    def generate(self, params: torch.Tensor, latent: torch.Tensor | None = None,
+                 pixels: slice = slice(None)) -> torch.Tensor:
+        """Parameters (B, 3) in physical units (and latent (B, L), default 0) -> normalised spectrum
+        (B, P), or its ``pixels`` (a contiguous slice, broadened with edge padding)."""
         if latent is None:
             latent = params.new_zeros(params.shape[0], self.config.n_latent)
         if self.config.decoder == "plain":
             h = self.dec(torch.cat([self.standardise(params), latent], dim=1))
-            return 1.0 + torch.tanh(self.dec_plain(h))
-        temperature, dtau_line, dtau_cont = self.atmosphere(params, latent)
-        return fl.normalised_spectrum(self.wavelength_um, temperature, dtau_line, dtau_cont,
+            return 1.0 + torch.tanh(self.dec_plain(h)[:, pixels])
+        temperature, dtau_line, dtau_cont = self.atmosphere(params, latent, pixels)
+        return fl.normalised_spectrum(self.wavelength_um[pixels], temperature, dtau_line, dtau_cont,
                                       self.mu, self.weights, self.kernel)
+
+    def training_window(self) -> tuple[slice, slice]:
+        """A random window of ``train_window`` pixels to generate, and the part of it to score
+        (without the broadening kernel's half-width at each end)."""
+        c = self.config
+        if not (self.training and 0 < c.train_window < c.n_pixels):
+            return slice(None), slice(None)
+        start = int(torch.randint(0, c.n_pixels - c.train_window + 1, ()))
+        half = (self.kernel.numel() // 2) if c.decoder == "physics" else 0
+        return slice(start, start + c.train_window), slice(start + half, start + c.train_window - half)
 
     def forward(self, flux: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         params, latent = self.encode(flux, seed.reshape(1, 1).to(flux.dtype))
@@ -277,10 +296,13 @@ class PhysFormer(nn.Module):
         ``flux`` with ``ivar`` what the reconstructions are scored against."""
         c = self.config
         params, latent = self.encode(flux if encoder_flux is None else encoder_flux, flux.new_zeros(()))
-        model = self.generate(params, latent)
+        window, scored = self.training_window()
+        inner = slice(scored.start - window.start, scored.stop - window.start) if window.start is not None else scored
+        flux, ivar = flux[:, scored], ivar[:, scored]
+        model = self.generate(params, latent, window)[:, inner]
         chi2 = reduced_chi2(model, flux, ivar)
         # the decoder also learns from the true parameters (teacher forcing), so it is a generator
-        model_true = self.generate(params_true, latent.detach())
+        model_true = self.generate(params_true, latent.detach(), window)[:, inner]
         chi2_true = reduced_chi2(model_true, flux, ivar)
         predicted, true = self.standardise(params), self.standardise(params_true)
         if c.parameter_loss == "huber":
