@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .contract import N_SAMPLES, ModelCard, fill_masked
-from .errors import InvalidSpectrumError, ModelNotFoundError, ModelNotReadyError, SpecserveError
+from .errors import InvalidInputError, InvalidSpectrumError, ModelNotFoundError, ModelNotReadyError, SpecserveError
 from .repository import LoadedModel
 from .spectrum import Spectrum, SpectrumMeta
 
@@ -117,6 +117,10 @@ def _checked(spectrum: SpectrumInput) -> Spectrum:
     return Spectrum.build(spectrum.wavelength, flux, meta, ivar=spectrum.ivar, mask=spectrum.mask)
 
 
+def _analyses_spectra(model: LoadedModel) -> bool:
+    return model.card is not None and "flux" in model.card.contract.input_names
+
+
 class Analyzer:
     """Runs the requested models of a repository on raw spectra."""
 
@@ -124,9 +128,10 @@ class Analyzer:
         self.models = dict(models)
 
     def resolve(self, names: Sequence[str] | None) -> list[LoadedModel]:
-        """The models a request asks for (all ready ones when empty)."""
+        """The models a request asks for (when empty: every ready model that analyses spectra, so
+        not ``physformer-generate``, whose input is parameters)."""
         if not names:
-            return [m for _, m in sorted(self.models.items()) if m.ready]
+            return [m for _, m in sorted(self.models.items()) if m.ready and _analyses_spectra(m)]
         chosen = []
         for name in names:
             if name not in self.models:
@@ -134,6 +139,10 @@ class Analyzer:
             model = self.models[name]
             if not model.ready:
                 raise ModelNotReadyError(f"model {name!r} is not ready: {model.reason}")
+            if not _analyses_spectra(model):
+                raise InvalidInputError(
+                    f"model {name!r} does not analyse spectra (its inputs: "
+                    f"{', '.join(model.card.contract.input_names)}); call it with KServe ModelInfer")
             chosen.append(model)
         return chosen
 

@@ -9,7 +9,8 @@ Subcommands:
 - ``specserve bench preprocess``: time resampling + normalisation of 4,000 LAMOST spectra.
 - ``specserve bench mc [--repository DIR] [--model spt]``: one in-graph MC run of T = 64 samples
   against 64 separate runs, on the same input batch.
-- ``specserve serve [--repository DIR] [--host H] [--port N]``: serve a model repository over gRPC
+- ``specserve serve [--repository DIR] [--host H] [--port N] [--device auto|cpu|cuda[:N]] [--threads N]``:
+  serve a model repository over gRPC
   (default ``<cache>/models``, port 8001).
 - ``specserve analyze [--server HOST:PORT] [--out CATALOGUE] FILE...``: stream spectrum files to a
   server, print a table and write a catalogue (CSV, or FITS by extension).
@@ -65,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="model repository in Triton's layout (default: <cache>/models, see `specserve models build`)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8001)
+    srv.add_argument("--device", default="auto",
+                     help="auto (CUDA when it can run here, else the CPU), cpu, cuda or cuda:N (default auto)")
+    srv.add_argument("--threads", type=int, default=0,
+                     help="CPU threads per model session (default: the cores shared among the models, 1-4 each)")
 
     ana = sub.add_parser("analyze", help="analyse spectrum files on a running server")
     ana.add_argument("files", nargs="+", type=Path)
@@ -89,8 +94,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .datakit import models_dir
     from .server import serve
 
+    from .providers import resolve_device
+
     repository = args.repository or models_dir()
-    asyncio.run(serve(repository, args.host, args.port,
+    device = resolve_device(args.device, args.threads)
+    print(f"specserve: device {device.name}" + (f" ({device.note})" if device.note else ""), file=sys.stderr, flush=True)
+    asyncio.run(serve(repository, args.host, args.port, device=device,
                       on_started=lambda port: print(f"specserve: serving {repository} on {args.host}:{port}", flush=True)))
     return 0
 

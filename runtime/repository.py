@@ -8,7 +8,6 @@ in the listing as not ready, with the reason, and never takes the others down.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import onnxruntime as ort
 
 from .contract import ModelCard, fill_defaults
 from .errors import ContractError, ModelNotFoundError, ModelNotReadyError
+from .providers import Device, session_runs_on
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +48,22 @@ class LoadedModel:
 
 
 def session_options(intra_threads: int | None = None) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_threads or max(1, min(4, os.cpu_count() or 1))
-    options.inter_op_num_threads = 1
-    return options
+    """CPU session options with ``intra_threads`` threads (default: the host's cores, at most 4)."""
+    return Device("cpu", intra_threads=intra_threads or 0).session_options()
 
 
-def load_model_file(name: str, version: str, path: Path, providers: list[str] | None = None) -> LoadedModel:
-    """Load one ``model.onnx``; failures come back as a not-ready model with the reason."""
+def load_model_file(name: str, version: str, path: Path, device: Device | None = None,
+                    n_models: int = 1) -> LoadedModel:
+    """Load one ``model.onnx`` on ``device`` (default the CPU); failures come back as a not-ready
+    model with the reason."""
+    device = device or Device()
     model = LoadedModel(name, version, path)
     try:
-        session = ort.InferenceSession(str(path), sess_options=session_options(),
-                                       providers=providers or ["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), sess_options=device.session_options(n_models),
+                                       providers=device.providers())
+        fallback = session_runs_on(session, device)
+        if fallback:
+            raise ContractError(fallback)
         card = ModelCard.from_metadata_props(session.get_modelmeta().custom_metadata_map)
         card.contract.validate_session(session, card.dims)
     except ContractError as exc:
@@ -73,19 +77,21 @@ def load_model_file(name: str, version: str, path: Path, providers: list[str] | 
     return model
 
 
-def load_repository(repo: str | Path, providers: list[str] | None = None) -> dict[str, LoadedModel]:
-    """Every model folder under ``repo``: its newest loadable version, or not ready with a reason."""
+def load_repository(repo: str | Path, device: Device | None = None) -> dict[str, LoadedModel]:
+    """Every model folder under ``repo``: its newest loadable version, or not ready with a reason.
+    On the CPU the host's cores are shared among the models (:meth:`Device.threads_per_session`)."""
     repo = Path(repo)
     if not repo.is_dir():
         raise ModelNotFoundError(f"model repository {repo} does not exist "
                                  "(`specserve models build` builds the default one)")
     models: dict[str, LoadedModel] = {}
-    for model_dir in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    folders = sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for model_dir in folders:
         versions = sorted((int(v.name) for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()), reverse=True)
         chosen: LoadedModel | None = None
         for version in versions:
             path = model_dir / str(version) / "model.onnx"
-            candidate = load_model_file(model_dir.name, str(version), path, providers)
+            candidate = load_model_file(model_dir.name, str(version), path, device, len(folders))
             if candidate.ready:
                 chosen = candidate
                 break

@@ -40,6 +40,7 @@ from .errors import (
     ModelNotReadyError,
     SpecserveError,
 )
+from .providers import Device
 from .repository import LoadedModel, load_repository
 
 log = logging.getLogger(__name__)
@@ -93,9 +94,10 @@ def _version() -> str:
 class ModelStore:
     """The loaded repository and the analyzer over it."""
 
-    def __init__(self, repository: str | Path):
+    def __init__(self, repository: str | Path, device: Device | None = None):
         self.repository = Path(repository)
-        self.models: dict[str, LoadedModel] = load_repository(self.repository)
+        self.device = device or Device()
+        self.models: dict[str, LoadedModel] = load_repository(self.repository, self.device)
         self.analyzer = Analyzer(self.models)
         ready = [n for n, m in self.models.items() if m.ready]
         log.info("repository %s: %d models, ready: %s", self.repository, len(self.models), ", ".join(ready) or "none")
@@ -342,9 +344,11 @@ class DomainServicer(pb_grpc.SpecServeServicer):
 # ------------------------------------------------------------------ server
 
 
-def create_server(repository: str | Path, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
-    """A configured, not yet started grpc.aio server and the port it is bound to."""
-    store = ModelStore(repository)
+def create_server(repository: str | Path, address: str = "127.0.0.1:0",
+                  device: Device | None = None) -> tuple[grpc.aio.Server, int]:
+    """A configured, not yet started grpc.aio server and the port it is bound to; the models'
+    sessions run on ``device`` (default the CPU)."""
+    store = ModelStore(repository, device)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -379,9 +383,10 @@ async def _set_health(server, serving: bool) -> None:
 
 
 async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 8001,
-                grace_seconds: float = 10.0, on_started: Callable[[int], None] | None = None) -> None:
+                grace_seconds: float = 10.0, on_started: Callable[[int], None] | None = None,
+                device: Device | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then stop accepting and finish what was accepted."""
-    server, bound = create_server(repository, f"{host}:{port}")
+    server, bound = create_server(repository, f"{host}:{port}", device)
     await server.start()
     await _set_health(server, any(m.ready for m in server.store.models.values()))
     log.info("serving %s on %s:%d", repository, host, bound)

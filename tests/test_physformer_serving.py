@@ -82,6 +82,18 @@ def test_domain_api_returns_parameters_errors_chi2_and_model_spectra(server):
     assert [r.values["teff"] for r in rows] != [r.values["teff"] for r in again]  # MC: new masks each run
 
 
+def test_every_model_by_default_skips_the_generator(server):
+    spectra = _stars(2)
+    with Client(server) as client:
+        rows = client.analyze(spectra)  # no models named: every model that analyses spectra
+        assert all(r.ok and r.models == ["physformer:1"] for r in rows), [r.notes for r in rows]
+        # naming the generator in the domain API is a clear client error, not a crash
+        with pytest.raises(grpc.RpcError) as err:
+            client.analyze(spectra, models=["physformer-generate"])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not analyse spectra" in err.value.details() and "ModelInfer" in err.value.details()
+
+
 def test_non_stellar_input_stays_in_the_box(server):
     wave = load_set("stars").preprocessing.grid.wavelength
     rng = np.random.default_rng(0)
