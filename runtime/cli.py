@@ -14,6 +14,9 @@ Subcommands:
   (default ``<cache>/models``, port 8001).
 - ``specserve analyze [--server HOST:PORT] [--out CATALOGUE] FILE...``: stream spectrum files to a
   server, print a table and write a catalogue (CSV, or FITS by extension).
+- ``specserve watch DIR --out CATALOGUE [--server HOST:PORT] [--once]``: stream every spectrum file
+  that appears in DIR to a server, appending to the catalogue; resumes after a restart
+  (:mod:`specserve.runtime.watch`).
 - ``specserve train ...`` / ``specserve eval ...``: training and evaluation (the ``train`` extra).
 - ``specserve export rbm ...`` / ``specserve models build``: ONNX export into a model repository
   and the default repository that ``make serve`` serves (the ``train`` extra).
@@ -79,6 +82,18 @@ def _parser() -> argparse.ArgumentParser:
     ana.add_argument("--batch", type=int, default=64, help="spectra per stream message")
     ana.add_argument("--mc-samples", type=int, default=0,
                      help="Monte Carlo samples for models that draw them (default 0: each model's default)")
+
+    wat = sub.add_parser("watch", help="stream every spectrum file that appears in a folder to a server")
+    wat.add_argument("folder", type=Path)
+    wat.add_argument("--out", type=Path, required=True,
+                     help="catalogue to append to (.fits/.fit for a FITS table, else CSV); read back to resume")
+    wat.add_argument("--server", default="localhost:8001", help="HOST:PORT (default localhost:8001)")
+    wat.add_argument("--rejects", type=Path, help="unreadable files and why (default CATALOGUE.rejects.tsv)")
+    wat.add_argument("--pattern", default="*", help="file name pattern in the folder (default *)")
+    wat.add_argument("--models", default="", help="comma-separated model names (default: every applicable model)")
+    wat.add_argument("--poll", type=float, default=1.0, help="seconds between folder scans (default 1)")
+    wat.add_argument("--mc-samples", type=int, default=0, help="Monte Carlo samples (default: each model's)")
+    wat.add_argument("--once", action="store_true", help="handle the files there now, then exit")
 
     from specserve.export.commands import register as register_export
     from specserve.training.commands import register as register_training
@@ -227,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_serve(args)
         if args.command == "analyze":
             return _cmd_analyze(args)
+        if args.command == "watch":
+            from .watch import watch
+
+            return watch(args.folder, args.out, args.server, rejects=args.rejects, once=args.once,
+                         models=[m for m in args.models.split(",") if m], pattern=args.pattern,
+                         poll=args.poll, mc_samples=args.mc_samples)
         if hasattr(args, "handler"):
             return args.handler(args)
         return handlers[args.command][getattr(args, f"{args.command}_command")](args)

@@ -1,0 +1,114 @@
+"""``specserve watch``: files appearing in a folder are streamed to a real server and appended to a
+catalogue; unreadable files go to the rejects file; a restart resumes without duplicates."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from specserve.runtime.errors import SpecserveError
+from specserve.runtime.watch import WatchState
+
+from test_server import repo, server  # noqa: F401 - the toy-RBM repository and its served port
+
+SPECSERVE = str(Path(sys.executable).with_name("specserve"))
+ENV = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}
+
+
+@pytest.fixture(scope="module")
+def lamost(kit):
+    return sorted((kit / "lamost_dr1" / "fits").glob("*.fits"))[:8]
+
+
+def _watch(folder, out, address, *extra, timeout=120):
+    return subprocess.run([SPECSERVE, "watch", str(folder), "--out", str(out), "--server", address, "--poll", "0.2",
+                           *extra], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def _files(out: Path) -> list[str]:
+    return [str(f) for f in Table.read(out)["file"]]
+
+
+def test_once_then_resume_appends_only_new_files_and_rejects_bad_ones(server, lamost, tmp_path):  # noqa: F811
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for f in lamost[:3]:
+        shutil.copy(f, folder)
+    (folder / "junk.fits").write_bytes(b"SIMPLE  = this is not a FITS file")
+    out = tmp_path / "night.fits"
+    first = _watch(folder, out, server, "--once")
+    assert first.returncode == 0, first.stderr
+    assert "rejected" in first.stderr and "junk.fits" in first.stderr
+    done = _files(out)
+    assert sorted(done) == sorted(str(folder / f.name) for f in lamost[:3])
+    table = Table.read(out)
+    p_cv = np.asarray(table["p_cv"], dtype=float)
+    scored = np.isfinite(p_cv)  # a spectrum that covers too little of the grid has a note instead
+    assert scored.any() and np.all((p_cv[scored] >= 0) & (p_cv[scored] <= 1))
+    assert all("covers" in str(n) for n, ok in zip(table["notes"], scored) if not ok)
+    rejects = Path(str(out) + ".rejects.tsv").read_text().splitlines()
+    assert len(rejects) == 1 and rejects[0].startswith(str(folder / "junk.fits") + "\t")
+    # more files arrive; a second run adds exactly those, and does not retry the rejected one
+    for f in lamost[3:6]:
+        shutil.copy(f, folder)
+    second = _watch(folder, out, server, "--once")
+    assert second.returncode == 0, second.stderr
+    assert "3 rows and 1 rejected files already done" in second.stderr
+    files = _files(out)
+    assert len(files) == len(set(files)) == 6 and files[:3] == done
+    assert len(Path(str(out) + ".rejects.tsv").read_text().splitlines()) == 1
+
+
+def test_running_watcher_stops_on_sigterm_and_resumes_without_loss(server, lamost, tmp_path):  # noqa: F811
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    out = tmp_path / "night.csv"
+    proc = subprocess.Popen([SPECSERVE, "watch", str(folder), "--out", str(out), "--server", server, "--poll", "0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        for f in lamost[:4]:
+            shutil.copy(f, folder)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (out.exists() and len(Table.read(out, format="ascii.csv")) == 4):
+            time.sleep(0.2)
+        assert out.exists() and len(Table.read(out, format="ascii.csv")) == 4
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "stopped; catalogue 4 rows" in proc.stderr.read()
+    for f in lamost[4:8]:  # these arrive while nothing watches
+        shutil.copy(f, folder)
+    again = _watch(folder, out, server, "--once")
+    assert again.returncode == 0, again.stderr
+    files = [str(f) for f in Table.read(out, format="ascii.csv")["file"]]
+    assert sorted(files) == sorted(str(folder / f.name) for f in lamost[:8])  # every file once
+
+
+def test_unreachable_server_leaves_files_to_do(lamost, tmp_path):
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    shutil.copy(lamost[0], folder)
+    out = tmp_path / "night.fits"
+    result = _watch(folder, out, "127.0.0.1:1", "--once", timeout=60)
+    assert result.returncode == 1 and "UNAVAILABLE" in result.stderr
+    assert not out.exists()  # nothing marked done: a later run sends the file
+
+
+def test_bad_arguments_are_clear(tmp_path):
+    result = subprocess.run([SPECSERVE, "watch", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c.fits")],
+                            capture_output=True, text=True, timeout=60, env=ENV)
+    assert result.returncode == 1 and "is not a folder" in result.stderr
+    (tmp_path / "c.fits").write_text("not a catalogue")
+    with pytest.raises(SpecserveError, match="cannot read the catalogue"):
+        WatchState.load(tmp_path / "c.fits")
