@@ -125,7 +125,7 @@ class Analyzer:
     """Runs the requested models of a repository on raw spectra."""
 
     def __init__(self, models: Mapping[str, LoadedModel]):
-        self.models = dict(models)
+        self.models = models  # the store's own mapping: a model reloaded there is used here at once
 
     def resolve(self, names: Sequence[str] | None) -> list[LoadedModel]:
         """The models a request asks for (when empty: every ready model that analyses spectra, so

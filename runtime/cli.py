@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8001)
     srv.add_argument("--device", default="auto",
                      help="auto (CUDA when it can run here, else the CPU), cpu, cuda or cuda:N (default auto)")
+    srv.add_argument("--poll-repository", type=float, default=2.0,
+                     help="seconds between scans of the repository for changed models (0: never; default 2)")
     srv.add_argument("--threads", type=int, default=0,
                      help="CPU threads per model session (default: the cores shared among the models, 1-4 each)")
 
@@ -114,7 +116,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     repository = args.repository or models_dir()
     device = resolve_device(args.device, args.threads)
     print(f"specserve: device {device.name}" + (f" ({device.note})" if device.note else ""), file=sys.stderr, flush=True)
-    asyncio.run(serve(repository, args.host, args.port, device=device,
+    asyncio.run(serve(repository, args.host, args.port, device=device, poll_repository=args.poll_repository,
                       on_started=lambda port: print(f"specserve: serving {repository} on {args.host}:{port}", flush=True)))
     return 0
 

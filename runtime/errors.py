@@ -54,3 +54,7 @@ class ModelNotFoundError(SpecserveError, LookupError):
 
 class ModelNotReadyError(SpecserveError):
     """A model that exists but could not be loaded; the message gives the reason."""
+
+
+class ModelLoadError(SpecserveError):
+    """A model (version) that a repository request asked to load did not load; the reason is given."""

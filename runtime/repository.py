@@ -77,6 +77,27 @@ def load_model_file(name: str, version: str, path: Path, device: Device | None =
     return model
 
 
+def model_versions(model_dir: Path) -> list[int]:
+    """The numbered version folders of a model, newest first."""
+    return sorted((int(v.name) for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()), reverse=True)
+
+
+def load_model_dir(model_dir: Path, device: Device | None = None, n_models: int = 1) -> LoadedModel:
+    """A model folder's newest version that loads, or (none loading) the newest, not ready, with its reason."""
+    chosen: LoadedModel | None = None
+    for version in model_versions(model_dir):
+        candidate = load_model_file(model_dir.name, str(version), model_dir / str(version) / "model.onnx",
+                                    device, n_models)
+        if candidate.ready:
+            return candidate
+        chosen = chosen or candidate
+    return chosen or LoadedModel(model_dir.name, "", None, reason="no numbered version folder")
+
+
+def model_folders(repo: Path) -> list[Path]:
+    return sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def load_repository(repo: str | Path, device: Device | None = None) -> dict[str, LoadedModel]:
     """Every model folder under ``repo``: its newest loadable version, or not ready with a reason.
     On the CPU the host's cores are shared among the models (:meth:`Device.threads_per_session`)."""
@@ -84,17 +105,19 @@ def load_repository(repo: str | Path, device: Device | None = None) -> dict[str,
     if not repo.is_dir():
         raise ModelNotFoundError(f"model repository {repo} does not exist "
                                  "(`specserve models build` builds the default one)")
-    models: dict[str, LoadedModel] = {}
-    folders = sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
-    for model_dir in folders:
-        versions = sorted((int(v.name) for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()), reverse=True)
-        chosen: LoadedModel | None = None
-        for version in versions:
-            path = model_dir / str(version) / "model.onnx"
-            candidate = load_model_file(model_dir.name, str(version), path, device, len(folders))
-            if candidate.ready:
-                chosen = candidate
-                break
-            chosen = chosen or candidate
-        models[model_dir.name] = chosen or LoadedModel(model_dir.name, "", None, reason="no numbered version folder")
-    return models
+    folders = model_folders(repo)
+    return {d.name: load_model_dir(d, device, len(folders)) for d in folders}
+
+
+def folder_signature(model_dir: Path) -> tuple:
+    """What a change of a model folder changes: its versions' model files, sizes and mtimes."""
+    entries = []
+    for version in model_versions(model_dir):
+        path = model_dir / str(version) / "model.onnx"
+        try:
+            st = path.stat()
+        except OSError:
+            entries.append((version, None))
+            continue
+        entries.append((version, st.st_size, st.st_mtime_ns))
+    return tuple(entries)

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import logging
 import signal
+import threading
 from collections.abc import AsyncIterator, Callable
 from importlib import metadata
 from pathlib import Path
@@ -36,12 +37,14 @@ from .errors import (
     ContractError,
     InvalidInputError,
     InvalidSpectrumError,
+    ModelLoadError,
     ModelNotFoundError,
     ModelNotReadyError,
     SpecserveError,
 )
 from .providers import Device
-from .repository import LoadedModel, load_repository
+from .repository import (LoadedModel, folder_signature, load_model_dir, load_model_file, load_repository,
+                         model_folders, model_versions)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (ModelNotReadyError, grpc.StatusCode.UNAVAILABLE),
     (ContractError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -98,9 +102,90 @@ class ModelStore:
         self.repository = Path(repository)
         self.device = device or Device()
         self.models: dict[str, LoadedModel] = load_repository(self.repository, self.device)
+        self.failures: dict[str, tuple[str, str]] = {}
+        """Model name -> (version, reason) of a newer version that failed to load while an older one serves."""
+        self.signatures = {name: folder_signature(self.repository / name) for name in self.models}
+        self._lock = threading.Lock()
+        for name, model in self.models.items():
+            self._note_failure(name, model)
         self.analyzer = Analyzer(self.models)
         ready = [n for n, m in self.models.items() if m.ready]
         log.info("repository %s: %d models, ready: %s", self.repository, len(self.models), ", ".join(ready) or "none")
+
+    def _note_failure(self, name: str, model: LoadedModel) -> None:
+        """Record (and log) that the newest version on disk is not the one serving."""
+        folder = self.repository / name
+        versions = model_versions(folder) if folder.is_dir() else []
+        if model.ready and versions and str(versions[0]) != model.version:
+            failed = load_model_file(name, str(versions[0]), folder / str(versions[0]) / "model.onnx", self.device)
+            reason = failed.reason or "not loaded"
+            self.failures[name] = (str(versions[0]), reason)
+            log.warning("model %s version %s not ready (version %s keeps serving): %s", name, versions[0],
+                        model.version, reason)
+        else:
+            self.failures.pop(name, None)
+
+    def reload(self, name: str) -> LoadedModel:
+        """Load model ``name`` again from the repository (its newest version that loads). If
+        nothing loads, a model already serving keeps serving; the failure is kept with its reason."""
+        folder = self.repository / name
+        if name.startswith(".") or "/" in name or not folder.is_dir():
+            raise ModelNotFoundError(f"no model folder {name!r} in {self.repository}")
+        with self._lock:
+            signature = folder_signature(folder)
+            n_models = max(1, len(model_folders(self.repository)))
+            candidate = load_model_dir(folder, self.device, n_models)
+            current = self.models.get(name)
+            if candidate.ready or current is None or not current.ready:
+                self.models[name] = candidate
+                if candidate.ready:
+                    log.info("model %s: serving version %s", name, candidate.version)
+                self._note_failure(name, candidate)
+            else:
+                self.failures[name] = (str(model_versions(folder)[0]) if model_versions(folder) else "",
+                                       candidate.reason)
+                log.warning("model %s: reload failed (version %s keeps serving): %s", name, current.version,
+                            candidate.reason)
+            self.signatures[name] = signature
+            return self.models[name]
+
+    def unload(self, name: str) -> None:
+        self.get(name)
+        with self._lock:
+            self.models[name] = LoadedModel(name, "", None, reason="unloaded (RepositoryModelUnload)")
+            self.failures.pop(name, None)
+            log.info("model %s unloaded", name)
+
+    def changed(self) -> list[str]:
+        """Model folders added, changed or removed since they were last loaded."""
+        on_disk = {d.name: folder_signature(d) for d in model_folders(self.repository)} if self.repository.is_dir() else {}
+        names = {n for n, sig in on_disk.items() if self.signatures.get(n) != sig}
+        names |= {n for n in self.signatures if n not in on_disk}
+        return sorted(names)
+
+    def refresh(self) -> list[str]:
+        """Reload every changed model folder (a removed one is unloaded); the names handled."""
+        handled = self.changed()
+        for name in handled:
+            if (self.repository / name).is_dir():
+                self.reload(name)
+            else:
+                with self._lock:
+                    self.models[name] = LoadedModel(name, "", None, reason="model folder removed")
+                    self.signatures.pop(name, None)
+                    self.failures.pop(name, None)
+                log.warning("model %s: folder removed, unloaded", name)
+        return handled
+
+    def index(self) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) of every model and every failed newer version."""
+        rows = []
+        for name, model in sorted(self.models.items()):
+            rows.append((name, model.version, "READY" if model.ready else "UNAVAILABLE", model.reason))
+            if name in self.failures:
+                version, reason = self.failures[name]
+                rows.append((name, version, "UNAVAILABLE", reason))
+        return rows
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         model = self.models.get(name)
@@ -199,7 +284,32 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     async def ModelReady(self, request, context):
+        failed = self.store.failures.get(request.name)
+        if failed and request.version == failed[0]:
+            return kserve.ModelReadyResponse(ready=False)  # the version that failed; the reason is in the index
         return kserve.ModelReadyResponse(ready=self.store.get(request.name, request.version).ready)
+
+    @_unary
+    async def RepositoryIndex(self, request, context):
+        return kserve.RepositoryIndexResponse(models=[
+            kserve.RepositoryIndexResponse.ModelIndex(name=n, version=v, state=state, reason=reason)
+            for n, v, state, reason in self.store.index() if not request.ready or state == "READY"])
+
+    @_unary
+    async def RepositoryModelLoad(self, request, context):
+        model = await asyncio.to_thread(self.store.reload, request.model_name)
+        failed = self.store.failures.get(request.model_name)
+        if not model.ready:
+            raise ModelLoadError(f"model {request.model_name!r} did not load: {model.reason}")
+        if failed:
+            raise ModelLoadError(f"model {request.model_name!r} version {failed[0]} did not load: {failed[1]} "
+                                     f"(version {model.version} keeps serving)")
+        return kserve.RepositoryModelLoadResponse()
+
+    @_unary
+    async def RepositoryModelUnload(self, request, context):
+        self.store.unload(request.model_name)
+        return kserve.RepositoryModelUnloadResponse()
 
     @_unary
     async def ServerMetadata(self, request, context):
@@ -382,10 +492,22 @@ async def _set_health(server, serving: bool) -> None:
         await server.health_servicer.set(service, status)
 
 
+async def watch_repository(server, interval: float) -> None:
+    """Every ``interval`` seconds reload the model folders that changed on disk (off the event loop)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            if await asyncio.to_thread(server.store.refresh):
+                await _set_health(server, any(m.ready for m in server.store.models.values()))
+        except Exception:  # noqa: BLE001 - a bad scan must not stop serving; the next one retries
+            log.exception("repository scan failed")
+
+
 async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 8001,
                 grace_seconds: float = 10.0, on_started: Callable[[int], None] | None = None,
-                device: Device | None = None) -> None:
-    """Serve until SIGINT/SIGTERM, then stop accepting and finish what was accepted."""
+                device: Device | None = None, poll_repository: float = 2.0) -> None:
+    """Serve until SIGINT/SIGTERM, then stop accepting and finish what was accepted. Every
+    ``poll_repository`` seconds (0: never) changed model folders are reloaded."""
     server, bound = create_server(repository, f"{host}:{port}", device)
     await server.start()
     await _set_health(server, any(m.ready for m in server.store.models.values()))
@@ -396,7 +518,10 @@ async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 800
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(watch_repository(server, poll_repository)) if poll_repository > 0 else None
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     log.info("shutting down: draining for up to %.0f s", grace_seconds)
     await _set_health(server, False)
     await server.stop(grace_seconds)
