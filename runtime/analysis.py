@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +26,9 @@ from .repository import LoadedModel
 from .spectrum import Spectrum, SpectrumMeta
 
 log = logging.getLogger(__name__)
+
+_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="specserve-model")
+"""Runs the models of one request side by side."""
 
 MIN_COVERAGE = 0.75
 """Fraction of a model's grid that a spectrum must cover (usable pixels) for the model to apply."""
@@ -159,12 +163,22 @@ class Analyzer:
             except InvalidSpectrumError as exc:
                 outcome.error = exc
                 checked.append(None)
-        for model in models:
-            self._run_model(model, spectra, checked, outcomes, mc_samples)
+        # the models run side by side (ONNX Runtime releases the GIL); results are merged in model
+        # order, so every spectrum lists its models in the same order whatever finished first
+        if len(models) > 1:
+            futures = [_POOL.submit(self._run_model, m, spectra, checked, mc_samples) for m in models]
+            per_model = [f.result() for f in futures]
+        else:
+            per_model = [self._run_model(m, spectra, checked, mc_samples) for m in models]
+        for results in per_model:
+            for i, result in results:
+                outcomes[i].results.append(result)
         return outcomes
 
     def _run_model(self, model: LoadedModel, spectra: Sequence[SpectrumInput], checked: list[Spectrum | None],
-                   outcomes: list[SpectrumOutcome], mc_samples: int = 0) -> None:
+                   mc_samples: int = 0) -> list[tuple[int, ModelResult]]:
+        """One model on the checked spectra: (spectrum index, result) pairs."""
+        found: list[tuple[int, ModelResult]] = []
         card = model.card
         recipe = card.preprocessing
         wants_ivar = "ivar" in card.contract.input_names
@@ -180,12 +194,12 @@ class Analyzer:
             coverage = 1.0 - float(prepared.mask.mean())
             if coverage < MIN_COVERAGE:
                 lo, hi = spectrum.wavelength_range
-                outcomes[i].results.append(ModelResult(
+                found.append((i, ModelResult(
                     model.name, model.version, False,
                     reason=(f"spectrum covers {coverage:.0%} of the model grid "
                             f"({recipe.grid.wavelength[0]:.0f}-{recipe.grid.wavelength[-1]:.0f} A; "
                             f"spectrum {lo:.0f}-{hi:.0f} A); needs {MIN_COVERAGE:.0%}"),
-                ))
+                )))
                 continue
             rows.append(fill_masked(prepared.flux, prepared.mask))
             if wants_ivar:  # a spectrum sent without ivar has unknown noise (the reader assumes 1): all 0
@@ -193,7 +207,7 @@ class Analyzer:
                 ivars.append(np.where(prepared.mask | (not known), 0.0, prepared.ivar).astype(np.float32))
             owners.append(i)
         if not rows:
-            return
+            return found
         inputs = {"flux": np.stack(rows)}
         if wants_ivar:
             inputs["ivar"] = np.stack(ivars)
@@ -210,4 +224,5 @@ class Analyzer:
                 result.probabilities = outputs["probabilities"][row]
             if "model_spectrum" in outputs:
                 result.model_spectrum = outputs["model_spectrum"][row]
-            outcomes[i].results.append(result)
+            found.append((i, result))
+        return found

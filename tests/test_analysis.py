@@ -90,3 +90,25 @@ def test_unknown_and_unready_models(analyzer):
     with pytest.raises(ModelNotReadyError, match="broken"):
         az.analyze([spectrum], ["broken"])
     assert [m.name for m in az.resolve(None)] == ["rbm"]
+
+
+def test_several_models_run_side_by_side_and_merge_in_model_order(tmp_path, kit):
+    card = ModelCard(kind="rbm", preprocessing=OPTICAL_PREPROCESSING, class_names=("non_cv", "cv"))
+    modules = {}
+    for i, name in enumerate(("a_first", "b_second", "c_third")):
+        import torch
+
+        torch.manual_seed(i)
+        modules[name] = ToyFreeEnergy(card.dims["n_pixels"])
+        report = export_model(modules[name], card, tmp_path / name / "model.onnx", atol=1e-5, rtol=1e-4)
+        write_model(tmp_path / "repo", name, 1, report.path, card)
+    az = Analyzer(load_repository(tmp_path / "repo"))
+    files = sorted((kit / "lamost_dr1/fits").glob("*.fits"))[:6]
+    spectra = [SpectrumInput.from_spectrum(read_spectra(f)[0]) for f in files]
+    alone = {name: az.analyze(spectra, [name]) for name in modules}
+    for _ in range(5):
+        outcomes = az.analyze(spectra)  # every model, run concurrently
+        for k, outcome in enumerate(outcomes):
+            assert [r.model for r in outcome.results] == ["a_first", "b_second", "c_third"]
+            for result in outcome.results:  # each model's answer is the one it gives alone
+                assert result.values == alone[result.model][k].results[0].values
