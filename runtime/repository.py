@@ -8,7 +8,9 @@ in the listing as not ready, with the reason, and never takes the others down.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,44 @@ _RNG = np.random.default_rng()
 """Seeds of MC-dropout runs: fresh OS entropy per process, a new draw per run."""
 
 
+class ModelStats:
+    """Counters of one loaded model version, in the KServe ``ModelStatistics`` sense: requests that
+    succeeded or failed (count and total ns), session runs (executions), inferences (batch rows),
+    compute time per batch size, and the time of the last inference. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.success = [0, 0]
+        self.fail = [0, 0]
+        self.compute = [0, 0]
+        self.inference_count = 0
+        self.execution_count = 0
+        self.last_inference_ms = 0
+        self.batches: dict[int, list[int]] = {}
+
+    def record(self, ok: bool, total_ns: int, batch: int = 0, compute_ns: int = 0) -> None:
+        with self._lock:
+            target = self.success if ok else self.fail
+            target[0] += 1
+            target[1] += total_ns
+            if ok:
+                self.inference_count += batch
+                self.execution_count += 1
+                self.compute[0] += 1
+                self.compute[1] += compute_ns
+                entry = self.batches.setdefault(batch, [0, 0])
+                entry[0] += 1
+                entry[1] += compute_ns
+                self.last_inference_ms = int(time.time() * 1000)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"success": tuple(self.success), "fail": tuple(self.fail), "compute": tuple(self.compute),
+                    "inference_count": self.inference_count, "execution_count": self.execution_count,
+                    "last_inference_ms": self.last_inference_ms,
+                    "batches": {k: tuple(v) for k, v in sorted(self.batches.items())}}
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -32,18 +72,28 @@ class LoadedModel:
     card: ModelCard | None = None
     session: ort.InferenceSession | None = None
     reason: str = ""
+    stats: ModelStats = field(default_factory=ModelStats)
 
     @property
     def ready(self) -> bool:
         return self.session is not None
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate ``inputs`` against the contract and run the session."""
+        """Validate ``inputs`` against the contract and run the session (counted in ``stats``)."""
         if not self.ready:
             raise ModelNotReadyError(f"model {self.name!r} is not ready: {self.reason}")
+        t0 = time.perf_counter_ns()
         contract = self.card.contract
-        checked = contract.validate_inputs(fill_defaults(self.card, inputs, _RNG), self.card.dims)
-        outputs = self.session.run(contract.output_names, checked)
+        try:
+            checked = contract.validate_inputs(fill_defaults(self.card, inputs, _RNG), self.card.dims)
+            t1 = time.perf_counter_ns()
+            outputs = self.session.run(contract.output_names, checked)
+        except Exception:
+            self.stats.record(False, time.perf_counter_ns() - t0)
+            raise
+        t2 = time.perf_counter_ns()
+        batch = int(checked[contract.inputs[0].name].shape[0]) if contract.inputs else 0
+        self.stats.record(True, t2 - t0, batch, t2 - t1)
         return dict(zip(contract.output_names, outputs))
 
 

@@ -270,6 +270,21 @@ def _tensor_metadata(spec, dims) -> kserve.ModelMetadataResponse.TensorMetadata:
         name=spec.name, datatype=dtypes.from_name(spec.dtype).kserve, shape=shape)
 
 
+def _statistics(model: LoadedModel) -> kserve.ModelStatistics:
+    snap = model.stats.snapshot()
+    duration = kserve.StatisticDuration
+    return kserve.ModelStatistics(
+        name=model.name, version=model.version, last_inference=snap["last_inference_ms"],
+        inference_count=snap["inference_count"], execution_count=snap["execution_count"],
+        inference_stats=kserve.InferStatistics(
+            success=duration(count=snap["success"][0], ns=snap["success"][1]),
+            fail=duration(count=snap["fail"][0], ns=snap["fail"][1]),
+            queue=duration(count=snap["success"][0], ns=0),  # no queue yet: requests run as they come
+            compute_infer=duration(count=snap["compute"][0], ns=snap["compute"][1])),
+        batch_stats=[kserve.InferBatchStatistics(batch_size=size, compute_infer=duration(count=count, ns=ns))
+                     for size, (count, ns) in snap["batches"].items()])
+
+
 class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
     def __init__(self, store: ModelStore):
         self.store = store
@@ -288,6 +303,14 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
         if failed and request.version == failed[0]:
             return kserve.ModelReadyResponse(ready=False)  # the version that failed; the reason is in the index
         return kserve.ModelReadyResponse(ready=self.store.get(request.name, request.version).ready)
+
+    @_unary
+    async def ModelStatistics(self, request, context):
+        if request.name:
+            models = [self.store.get(request.name, request.version)]
+        else:
+            models = [m for _, m in sorted(self.store.models.items()) if m.ready]
+        return kserve.ModelStatisticsResponse(model_stats=[_statistics(m) for m in models])
 
     @_unary
     async def RepositoryIndex(self, request, context):

@@ -1,5 +1,6 @@
 """Model repository changes while serving: repository RPCs and the folder watch. A version that
-fails to load leaves the previous one serving and is reported, with its reason."""
+fails to load leaves the previous one serving and is reported, with its reason. Spoken to with
+tritonclient (our KServe protos cannot share a process with it; see protos/README.md)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
 
 from specserve.export.onnx_export import export_model
 from specserve.export.repository import write_model
-from specserve.protos import grpc_service_pb2 as kserve
-from specserve.protos import grpc_service_pb2_grpc as kserve_grpc
 
 from test_contract_export import ToyFreeEnergy, card
 
@@ -40,19 +40,18 @@ def served(repo):
                             env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
     line = proc.stdout.readline()
     assert "serving" in line, proc.stderr.read()
-    channel = grpc.insecure_channel(line.strip().rsplit(" on ", 1)[1])
-    yield kserve_grpc.GRPCInferenceServiceStub(channel), proc
-    channel.close()
+    client = triton.InferenceServerClient(line.strip().rsplit(" on ", 1)[1])
+    yield client, proc
+    client.close()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
 
 
-def _infer(stub, n_pixels: int, version: str = "") -> kserve.ModelInferResponse:
-    flux = np.ones((1, n_pixels), np.float32)
-    request = kserve.ModelInferRequest(model_name="rbm", model_version=version, inputs=[
-        kserve.ModelInferRequest.InferInputTensor(name="flux", datatype="FP32", shape=list(flux.shape))])
-    request.raw_input_contents.append(flux.tobytes())
-    return stub.ModelInfer(request, timeout=10)
+def _infer(client, n_pixels: int, rows: int = 1) -> str:
+    """The version that answered a ModelInfer request."""
+    tensor = triton.InferInput("flux", [rows, n_pixels], "FP32")
+    tensor.set_data_from_numpy(np.ones((rows, n_pixels), np.float32))
+    return client.infer("rbm", [tensor]).get_response().model_version
 
 
 def _wait(predicate, seconds: float = 20.0) -> bool:
@@ -64,51 +63,74 @@ def _wait(predicate, seconds: float = 20.0) -> bool:
     return False
 
 
-def _index(stub) -> list[tuple[str, str, str, str]]:
-    return [(m.name, m.version, m.state, m.reason) for m in stub.RepositoryIndex(kserve.RepositoryIndexRequest()).models]
+def _index(client) -> list[tuple[str, str, str, str]]:
+    return [(m.name, m.version, m.state, m.reason) for m in client.get_model_repository_index().models]
 
 
 def test_corrupt_version_keeps_the_previous_serving_and_a_good_one_replaces_it(served, repo):
-    stub, _ = served
+    client, _ = served
     root, onnx_path, c = repo
     n = c.dims["n_pixels"]
-    assert _infer(stub, n).model_version == "1"
+    assert _infer(client, n) == "1"
     # a corrupt version 2 arrives: RepositoryModelLoad says why, version 1 keeps answering
     (root / "rbm" / "2").mkdir()
     (root / "rbm" / "2" / "model.onnx").write_bytes(b"half a model")
-    with pytest.raises(grpc.RpcError) as err:
-        stub.RepositoryModelLoad(kserve.RepositoryModelLoadRequest(model_name="rbm"))
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "version 2 did not load" in err.value.details() and "version 1 keeps serving" in err.value.details()
-    assert _infer(stub, n).model_version == "1"
-    assert stub.ModelReady(kserve.ModelReadyRequest(name="rbm")).ready
-    assert not stub.ModelReady(kserve.ModelReadyRequest(name="rbm", version="2")).ready
-    index = _index(stub)
+    with pytest.raises(InferenceServerException) as err:
+        client.load_model("rbm")
+    assert "FAILED_PRECONDITION" in str(err.value.status())
+    assert "version 2 did not load" in err.value.message() and "version 1 keeps serving" in err.value.message()
+    assert _infer(client, n) == "1"
+    assert client.is_model_ready("rbm") and not client.is_model_ready("rbm", "2")
+    index = _index(client)
     assert ("rbm", "1", "READY", "") in index
     assert any(v == "2" and state == "UNAVAILABLE" and "cannot load" in reason for _, v, state, reason in index)
     # a good version 2 replaces it: the folder watch picks it up without a request
     shutil.copy(onnx_path, root / "rbm" / "2" / "model.onnx")
-    assert _wait(lambda: _infer(stub, n).model_version == "2")
-    assert stub.ModelReady(kserve.ModelReadyRequest(name="rbm", version="2")).ready
-    assert _index(stub) == [("rbm", "2", "READY", "")]
+    assert _wait(lambda: _infer(client, n) == "2")
+    assert client.is_model_ready("rbm", "2")
+    assert _index(client) == [("rbm", "2", "READY", "")]
 
 
 def test_added_model_is_loaded_and_unload_and_load_work(served, repo):
-    stub, _ = served
+    client, _ = served
     root, onnx_path, c = repo
     write_model(root, "second", 1, onnx_path, c)
-    assert _wait(lambda: ("second", "1", "READY", "") in _index(stub))
-    assert stub.ModelReady(kserve.ModelReadyRequest(name="second")).ready
-    stub.RepositoryModelUnload(kserve.RepositoryModelUnloadRequest(model_name="second"))
-    assert not stub.ModelReady(kserve.ModelReadyRequest(name="second")).ready
-    assert [s for name, _, s, _ in _index(stub) if name == "second"] == ["UNAVAILABLE"]
-    stub.RepositoryModelLoad(kserve.RepositoryModelLoadRequest(model_name="second"))
-    assert stub.ModelReady(kserve.ModelReadyRequest(name="second")).ready
-    with pytest.raises(grpc.RpcError) as err:
-        stub.RepositoryModelLoad(kserve.RepositoryModelLoadRequest(model_name="nothing"))
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert _wait(lambda: ("second", "1", "READY", "") in _index(client))
+    assert client.is_model_ready("second")
+    client.unload_model("second")
+    assert not client.is_model_ready("second")
+    assert [s for name, _, s, _ in _index(client) if name == "second"] == ["UNAVAILABLE"]
+    client.load_model("second")
+    assert client.is_model_ready("second")
+    with pytest.raises(InferenceServerException) as err:
+        client.load_model("nothing")
+    assert "NOT_FOUND" in str(err.value.status())
     # a folder that is removed is unloaded; the others keep serving
     shutil.rmtree(root / "second")
-    assert _wait(lambda: not stub.ModelReady(kserve.ModelReadyRequest(name="second")).ready)
-    assert _infer(stub, c.dims["n_pixels"]).model_version == "1"
-    assert stub.ServerReady(kserve.ServerReadyRequest()).ready
+    assert _wait(lambda: not client.is_model_ready("second"))
+    assert _infer(client, c.dims["n_pixels"]) == "1"
+    assert client.is_server_ready()
+
+
+def test_model_statistics_count_requests_failures_and_batches(served, repo):
+    client, _ = served
+    n = repo[2].dims["n_pixels"]
+    for rows in (1, 1, 3):
+        _infer(client, n, rows)
+    bad = triton.InferInput("flux", [2, n - 1], "FP32")
+    bad.set_data_from_numpy(np.ones((2, n - 1), np.float32))
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("rbm", [bad])
+    assert "INVALID_ARGUMENT" in str(err.value.status())
+    (rbm,) = client.get_inference_statistics("rbm").model_stats
+    assert rbm.name == "rbm" and rbm.version == "1"
+    assert rbm.inference_stats.success.count == 3 and rbm.inference_stats.fail.count == 1
+    assert rbm.inference_count == 5 and rbm.execution_count == 3 and rbm.last_inference > 0
+    assert rbm.inference_stats.compute_infer.count == 3 and rbm.inference_stats.compute_infer.ns > 0
+    assert rbm.inference_stats.success.ns >= rbm.inference_stats.compute_infer.ns
+    assert [(b.batch_size, b.compute_infer.count) for b in rbm.batch_stats] == [(1, 2), (3, 1)]
+    with pytest.raises(InferenceServerException) as missing:
+        client.get_inference_statistics("nothing")
+    assert "NOT_FOUND" in str(missing.value.status())
+    # no name: every ready model
+    assert [m.name for m in client.get_inference_statistics().model_stats] == ["rbm"]
