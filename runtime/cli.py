@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8001)
     srv.add_argument("--device", default="auto",
                      help="auto (CUDA when it can run here, else the CPU), cpu, cuda or cuda:N (default auto)")
+    srv.add_argument("--metrics-port", type=int, default=None,
+                     help="Prometheus metrics on http://HOST:PORT/metrics (default 8002, skipped with a warning "
+                          "when busy; 0: any free port; -1: off)")
     srv.add_argument("--poll-repository", type=float, default=2.0,
                      help="seconds between scans of the repository for changed models (0: never; default 2)")
     srv.add_argument("--threads", type=int, default=0,
@@ -116,7 +119,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     repository = args.repository or models_dir()
     device = resolve_device(args.device, args.threads)
     print(f"specserve: device {device.name}" + (f" ({device.note})" if device.note else ""), file=sys.stderr, flush=True)
+    metrics_port = 8002 if args.metrics_port is None else None if args.metrics_port < 0 else args.metrics_port
+    on_metrics = lambda port: print(f"specserve: metrics on http://{args.host}:{port}/metrics",  # noqa: E731
+                                    file=sys.stderr, flush=True)
     asyncio.run(serve(repository, args.host, args.port, device=device, poll_repository=args.poll_repository,
+                      metrics_port=metrics_port, on_metrics=on_metrics, metrics_required=args.metrics_port is not None,
                       on_started=lambda port: print(f"specserve: serving {repository} on {args.host}:{port}", flush=True)))
     return 0
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import metrics
 from .contract import ModelCard, fill_defaults
 from .errors import ContractError, ModelNotFoundError, ModelNotReadyError
 from .providers import Device, session_runs_on
@@ -89,11 +90,14 @@ class LoadedModel:
             t1 = time.perf_counter_ns()
             outputs = self.session.run(contract.output_names, checked)
         except Exception:
-            self.stats.record(False, time.perf_counter_ns() - t0)
+            elapsed = time.perf_counter_ns() - t0
+            self.stats.record(False, elapsed)
+            metrics.observe_run(self.name, False, elapsed * 1e-9)
             raise
         t2 = time.perf_counter_ns()
         batch = int(checked[contract.inputs[0].name].shape[0]) if contract.inputs else 0
         self.stats.record(True, t2 - t0, batch, t2 - t1)
+        metrics.observe_run(self.name, True, (t2 - t0) * 1e-9, batch, (t2 - t1) * 1e-9)
         return dict(zip(contract.output_names, outputs))
 
 

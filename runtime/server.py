@@ -30,7 +30,7 @@ from specserve.protos import grpc_service_pb2_grpc as kserve_grpc
 from specserve.protos import specserve_pb2 as pb
 from specserve.protos import specserve_pb2_grpc as pb_grpc
 
-from . import dtypes
+from . import dtypes, metrics
 from .analysis import Analyzer, ModelResult, SpectrumInput, SpectrumOutcome
 from .contract import DYNAMIC_DIMS
 from .errors import (
@@ -506,6 +506,7 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
         raise SpecserveError(f"cannot listen on {address}: the port is in use or the address is not local")
     server.health_servicer = health_servicer  # type: ignore[attr-defined]
     server.store = store  # type: ignore[attr-defined]
+    metrics.track_models_ready(lambda: sum(m.ready for m in list(store.models.values())))
     return server, port
 
 
@@ -528,10 +529,26 @@ async def watch_repository(server, interval: float) -> None:
 
 async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 8001,
                 grace_seconds: float = 10.0, on_started: Callable[[int], None] | None = None,
-                device: Device | None = None, poll_repository: float = 2.0) -> None:
+                device: Device | None = None, poll_repository: float = 2.0,
+                metrics_port: int | None = None, on_metrics: Callable[[int], None] | None = None,
+                metrics_required: bool = True) -> None:
     """Serve until SIGINT/SIGTERM, then stop accepting and finish what was accepted. Every
-    ``poll_repository`` seconds (0: never) changed model folders are reloaded."""
+    ``poll_repository`` seconds (0: never) changed model folders are reloaded. With
+    ``metrics_port`` (0: any free port) Prometheus metrics are served on ``host:metrics_port``;
+    a busy port is an error when ``metrics_required``, else a warning."""
     server, bound = create_server(repository, f"{host}:{port}", device)
+    if metrics_port is not None:
+        try:
+            bound_metrics = metrics.start_metrics_server(host, metrics_port)
+        except OSError as exc:
+            message = f"cannot serve metrics on {host}:{metrics_port}: {exc.strerror or exc}"
+            if metrics_required:
+                raise SpecserveError(message) from exc
+            log.warning("%s; metrics are off (choose a port with --metrics-port)", message)
+        else:
+            log.info("metrics on http://%s:%d/metrics", host, bound_metrics)
+            if on_metrics is not None:
+                on_metrics(bound_metrics)
     await server.start()
     await _set_health(server, any(m.ready for m in server.store.models.values()))
     log.info("serving %s on %s:%d", repository, host, bound)

@@ -1,0 +1,55 @@
+"""Prometheus metrics of the server, exposed over HTTP (``specserve serve --metrics-port``).
+
+One registry per process (the server is one process). Per model: requests and failures (a
+request is one session run asked for), request, queue and compute latency histograms, a batch-size
+histogram and the queue depth; and the number of models ready. Runs are counted where they happen
+(:meth:`~specserve.runtime.repository.LoadedModel.run`), so the KServe and domain APIs, and the
+in-process analyzer, all show up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+REQUESTS = Counter("specserve_requests", "Model requests (one session run asked for)", ["model"], registry=REGISTRY)
+FAILURES = Counter("specserve_request_failures", "Model requests that failed (bad input, run error)", ["model"],
+                   registry=REGISTRY)
+REQUEST_SECONDS = Histogram("specserve_request_seconds", "Model request latency: input checks, queue and run",
+                            ["model"], buckets=_LATENCY, registry=REGISTRY)
+QUEUE_SECONDS = Histogram("specserve_queue_seconds", "Time a request waited for its batch to start", ["model"],
+                          buckets=_LATENCY, registry=REGISTRY)
+COMPUTE_SECONDS = Histogram("specserve_compute_seconds", "ONNX Runtime session run time", ["model"],
+                            buckets=_LATENCY, registry=REGISTRY)
+BATCH_SIZE = Histogram("specserve_batch_size", "Rows per session run", ["model"],
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096), registry=REGISTRY)
+QUEUE_DEPTH = Gauge("specserve_queue_depth", "Requests waiting for a session run", ["model"], registry=REGISTRY)
+MODELS_READY = Gauge("specserve_models_ready", "Models loaded and ready to serve", registry=REGISTRY)
+
+
+def observe_run(model: str, ok: bool, total_s: float, batch: int = 0, compute_s: float = 0.0,
+                queue_s: float = 0.0) -> None:
+    REQUESTS.labels(model).inc()
+    REQUEST_SECONDS.labels(model).observe(total_s)
+    QUEUE_DEPTH.labels(model).set(0)  # requests run as they come: nothing waits yet
+    if not ok:
+        FAILURES.labels(model).inc()
+        return
+    QUEUE_SECONDS.labels(model).observe(queue_s)
+    COMPUTE_SECONDS.labels(model).observe(compute_s)
+    BATCH_SIZE.labels(model).observe(batch)
+
+
+def track_models_ready(count: Callable[[], int]) -> None:
+    MODELS_READY.set_function(count)
+
+
+def start_metrics_server(host: str, port: int) -> int:
+    """Serve ``/metrics`` on ``host:port`` in a background thread; returns the bound port."""
+    server, _ = start_http_server(port, addr=host, registry=REGISTRY)
+    return server.server_port
