@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8001)
     srv.add_argument("--device", default="auto",
                      help="auto (CUDA when it can run here, else the CPU), cpu, cuda or cuda:N (default auto)")
+    srv.add_argument("--log-requests", action="store_true",
+                     help="log one line per inference request on stderr: id, model(s), rows, status, milliseconds")
     srv.add_argument("--metrics-port", type=int, default=None,
                      help="Prometheus metrics on http://HOST:PORT/metrics (default 8002, skipped with a warning "
                           "when busy; 0: any free port; -1: off)")
@@ -117,6 +119,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .providers import resolve_device
 
     repository = args.repository or models_dir()
+    if args.log_requests:
+        logging.getLogger("specserve.requests").setLevel(logging.INFO)
     device = resolve_device(args.device, args.threads)
     print(f"specserve: device {device.name}" + (f" ({device.note})" if device.note else ""), file=sys.stderr, flush=True)
     metrics_port = 8002 if args.metrics_port is None else None if args.metrics_port < 0 else args.metrics_port

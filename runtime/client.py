@@ -11,6 +11,7 @@ arrays. Results come back as :class:`Row` objects: the spectrum id, one plain va
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,18 +123,20 @@ class Client:
         :class:`StreamError` after the rows before it were yielded.
         """
 
+        stream_id = uuid.uuid4().hex[:8]  # message ids "<stream>-<n>": unique in the server's request log
+
         def requests() -> Iterator[pb.AnalyzeRequest]:
             batch: list[pb.Spectrum] = []
             number = 0
             for item in spectra:
                 batch.append(to_proto(item))
                 if len(batch) == batch_size:
-                    yield pb.AnalyzeRequest(request_id=str(number), spectra=batch, models=list(models),
+                    yield pb.AnalyzeRequest(request_id=f"{stream_id}-{number}", spectra=batch, models=list(models),
                                             mc_samples=mc_samples)
                     number += 1
                     batch = []
             if batch:
-                yield pb.AnalyzeRequest(request_id=str(number), spectra=batch, models=list(models),
+                yield pb.AnalyzeRequest(request_id=f"{stream_id}-{number}", spectra=batch, models=list(models),
                                         mc_samples=mc_samples)
 
         for response in self.stub.AnalyzeStream(requests(), timeout=timeout):

@@ -12,10 +12,13 @@ message in-band (``error_message`` / ``error``) and go on serving the next ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import signal
 import threading
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from importlib import metadata
 from pathlib import Path
@@ -60,13 +63,39 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
+def _code(exc: BaseException) -> grpc.StatusCode:
+    return next((code for cls, code in _STATUS if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The one place where errors become gRPC status codes and client-facing messages."""
-    for cls, code in _STATUS:
-        if isinstance(exc, cls):
-            return code, str(exc)
-    log.error("internal error", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, "internal error (see the server log)"
+    code = _code(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("internal error", exc_info=exc)
+        return code, "internal error (see the server log)"
+    return code, str(exc)
+
+
+REQUEST_LOG = logging.getLogger("specserve.requests")
+"""One line per inference request (``specserve serve --log-requests`` shows them)."""
+
+
+def request_id(given: str) -> str:
+    """The client's request id, or a new one (returned in the response, so logs can be matched)."""
+    return given or uuid.uuid4().hex[:12]
+
+
+@contextlib.contextmanager
+def _logged(kind: str, rid: str, target: str, n: int):
+    """Log the request ``rid`` on ``target`` with ``n`` rows/spectra: its status and duration."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    except Exception as exc:
+        REQUEST_LOG.info("%s id=%s %s n=%d %s %.1f ms: %s", kind, rid, target, n, _code(exc).name,
+                         (time.perf_counter() - t0) * 1e3, " ".join(str(exc).split())[:300])
+        raise
+    REQUEST_LOG.info("%s id=%s %s n=%d OK %.1f ms", kind, rid, target, n, (time.perf_counter() - t0) * 1e3)
 
 
 def _error_message(exc: BaseException) -> pb.Error:
@@ -250,13 +279,20 @@ def _typed_contents(tensor, dtype: dtypes.DType):
 
 
 def _infer(store: ModelStore, request: kserve.ModelInferRequest) -> kserve.ModelInferResponse:
+    rid = request_id(request.id)
+    rows = int(request.inputs[0].shape[0]) if request.inputs and request.inputs[0].shape else 0
+    with _logged("ModelInfer", rid, f"model={request.model_name}", rows):
+        return _infer_logged(store, request, rid)
+
+
+def _infer_logged(store: ModelStore, request: kserve.ModelInferRequest, rid: str) -> kserve.ModelInferResponse:
     model = store.ready_model(request.model_name, request.model_version)
     outputs = model.run(_decode_inputs(request))
     wanted = [o.name for o in request.outputs] or list(outputs)
     unknown = [n for n in wanted if n not in outputs]
     if unknown:
         raise InvalidInputError(f"model {model.name!r} has no outputs {unknown} (outputs: {list(outputs)})")
-    response = kserve.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+    response = kserve.ModelInferResponse(model_name=model.name, model_version=model.version, id=rid)
     for name in wanted:
         array = np.ascontiguousarray(outputs[name])
         response.outputs.add(name=name, datatype=dtypes.from_numpy(array.dtype).kserve, shape=list(array.shape))
@@ -421,7 +457,13 @@ def _outcome_to_proto(outcome: SpectrumOutcome, model_spectrum: bool = False) ->
     return message
 
 
-def _analyze(store: ModelStore, request: pb.AnalyzeRequest) -> list[pb.SpectrumResult]:
+def _analyze(store: ModelStore, request: pb.AnalyzeRequest, rid: str) -> list[pb.SpectrumResult]:
+    models = ",".join(request.models) or "all"
+    with _logged("Analyze", rid, f"models={models}", len(request.spectra)):
+        return _analyze_logged(store, request)
+
+
+def _analyze_logged(store: ModelStore, request: pb.AnalyzeRequest) -> list[pb.SpectrumResult]:
     inputs: list[SpectrumInput | None] = []
     early: dict[int, SpectrumOutcome] = {}
     for i, message in enumerate(request.spectra):
@@ -444,19 +486,21 @@ class DomainServicer(pb_grpc.SpecServeServicer):
     async def Analyze(self, request, context):
         if not request.spectra:
             raise InvalidSpectrumError("the request holds no spectra")
-        results = await asyncio.to_thread(_analyze, self.store, request)
-        return pb.AnalyzeResponse(request_id=request.request_id, results=results)
+        rid = request_id(request.request_id)
+        results = await asyncio.to_thread(_analyze, self.store, request, rid)
+        return pb.AnalyzeResponse(request_id=rid, results=results)
 
     async def AnalyzeStream(self, request_iterator, context) -> AsyncIterator[pb.AnalyzeStreamResponse]:
         async for request in request_iterator:
+            rid = request_id(request.request_id)
             try:
                 if not request.spectra:
                     raise InvalidSpectrumError("the message holds no spectra")
-                results = await asyncio.to_thread(_analyze, self.store, request)
+                results = await asyncio.to_thread(_analyze, self.store, request, rid)
             except Exception as exc:  # noqa: BLE001 - reported in-band, the stream goes on
-                yield pb.AnalyzeStreamResponse(request_id=request.request_id, error=_error_message(exc))
+                yield pb.AnalyzeStreamResponse(request_id=rid, error=_error_message(exc))
             else:
-                yield pb.AnalyzeStreamResponse(request_id=request.request_id, results=results)
+                yield pb.AnalyzeStreamResponse(request_id=rid, results=results)
 
     @_unary
     async def ListModels(self, request, context):
