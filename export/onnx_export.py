@@ -59,6 +59,27 @@ class ExportReport:
                 f"torch vs ORT max |diff| {diffs} (tolerance {self.atol:g} + {self.rtol:g}*|x|)")
 
 
+def load_run(run_dir: str | Path, kind: str, label: str) -> tuple[dict, dict | None]:
+    """A training run's checkpoint (which must hold a ``kind`` model, ``label`` for messages) and
+    its report.json (None, with a warning, when the run has none)."""
+    import json
+
+    from specserve.training.trainer import CHECKPOINT_NAME, load_checkpoint
+
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ExportError(f"no {CHECKPOINT_NAME} in {run_dir}")
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("model_kind") != kind:
+        raise ExportError(f"{path} holds a {checkpoint.get('model_kind')!r} model, not {label}")
+    report_path = run_dir / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    if report is None:
+        log.warning("%s has no report.json: the model card will carry no metrics", run_dir)
+    return checkpoint, report
+
+
 def export_model(module: torch.nn.Module, card: ModelCard, path: str | Path, *, atol: float, rtol: float,
                  batch_sizes: Iterable[int] = BATCH_SIZES, allowed_ops: set[str] | None = None,
                  opset: int = OPSET, check_parity: bool = True) -> ExportReport:

@@ -15,8 +15,6 @@ into the repository):
 
 from __future__ import annotations
 
-import json
-import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,13 +26,11 @@ from specserve.runtime.contract import ModelCard
 from specserve.runtime.errors import ExportError
 from specserve.runtime.preprocess import Preprocessing
 
-from .onnx_export import ExportReport, export_model
+from .onnx_export import ExportReport, export_model, load_run
 from .rbm import next_version
 from .repository import write_model
 from .spt import ALLOWED_OPS as SPT_OPS
 from .spt import MCCheck, check_mc
-
-log = logging.getLogger(__name__)
 
 ATOL = 1e-4
 RTOL = 1e-3
@@ -110,17 +106,9 @@ def export_physformer(run_dir: str | Path, repository: str | Path, *, name: str 
                       version: int | None = None) -> tuple[list[Path], ExportReport, MCCheck, ExportReport]:
     """Export ``run_dir`` into ``repository/name`` and ``repository/name-generate``."""
     from specserve.training.physformer import PhysFormer
-    from specserve.training.trainer import CHECKPOINT_NAME, load_checkpoint
 
     run_dir = Path(run_dir)
-    path = run_dir / CHECKPOINT_NAME
-    if not path.is_file():
-        raise ExportError(f"no {CHECKPOINT_NAME} in {run_dir}")
-    checkpoint = load_checkpoint(path)
-    if checkpoint.get("model_kind") != "physformer":
-        raise ExportError(f"{path} holds a {checkpoint.get('model_kind')!r} model, not a PhysFormer")
-    report_path = run_dir / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    checkpoint, report = load_run(run_dir, "physformer", "a PhysFormer")
     model = PhysFormer.from_checkpoint(checkpoint)
     cards = physformer_cards(checkpoint, report)
     inference, check, generate = export_physformer_models(model, cards, run_dir / "onnx")

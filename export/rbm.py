@@ -15,8 +15,6 @@ three decimals at worst and for free energies a relative 1e-5 on top.
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +22,8 @@ from specserve.runtime.contract import ModelCard
 from specserve.runtime.errors import ExportError
 from specserve.runtime.preprocess import OPTICAL_PREPROCESSING, Preprocessing
 
-from .onnx_export import ExportReport, export_model
+from .onnx_export import ExportReport, export_model, load_run
 from .repository import write_model
-
-log = logging.getLogger(__name__)
 
 ATOL = 1e-3
 RTOL = 1e-5
@@ -74,19 +70,9 @@ def export_rbm(run_dir: str | Path, repository: str | Path, *, name: str = "rbm"
                version: int | None = None) -> tuple[Path, ExportReport]:
     """Export ``run_dir``'s checkpoint into ``repository/name/version``; returns (version folder, report)."""
     from specserve.training.rbm import RBMClassifier
-    from specserve.training.trainer import CHECKPOINT_NAME, load_checkpoint
 
     run_dir = Path(run_dir)
-    path = run_dir / CHECKPOINT_NAME
-    if not path.is_file():
-        raise ExportError(f"no {CHECKPOINT_NAME} in {run_dir}")
-    checkpoint = load_checkpoint(path)
-    if checkpoint.get("model_kind") != "rbm":
-        raise ExportError(f"{path} holds a {checkpoint.get('model_kind')!r} model, not an RBM")
-    report_path = run_dir / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else None
-    if report is None:
-        log.warning("%s has no report.json: the model card will carry no metrics", run_dir)
+    checkpoint, report = load_run(run_dir, "rbm", "an RBM")
     model = RBMClassifier.from_checkpoint(checkpoint).eval()
     card = rbm_card(checkpoint, report)
     if card.dims["n_pixels"] != model.config.n_pixels:

@@ -27,7 +27,6 @@ The report also times, at batch 64, one MC run with T = 64 against one determini
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -44,7 +43,7 @@ from specserve.runtime.contract import ModelCard
 from specserve.runtime.errors import ExportError
 from specserve.runtime.preprocess import Preprocessing
 
-from .onnx_export import ExportReport, export_model, op_types
+from .onnx_export import ExportReport, export_model, load_run, op_types
 from .rbm import next_version
 from .repository import write_model
 
@@ -241,19 +240,9 @@ def export_spt(run_dir: str | Path, repository: str | Path, *, name: str = "spt"
                version: int | None = None) -> tuple[Path, ExportReport, MCCheck]:
     """Export ``run_dir``'s checkpoint into ``repository/name/version``; returns (folder, report, MC check)."""
     from specserve.training.spt import SpectralTransformer
-    from specserve.training.trainer import CHECKPOINT_NAME, load_checkpoint
 
     run_dir = Path(run_dir)
-    path = run_dir / CHECKPOINT_NAME
-    if not path.is_file():
-        raise ExportError(f"no {CHECKPOINT_NAME} in {run_dir}")
-    checkpoint = load_checkpoint(path)
-    if checkpoint.get("model_kind") != "spt":
-        raise ExportError(f"{path} holds a {checkpoint.get('model_kind')!r} model, not an SPT")
-    report_path = run_dir / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else None
-    if report is None:
-        log.warning("%s has no report.json: the model card will carry no metrics", run_dir)
+    checkpoint, report = load_run(run_dir, "spt", "an SPT")
     model = SpectralTransformer.from_checkpoint(checkpoint)
     card = spt_card(checkpoint, report)
     if card.dims["n_pixels"] != model.config.n_pixels:

@@ -36,7 +36,7 @@ def observe_run(model: str, ok: bool, total_s: float, batch: int = 0, compute_s:
                 queue_s: float = 0.0) -> None:
     REQUESTS.labels(model).inc()
     REQUEST_SECONDS.labels(model).observe(total_s)
-    QUEUE_DEPTH.labels(model).set(0)  # requests run as they come: nothing waits yet
+    QUEUE_DEPTH.labels(model)  # 0: requests run as they come, nothing waits yet (the batcher will set it)
     if not ok:
         FAILURES.labels(model).inc()
         return

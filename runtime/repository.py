@@ -30,9 +30,11 @@ _RNG = np.random.default_rng()
 class ModelStats:
     """Counters of one loaded model version, in the KServe ``ModelStatistics`` sense: requests that
     succeeded or failed (count and total ns), session runs (executions), inferences (batch rows),
-    compute time per batch size, and the time of the last inference. Thread-safe."""
+    compute time per batch size, and the time of the last inference. Thread-safe. Every record also
+    goes to the Prometheus metrics of model ``name``."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "") -> None:
+        self.name = name
         self._lock = threading.Lock()
         self.success = [0, 0]
         self.fail = [0, 0]
@@ -43,6 +45,7 @@ class ModelStats:
         self.batches: dict[int, list[int]] = {}
 
     def record(self, ok: bool, total_ns: int, batch: int = 0, compute_ns: int = 0) -> None:
+        metrics.observe_run(self.name, ok, total_ns * 1e-9, batch, compute_ns * 1e-9)
         with self._lock:
             target = self.success if ok else self.fail
             target[0] += 1
@@ -73,7 +76,12 @@ class LoadedModel:
     card: ModelCard | None = None
     session: ort.InferenceSession | None = None
     reason: str = ""
-    stats: ModelStats = field(default_factory=ModelStats)
+    stats: ModelStats = field(init=False)
+    newer_failure: tuple[str, str] | None = None
+    """(version, reason) of the newest version on disk when it did not load and this older one did."""
+
+    def __post_init__(self) -> None:
+        self.stats = ModelStats(self.name)
 
     @property
     def ready(self) -> bool:
@@ -90,14 +98,11 @@ class LoadedModel:
             t1 = time.perf_counter_ns()
             outputs = self.session.run(contract.output_names, checked)
         except Exception:
-            elapsed = time.perf_counter_ns() - t0
-            self.stats.record(False, elapsed)
-            metrics.observe_run(self.name, False, elapsed * 1e-9)
+            self.stats.record(False, time.perf_counter_ns() - t0)
             raise
         t2 = time.perf_counter_ns()
         batch = int(checked[contract.inputs[0].name].shape[0]) if contract.inputs else 0
         self.stats.record(True, t2 - t0, batch, t2 - t1)
-        metrics.observe_run(self.name, True, (t2 - t0) * 1e-9, batch, (t2 - t1) * 1e-9)
         return dict(zip(contract.output_names, outputs))
 
 
@@ -138,14 +143,16 @@ def model_versions(model_dir: Path) -> list[int]:
 
 def load_model_dir(model_dir: Path, device: Device | None = None, n_models: int = 1) -> LoadedModel:
     """A model folder's newest version that loads, or (none loading) the newest, not ready, with its reason."""
-    chosen: LoadedModel | None = None
+    newest: LoadedModel | None = None
     for version in model_versions(model_dir):
         candidate = load_model_file(model_dir.name, str(version), model_dir / str(version) / "model.onnx",
                                     device, n_models)
         if candidate.ready:
+            if newest is not None:
+                candidate.newer_failure = (newest.version, newest.reason)
             return candidate
-        chosen = chosen or candidate
-    return chosen or LoadedModel(model_dir.name, "", None, reason="no numbered version folder")
+        newest = newest or candidate
+    return newest or LoadedModel(model_dir.name, "", None, reason="no numbered version folder")
 
 
 def model_folders(repo: Path) -> list[Path]:

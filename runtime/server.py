@@ -46,8 +46,7 @@ from .errors import (
     SpecserveError,
 )
 from .providers import Device
-from .repository import (LoadedModel, folder_signature, load_model_dir, load_model_file, load_repository,
-                         model_folders, model_versions)
+from .repository import LoadedModel, folder_signature, load_model_dir, load_repository, model_folders
 
 log = logging.getLogger(__name__)
 
@@ -131,28 +130,14 @@ class ModelStore:
         self.repository = Path(repository)
         self.device = device or Device()
         self.models: dict[str, LoadedModel] = load_repository(self.repository, self.device)
-        self.failures: dict[str, tuple[str, str]] = {}
+        self.failures: dict[str, tuple[str, str]] = {
+            name: m.newer_failure for name, m in self.models.items() if m.newer_failure}
         """Model name -> (version, reason) of a newer version that failed to load while an older one serves."""
         self.signatures = {name: folder_signature(self.repository / name) for name in self.models}
         self._lock = threading.Lock()
-        for name, model in self.models.items():
-            self._note_failure(name, model)
         self.analyzer = Analyzer(self.models)
         ready = [n for n, m in self.models.items() if m.ready]
         log.info("repository %s: %d models, ready: %s", self.repository, len(self.models), ", ".join(ready) or "none")
-
-    def _note_failure(self, name: str, model: LoadedModel) -> None:
-        """Record (and log) that the newest version on disk is not the one serving."""
-        folder = self.repository / name
-        versions = model_versions(folder) if folder.is_dir() else []
-        if model.ready and versions and str(versions[0]) != model.version:
-            failed = load_model_file(name, str(versions[0]), folder / str(versions[0]) / "model.onnx", self.device)
-            reason = failed.reason or "not loaded"
-            self.failures[name] = (str(versions[0]), reason)
-            log.warning("model %s version %s not ready (version %s keeps serving): %s", name, versions[0],
-                        model.version, reason)
-        else:
-            self.failures.pop(name, None)
 
     def reload(self, name: str) -> LoadedModel:
         """Load model ``name`` again from the repository (its newest version that loads). If
@@ -167,14 +152,17 @@ class ModelStore:
             current = self.models.get(name)
             if candidate.ready or current is None or not current.ready:
                 self.models[name] = candidate
+                failure = candidate.newer_failure
                 if candidate.ready:
                     log.info("model %s: serving version %s", name, candidate.version)
-                self._note_failure(name, candidate)
-            else:
-                self.failures[name] = (str(model_versions(folder)[0]) if model_versions(folder) else "",
-                                       candidate.reason)
+            else:  # nothing loads: the newest version's failure is the candidate's reason
+                failure = (candidate.version, candidate.reason)
                 log.warning("model %s: reload failed (version %s keeps serving): %s", name, current.version,
                             candidate.reason)
+            if failure:
+                self.failures[name] = failure
+            else:
+                self.failures.pop(name, None)
             self.signatures[name] = signature
             return self.models[name]
 

@@ -227,6 +227,12 @@ def headline(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def quick_indices(bench, n: int, seed: int) -> np.ndarray:
+    """The ``n`` training spectra of a ``--quick`` smoke run: a seeded sorted sample of the train split."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(bench.split_indices("train"), n, replace=False))
+
+
 def cmd_train_rbm(args: argparse.Namespace) -> int:
     require_training_extra(getattr(args, "threads", DEFAULT_THREADS))
     from .evaluate import REPORT_JSON, EvalConfig, evaluate_rbm
@@ -238,8 +244,7 @@ def cmd_train_rbm(args: argparse.Namespace) -> int:
     bench = load_cv(args.cache)
     train_indices = None
     if args.quick:
-        rng = np.random.default_rng(config.seed)
-        train_indices = np.sort(rng.choice(bench.split_indices("train"), QUICK_TRAIN_SPECTRA, replace=False))
+        train_indices = quick_indices(bench, QUICK_TRAIN_SPECTRA, config.seed)
     t0 = time.perf_counter()
     model, trainer = train_rbm(config, run_dir, bench, train_indices=train_indices,
                                run_info={"quick": bool(args.quick), "cache": str(args.cache) if args.cache else None})

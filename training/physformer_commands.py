@@ -58,8 +58,9 @@ def quick_config(config: Any = None) -> Any:
 
 
 def quick_indices(bench, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(bench.split_indices("train"), QUICK_TRAIN_SPECTRA, replace=False))
+    from .commands import quick_indices as sample
+
+    return sample(bench, QUICK_TRAIN_SPECTRA, seed)
 
 
 def qso_inputs(cache: Path | None) -> dict[str, np.ndarray]:

@@ -63,8 +63,9 @@ def quick_config(config: Any = None) -> Any:
 
 
 def quick_indices(bench, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(bench.split_indices("train"), QUICK_TRAIN_SPECTRA, replace=False))
+    from .commands import quick_indices as sample
+
+    return sample(bench, QUICK_TRAIN_SPECTRA, seed)
 
 
 def train_ablations(config, run_dir: Path, bench, train_indices: np.ndarray | None = None,
