@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # Main job: make sure the default model repository exists (built from the data kit on first run,
-# about 20 minutes on 2 cores), then serve it on localhost:$(PORT) until Ctrl-C.
+# about 25 minutes on 2 cores), then serve it on localhost:$(PORT) until Ctrl-C.
 serve: $(STAMP)
 	$(BIN)/specserve models build --if-missing
 	$(BIN)/specserve serve --port $(PORT)
