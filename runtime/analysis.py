@@ -27,7 +27,7 @@ from .spectrum import Spectrum, SpectrumMeta
 
 log = logging.getLogger(__name__)
 
-_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="specserve-model")
+_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="specserve-model")
 """Runs the models of one request side by side."""
 
 MIN_COVERAGE = 0.75
@@ -151,9 +151,11 @@ class Analyzer:
         return chosen
 
     def analyze(self, spectra: Sequence[SpectrumInput], model_names: Sequence[str] | None = None,
-                mc_samples: int = 0) -> list[SpectrumOutcome]:
+                mc_samples: int = 0, deadline: float | None = None) -> list[SpectrumOutcome]:
         """Run the models on the spectra. ``mc_samples``: Monte Carlo samples for the models that
-        draw them (0: each model's default; beyond a model's maximum: InvalidInputError)."""
+        draw them (0: each model's default; beyond a model's maximum: InvalidInputError).
+        ``deadline`` (time.monotonic()): a model run still queued then is not run
+        (DeadlineExceededError)."""
         models = self.resolve(model_names)
         outcomes = [SpectrumOutcome(s.id) for s in spectra]
         checked: list[Spectrum | None] = []
@@ -166,17 +168,17 @@ class Analyzer:
         # the models run side by side (ONNX Runtime releases the GIL); results are merged in model
         # order, so every spectrum lists its models in the same order whatever finished first
         if len(models) > 1:
-            futures = [_POOL.submit(self._run_model, m, spectra, checked, mc_samples) for m in models]
+            futures = [_POOL.submit(self._run_model, m, spectra, checked, mc_samples, deadline) for m in models]
             per_model = [f.result() for f in futures]
         else:
-            per_model = [self._run_model(m, spectra, checked, mc_samples) for m in models]
+            per_model = [self._run_model(m, spectra, checked, mc_samples, deadline) for m in models]
         for results in per_model:
             for i, result in results:
                 outcomes[i].results.append(result)
         return outcomes
 
     def _run_model(self, model: LoadedModel, spectra: Sequence[SpectrumInput], checked: list[Spectrum | None],
-                   mc_samples: int = 0) -> list[tuple[int, ModelResult]]:
+                   mc_samples: int = 0, deadline: float | None = None) -> list[tuple[int, ModelResult]]:
         """One model on the checked spectra: (spectrum index, result) pairs."""
         found: list[tuple[int, ModelResult]] = []
         card = model.card
@@ -213,7 +215,7 @@ class Analyzer:
             inputs["ivar"] = np.stack(ivars)
         if mc_samples and N_SAMPLES in card.contract.input_names:
             inputs[N_SAMPLES] = np.array([mc_samples], dtype=np.int64)
-        outputs = model.run(inputs)
+        outputs = model.run(inputs, deadline)
         if wants_ivar:
             outputs["_has_ivar"] = inputs["ivar"].any(axis=1)
         interpret = INTERPRETERS[card.kind]

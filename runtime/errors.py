@@ -58,3 +58,15 @@ class ModelNotReadyError(SpecserveError):
 
 class ModelLoadError(SpecserveError):
     """A model (version) that a repository request asked to load did not load; the reason is given."""
+
+
+class QueueFullError(SpecserveError):
+    """A model's request queue is full: the server is at capacity, retry later (RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExceededError(SpecserveError):
+    """A request's deadline passed before its batch ran; it was not run (DEADLINE_EXCEEDED)."""
+
+
+class ShuttingDownError(SpecserveError):
+    """A model's batcher is closed (the server is stopping or the model was replaced) (UNAVAILABLE)."""

@@ -1,10 +1,11 @@
 """Prometheus metrics of the server, exposed over HTTP (``specserve serve --metrics-port``).
 
 One registry per process (the server is one process). Per model: requests and failures (a
-request is one session run asked for), request, queue and compute latency histograms, a batch-size
-histogram and the queue depth; and the number of models ready. Runs are counted where they happen
-(:meth:`~specserve.runtime.repository.LoadedModel.run`), so the KServe and domain APIs, and the
-in-process analyzer, all show up.
+request is one model input a caller asked to run), request latency (checks, queue and run) and
+queue-wait histograms, requests refused by the batcher (queue full, deadline passed), and per
+session run the compute-time and batch-size histograms; the queue depth; the number of models
+ready. Everything is recorded by :class:`~specserve.runtime.repository.ModelStats`, so the KServe
+and domain APIs, and the in-process analyzer, all show up.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 _LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
-REQUESTS = Counter("specserve_requests", "Model requests (one session run asked for)", ["model"], registry=REGISTRY)
+REQUESTS = Counter("specserve_requests", "Model requests (one model input a caller asked to run)", ["model"], registry=REGISTRY)
 FAILURES = Counter("specserve_request_failures", "Model requests that failed (bad input, run error)", ["model"],
                    registry=REGISTRY)
 REQUEST_SECONDS = Histogram("specserve_request_seconds", "Model request latency: input checks, queue and run",
@@ -32,15 +33,21 @@ QUEUE_DEPTH = Gauge("specserve_queue_depth", "Requests waiting for a session run
 MODELS_READY = Gauge("specserve_models_ready", "Models loaded and ready to serve", registry=REGISTRY)
 
 
-def observe_run(model: str, ok: bool, total_s: float, batch: int = 0, compute_s: float = 0.0,
-                queue_s: float = 0.0) -> None:
+REJECTED = Counter("specserve_rejected", "Requests refused by the batcher: queue full, or deadline passed in the queue",
+                   ["model", "reason"], registry=REGISTRY)
+
+
+def observe_request(model: str, ok: bool, total_s: float, queue_s: float = 0.0) -> None:
     REQUESTS.labels(model).inc()
     REQUEST_SECONDS.labels(model).observe(total_s)
-    QUEUE_DEPTH.labels(model)  # 0: requests run as they come, nothing waits yet (the batcher will set it)
+    QUEUE_DEPTH.labels(model)  # the series exists from the first request on (the batcher sets it)
     if not ok:
         FAILURES.labels(model).inc()
         return
     QUEUE_SECONDS.labels(model).observe(queue_s)
+
+
+def observe_execution(model: str, batch: int, compute_s: float) -> None:
     COMPUTE_SECONDS.labels(model).observe(compute_s)
     BATCH_SIZE.labels(model).observe(batch)
 

@@ -23,6 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import onnxruntime as ort
 
 from .errors import SpecserveError
@@ -147,3 +148,19 @@ def session_runs_on(session: ort.InferenceSession, device: Device) -> str:
     if device.kind == "cuda" and session.get_providers()[0] != CUDA_PROVIDER:
         return f"asked for {device.name} but ONNX Runtime fell back to {session.get_providers()[0]}"
     return ""
+
+
+def run_bound(session: ort.InferenceSession, inputs: dict[str, np.ndarray], output_names: list[str],
+              device: tuple[str, int]) -> list[np.ndarray]:
+    """One session run with IO binding on ``device`` ("cuda", index): each input is copied to the
+    device once, ORT allocates the outputs there and copies them back in one step. Tiny inputs
+    (``n_samples``, ``seed``) stay on the host, where ORT's shape kernels read them anyway."""
+    kind, index = device
+    binding = session.io_binding()
+    for name, array in inputs.items():
+        where = (kind, index) if array.size > 16 else ("cpu", 0)
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), *where))
+    for name in output_names:
+        binding.bind_output(name, kind, index)
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()

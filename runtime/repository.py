@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +19,10 @@ import numpy as np
 import onnxruntime as ort
 
 from . import metrics
+from .batching import Batcher, BatchingConfig
 from .contract import ModelCard, fill_defaults
 from .errors import ContractError, ModelNotFoundError, ModelNotReadyError
-from .providers import Device, session_runs_on
+from .providers import Device, run_bound, session_runs_on
 
 log = logging.getLogger(__name__)
 
@@ -29,42 +32,51 @@ _RNG = np.random.default_rng()
 
 class ModelStats:
     """Counters of one loaded model version, in the KServe ``ModelStatistics`` sense: requests that
-    succeeded or failed (count and total ns), session runs (executions), inferences (batch rows),
-    compute time per batch size, and the time of the last inference. Thread-safe. Every record also
-    goes to the Prometheus metrics of model ``name``."""
+    succeeded or failed (count and total ns), their time in the queue, inferences (rows answered),
+    session runs (executions) with their compute time per batch size, and the time of the last
+    inference. Thread-safe. Every record also goes to the Prometheus metrics of model ``name``."""
 
     def __init__(self, name: str = "") -> None:
         self.name = name
         self._lock = threading.Lock()
         self.success = [0, 0]
         self.fail = [0, 0]
+        self.queue = [0, 0]
         self.compute = [0, 0]
         self.inference_count = 0
         self.execution_count = 0
         self.last_inference_ms = 0
         self.batches: dict[int, list[int]] = {}
 
-    def record(self, ok: bool, total_ns: int, batch: int = 0, compute_ns: int = 0) -> None:
-        metrics.observe_run(self.name, ok, total_ns * 1e-9, batch, compute_ns * 1e-9)
+    def record_request(self, ok: bool, total_ns: int, queue_ns: int = 0, rows: int = 0) -> None:
+        """One request answered: ``ok``, its whole time, its time in the queue, its rows."""
+        metrics.observe_request(self.name, ok, total_ns * 1e-9, queue_ns * 1e-9)
         with self._lock:
             target = self.success if ok else self.fail
             target[0] += 1
             target[1] += total_ns
             if ok:
-                self.inference_count += batch
-                self.execution_count += 1
-                self.compute[0] += 1
-                self.compute[1] += compute_ns
-                entry = self.batches.setdefault(batch, [0, 0])
-                entry[0] += 1
-                entry[1] += compute_ns
+                self.queue[0] += 1
+                self.queue[1] += queue_ns
+                self.inference_count += rows
                 self.last_inference_ms = int(time.time() * 1000)
+
+    def record_execution(self, batch: int, compute_ns: int) -> None:
+        """One session run of ``batch`` rows (one request's, or several gathered by the batcher)."""
+        metrics.observe_execution(self.name, batch, compute_ns * 1e-9)
+        with self._lock:
+            self.execution_count += 1
+            self.compute[0] += 1
+            self.compute[1] += compute_ns
+            entry = self.batches.setdefault(batch, [0, 0])
+            entry[0] += 1
+            entry[1] += compute_ns
 
     def snapshot(self) -> dict:
         with self._lock:
-            return {"success": tuple(self.success), "fail": tuple(self.fail), "compute": tuple(self.compute),
-                    "inference_count": self.inference_count, "execution_count": self.execution_count,
-                    "last_inference_ms": self.last_inference_ms,
+            return {"success": tuple(self.success), "fail": tuple(self.fail), "queue": tuple(self.queue),
+                    "compute": tuple(self.compute), "inference_count": self.inference_count,
+                    "execution_count": self.execution_count, "last_inference_ms": self.last_inference_ms,
                     "batches": {k: tuple(v) for k, v in sorted(self.batches.items())}}
 
 
@@ -79,6 +91,10 @@ class LoadedModel:
     stats: ModelStats = field(init=False)
     newer_failure: tuple[str, str] | None = None
     """(version, reason) of the newest version on disk when it did not load and this older one did."""
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    batcher: Batcher | None = None
+    io_binding: tuple[str, int] | None = None
+    """Device ("cuda", index) the session's inputs and outputs are bound to; None: plain ``session.run``."""
 
     def __post_init__(self) -> None:
         self.stats = ModelStats(self.name)
@@ -87,23 +103,60 @@ class LoadedModel:
     def ready(self) -> bool:
         return self.session is not None
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate ``inputs`` against the contract and run the session (counted in ``stats``)."""
+    def prepare(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``inputs`` with the optional ones filled in, checked against the contract (raises
+        InvalidInputError naming the problem, ModelNotReadyError for a model not loaded)."""
         if not self.ready:
             raise ModelNotReadyError(f"model {self.name!r} is not ready: {self.reason}")
+        return self.card.contract.validate_inputs(fill_defaults(self.card, inputs, _RNG), self.card.dims)
+
+    def execute(self, checked: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One session run on prepared inputs: the outputs by name (IO binding on CUDA)."""
+        names = self.card.contract.output_names
+        if self.io_binding:
+            return dict(zip(names, run_bound(self.session, checked, names, self.io_binding)))
+        return dict(zip(names, self.session.run(names, checked)))
+
+    def submit(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> Future:
+        """Run ``inputs`` through the model's batcher when it has one, else at once: a future of
+        the outputs. Raises at once for a request that does not fit the contract or a full queue."""
+        if self.batcher is not None:
+            return self.batcher.submit(dict(inputs), deadline)
+        future: Future = Future()
+        future.set_result(self._run_now(inputs))
+        return future
+
+    def run(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> dict[str, np.ndarray]:
+        """Validate ``inputs`` against the contract and run them (through the batcher when the
+        model has one); counted in ``stats``."""
+        if self.batcher is not None:
+            return self.batcher.submit(dict(inputs), deadline).result()
+        return self._run_now(inputs)
+
+    def _run_now(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter_ns()
-        contract = self.card.contract
         try:
-            checked = contract.validate_inputs(fill_defaults(self.card, inputs, _RNG), self.card.dims)
+            checked = self.prepare(inputs)
             t1 = time.perf_counter_ns()
-            outputs = self.session.run(contract.output_names, checked)
+            outputs = self.execute(checked)
         except Exception:
-            self.stats.record(False, time.perf_counter_ns() - t0)
+            self.stats.record_request(False, time.perf_counter_ns() - t0)
             raise
         t2 = time.perf_counter_ns()
-        batch = int(checked[contract.inputs[0].name].shape[0]) if contract.inputs else 0
-        self.stats.record(True, t2 - t0, batch, t2 - t1)
-        return dict(zip(contract.output_names, outputs))
+        batch = int(checked[self.card.contract.inputs[0].name].shape[0])
+        self.stats.record_execution(batch, t2 - t1)
+        self.stats.record_request(True, t2 - t0, 0, batch)
+        return outputs
+
+    def start_batching(self) -> None:
+        """Give this (ready) model its batcher, configured from its folder's config.pbtxt."""
+        if self.ready and self.batcher is None:
+            self.batcher = Batcher(self, self.batching)
+
+    def stop_batching(self, timeout: float | None = None) -> None:
+        """Close the batcher: nothing new is accepted, everything queued is answered."""
+        if self.batcher is not None:
+            self.batcher.close(timeout=timeout)
 
 
 def session_options(intra_threads: int | None = None) -> ort.SessionOptions:
@@ -131,6 +184,9 @@ def load_model_file(name: str, version: str, path: Path, device: Device | None =
         model.reason = f"cannot load {path}: {type(exc).__name__}: {exc}"
     else:
         model.card, model.session = card, session
+        model.batching = BatchingConfig.for_model_dir(path.parent.parent)
+        if device.kind == "cuda":
+            model.io_binding = ("cuda", device.index)
     if not model.ready:
         log.warning("model %s version %s not ready: %s", name, version, model.reason)
     return model
@@ -171,7 +227,8 @@ def load_repository(repo: str | Path, device: Device | None = None) -> dict[str,
 
 
 def folder_signature(model_dir: Path) -> tuple:
-    """What a change of a model folder changes: its versions' model files, sizes and mtimes."""
+    """What a change of a model folder changes: its versions' model files (sizes and mtimes) and
+    its config.pbtxt."""
     entries = []
     for version in model_versions(model_dir):
         path = model_dir / str(version) / "model.onnx"
@@ -181,4 +238,8 @@ def folder_signature(model_dir: Path) -> tuple:
             entries.append((version, None))
             continue
         entries.append((version, st.st_size, st.st_mtime_ns))
+    try:  # the batching settings live there
+        entries.append(("config.pbtxt", (model_dir / "config.pbtxt").stat().st_mtime_ns))
+    except OSError:
+        pass
     return tuple(entries)

@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable
 from importlib import metadata
 from pathlib import Path
@@ -43,6 +44,9 @@ from .errors import (
     ModelLoadError,
     ModelNotFoundError,
     ModelNotReadyError,
+    QueueFullError,
+    DeadlineExceededError,
+    ShuttingDownError,
     SpecserveError,
 )
 from .providers import Device
@@ -60,7 +64,13 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ModelNotReadyError, grpc.StatusCode.UNAVAILABLE),
     (ContractError, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
 )
+
+STREAM_WINDOW = 64
+"""Messages of one stream in flight at once (their answers still go back in order)."""
 
 def _code(exc: BaseException) -> grpc.StatusCode:
     return next((code for cls, code in _STATUS if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
@@ -124,12 +134,18 @@ def _version() -> str:
 
 
 class ModelStore:
-    """The loaded repository and the analyzer over it."""
+    """The loaded repository and the analyzer over it. With ``batching`` every ready model
+    gets a batcher (:mod:`.batching`); a replaced or unloaded version's batcher answers what it
+    holds, then stops."""
 
-    def __init__(self, repository: str | Path, device: Device | None = None):
+    def __init__(self, repository: str | Path, device: Device | None = None, batching: bool = True):
         self.repository = Path(repository)
         self.device = device or Device()
+        self.batching = batching
         self.models: dict[str, LoadedModel] = load_repository(self.repository, self.device)
+        if batching:
+            for model in self.models.values():
+                model.start_batching()
         self.failures: dict[str, tuple[str, str]] = {
             name: m.newer_failure for name, m in self.models.items() if m.newer_failure}
         """Model name -> (version, reason) of a newer version that failed to load while an older one serves."""
@@ -151,7 +167,7 @@ class ModelStore:
             candidate = load_model_dir(folder, self.device, n_models)
             current = self.models.get(name)
             if candidate.ready or current is None or not current.ready:
-                self.models[name] = candidate
+                self._install(name, candidate)
                 failure = candidate.newer_failure
                 if candidate.ready:
                     log.info("model %s: serving version %s", name, candidate.version)
@@ -169,9 +185,22 @@ class ModelStore:
     def unload(self, name: str) -> None:
         self.get(name)
         with self._lock:
-            self.models[name] = LoadedModel(name, "", None, reason="unloaded (RepositoryModelUnload)")
+            self._install(name, LoadedModel(name, "", None, reason="unloaded (RepositoryModelUnload)"))
             self.failures.pop(name, None)
             log.info("model %s unloaded", name)
+
+    def _install(self, name: str, model: LoadedModel) -> None:
+        old = self.models.get(name)
+        if self.batching:
+            model.start_batching()
+        self.models[name] = model
+        if old is not None and old is not model and old.batcher is not None:
+            old.batcher.close(wait=False)  # its worker answers what it holds, then exits
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop every batcher after it has answered what it holds."""
+        for model in list(self.models.values()):
+            model.stop_batching(timeout)
 
     def changed(self) -> list[str]:
         """Model folders added, changed or removed since they were last loaded."""
@@ -188,7 +217,7 @@ class ModelStore:
                 self.reload(name)
             else:
                 with self._lock:
-                    self.models[name] = LoadedModel(name, "", None, reason="model folder removed")
+                    self._install(name, LoadedModel(name, "", None, reason="model folder removed"))
                     self.signatures.pop(name, None)
                     self.failures.pop(name, None)
                 log.warning("model %s: folder removed, unloaded", name)
@@ -266,26 +295,59 @@ def _typed_contents(tensor, dtype: dtypes.DType):
     return list(getattr(tensor.contents, field))
 
 
-def _infer(store: ModelStore, request: kserve.ModelInferRequest) -> kserve.ModelInferResponse:
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the time.monotonic() clock (None: the client set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+async def _infer(store: ModelStore, request: kserve.ModelInferRequest,
+                 deadline: float | None = None) -> kserve.ModelInferResponse:
+    """Check and queue the request for its model's batcher, await its share of the batch run."""
     rid = request_id(request.id)
     rows = int(request.inputs[0].shape[0]) if request.inputs and request.inputs[0].shape else 0
     with _logged("ModelInfer", rid, f"model={request.model_name}", rows):
-        return _infer_logged(store, request, rid)
+        model = store.ready_model(request.model_name, request.model_version)
+        wanted = [o.name for o in request.outputs] or model.card.contract.output_names
+        unknown = [n for n in wanted if n not in model.card.contract.output_names]
+        if unknown:
+            raise InvalidInputError(f"model {model.name!r} has no outputs {unknown} "
+                                    f"(outputs: {model.card.contract.output_names})")
+        inputs = _decode_inputs(request)
+        outputs = await asyncio.wrap_future(model.submit(inputs, deadline))
+        response = kserve.ModelInferResponse(model_name=model.name, model_version=model.version, id=rid)
+        for name in wanted:
+            array = np.ascontiguousarray(outputs[name])
+            response.outputs.add(name=name, datatype=dtypes.from_numpy(array.dtype).kserve, shape=list(array.shape))
+            response.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
+        return response
 
 
-def _infer_logged(store: ModelStore, request: kserve.ModelInferRequest, rid: str) -> kserve.ModelInferResponse:
-    model = store.ready_model(request.model_name, request.model_version)
-    outputs = model.run(_decode_inputs(request))
-    wanted = [o.name for o in request.outputs] or list(outputs)
-    unknown = [n for n in wanted if n not in outputs]
-    if unknown:
-        raise InvalidInputError(f"model {model.name!r} has no outputs {unknown} (outputs: {list(outputs)})")
-    response = kserve.ModelInferResponse(model_name=model.name, model_version=model.version, id=rid)
-    for name in wanted:
-        array = np.ascontiguousarray(outputs[name])
-        response.outputs.add(name=name, datatype=dtypes.from_numpy(array.dtype).kserve, shape=list(array.shape))
-        response.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
-    return response
+async def _in_order(requests: AsyncIterator, answer: Callable, window: int = STREAM_WINDOW) -> AsyncIterator:
+    """Answer a stream's messages concurrently (up to ``window`` at once, so the batcher can gather
+    them) and yield the answers in the order the messages came. ``answer(message)`` is a coroutine
+    that reports its own errors in-band."""
+    pending: asyncio.Queue = asyncio.Queue(maxsize=window)
+    done = object()
+
+    async def read() -> None:
+        try:
+            async for message in requests:
+                await pending.put(asyncio.ensure_future(answer(message)))
+        finally:
+            await pending.put(done)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (task := await pending.get()) is not done:
+            yield await task
+        await reader  # a broken request stream raises here
+    finally:
+        reader.cancel()
+        while not pending.empty():
+            task = pending.get_nowait()
+            if task is not done:
+                task.cancel()
 
 
 def _tensor_metadata(spec, dims) -> kserve.ModelMetadataResponse.TensorMetadata:
@@ -303,7 +365,7 @@ def _statistics(model: LoadedModel) -> kserve.ModelStatistics:
         inference_stats=kserve.InferStatistics(
             success=duration(count=snap["success"][0], ns=snap["success"][1]),
             fail=duration(count=snap["fail"][0], ns=snap["fail"][1]),
-            queue=duration(count=snap["success"][0], ns=0),  # no queue yet: requests run as they come
+            queue=duration(count=snap["queue"][0], ns=snap["queue"][1]),
             compute_infer=duration(count=snap["compute"][0], ns=snap["compute"][1])),
         batch_stats=[kserve.InferBatchStatistics(batch_size=size, compute_infer=duration(count=count, ns=ns))
                      for size, (count, ns) in snap["batches"].items()])
@@ -374,16 +436,21 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     async def ModelInfer(self, request, context):
-        return await asyncio.to_thread(_infer, self.store, request)
+        return await _infer(self.store, request, _deadline(context))
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[kserve.ModelStreamInferResponse]:
-        async for request in request_iterator:
+        deadline = _deadline(context)
+
+        async def answer(request) -> kserve.ModelStreamInferResponse:
             try:
-                response = await asyncio.to_thread(_infer, self.store, request)
+                response = await _infer(self.store, request, deadline)
             except Exception as exc:  # noqa: BLE001 - reported in-band, the stream goes on
-                yield kserve.ModelStreamInferResponse(error_message=status_for(exc)[1])
-            else:
-                yield kserve.ModelStreamInferResponse(infer_response=response)
+                code, message = status_for(exc)
+                return kserve.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
+            return kserve.ModelStreamInferResponse(infer_response=response)
+
+        async for response in _in_order(request_iterator, answer):
+            yield response
 
 
 # ------------------------------------------------------------------ specserve.v1
@@ -445,13 +512,14 @@ def _outcome_to_proto(outcome: SpectrumOutcome, model_spectrum: bool = False) ->
     return message
 
 
-def _analyze(store: ModelStore, request: pb.AnalyzeRequest, rid: str) -> list[pb.SpectrumResult]:
+def _analyze(store: ModelStore, request: pb.AnalyzeRequest, rid: str,
+             deadline: float | None = None) -> list[pb.SpectrumResult]:
     models = ",".join(request.models) or "all"
     with _logged("Analyze", rid, f"models={models}", len(request.spectra)):
-        return _analyze_logged(store, request)
+        return _analyze_logged(store, request, deadline)
 
 
-def _analyze_logged(store: ModelStore, request: pb.AnalyzeRequest) -> list[pb.SpectrumResult]:
+def _analyze_logged(store: ModelStore, request: pb.AnalyzeRequest, deadline: float | None) -> list[pb.SpectrumResult]:
     inputs: list[SpectrumInput | None] = []
     early: dict[int, SpectrumOutcome] = {}
     for i, message in enumerate(request.spectra):
@@ -461,7 +529,8 @@ def _analyze_logged(store: ModelStore, request: pb.AnalyzeRequest) -> list[pb.Sp
             inputs.append(None)
             early[i] = SpectrumOutcome(message.id, error=exc)
     valid = [s for s in inputs if s is not None]
-    outcomes = iter(store.analyzer.analyze(valid, list(request.models), mc_samples=int(request.mc_samples)))
+    outcomes = iter(store.analyzer.analyze(valid, list(request.models), mc_samples=int(request.mc_samples),
+                                           deadline=deadline))
     ordered = [early[i] if s is None else next(outcomes) for i, s in enumerate(inputs)]
     return [_outcome_to_proto(o, request.return_model_spectrum) for o in ordered]
 
@@ -475,20 +544,24 @@ class DomainServicer(pb_grpc.SpecServeServicer):
         if not request.spectra:
             raise InvalidSpectrumError("the request holds no spectra")
         rid = request_id(request.request_id)
-        results = await asyncio.to_thread(_analyze, self.store, request, rid)
+        results = await asyncio.to_thread(_analyze, self.store, request, rid, _deadline(context))
         return pb.AnalyzeResponse(request_id=rid, results=results)
 
     async def AnalyzeStream(self, request_iterator, context) -> AsyncIterator[pb.AnalyzeStreamResponse]:
-        async for request in request_iterator:
+        deadline = _deadline(context)
+
+        async def answer(request) -> pb.AnalyzeStreamResponse:
             rid = request_id(request.request_id)
             try:
                 if not request.spectra:
                     raise InvalidSpectrumError("the message holds no spectra")
-                results = await asyncio.to_thread(_analyze, self.store, request, rid)
+                results = await asyncio.to_thread(_analyze, self.store, request, rid, deadline)
             except Exception as exc:  # noqa: BLE001 - reported in-band, the stream goes on
-                yield pb.AnalyzeStreamResponse(request_id=rid, error=_error_message(exc))
-            else:
-                yield pb.AnalyzeStreamResponse(request_id=rid, results=results)
+                return pb.AnalyzeStreamResponse(request_id=rid, error=_error_message(exc))
+            return pb.AnalyzeStreamResponse(request_id=rid, results=results)
+
+        async for response in _in_order(request_iterator, answer):
+            yield response
 
     @_unary
     async def ListModels(self, request, context):
@@ -512,8 +585,8 @@ class DomainServicer(pb_grpc.SpecServeServicer):
 def create_server(repository: str | Path, address: str = "127.0.0.1:0",
                   device: Device | None = None) -> tuple[grpc.aio.Server, int]:
     """A configured, not yet started grpc.aio server and the port it is bound to; the models'
-    sessions run on ``device`` (default the CPU)."""
-    store = ModelStore(repository, device)
+    sessions run on ``device`` (default the CPU), each behind its batcher."""
+    store = ModelStore(repository, device, batching=True)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -588,6 +661,8 @@ async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 800
         on_started(bound)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # the domain API's threads mostly wait for their batches: allow many, so batches can fill
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="specserve-request"))
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     watcher = asyncio.create_task(watch_repository(server, poll_repository)) if poll_repository > 0 else None
@@ -596,4 +671,6 @@ async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 800
         watcher.cancel()
     log.info("shutting down: draining for up to %.0f s", grace_seconds)
     await _set_health(server, False)
-    await server.stop(grace_seconds)
+    await server.stop(grace_seconds)  # new calls are refused; accepted ones run to their answer
+    await asyncio.to_thread(server.store.close, grace_seconds)
+    log.info("stopped")

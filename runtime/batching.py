@@ -1,0 +1,240 @@
+"""Dynamic batching: the requests to one model, from every client and stream, gathered into one
+ONNX Runtime run.
+
+Each ready model the server serves has a :class:`Batcher`, which is a bounded FIFO queue with one
+worker thread. A request is checked against the model's contract in the caller's thread, so a bad
+request fails at once and never reaches the queue. It then waits in the queue. The worker takes the
+oldest request and every later one that can share its run, meaning the same non-batch inputs, for
+example the same ``n_samples``. It goes on while the rows fit in ``max_batch_size``; a request
+larger than that runs alone. It concatenates them along the batch axis, runs the session once,
+splits every output back along that output's own batch axis (axis 1 for ``samples``), and resolves
+each caller's future. With ``max_queue_delay`` > 0 the worker waits up to that long after the
+oldest request arrived for a fuller batch. With 0 (the default) it takes whatever is queued, so
+requests gather while the previous run is busy.
+
+Backpressure is explicit. A request that finds ``max_queue_size`` requests already waiting gets
+:class:`~.errors.QueueFullError` (``RESOURCE_EXHAUSTED``) at once. A request whose deadline passed
+while it waited is answered with :class:`~.errors.DeadlineExceededError` and not run. ``close()``
+stops accepting, and the worker answers everything already queued before it exits.
+
+The three knobs are read from the model's ``config.pbtxt`` in Triton's own fields. These are
+``max_batch_size``, and ``dynamic_batching { max_queue_delay_microseconds
+default_queue_policy { max_queue_size } }``. A model whose tensors do not all lead with the batch
+axis has ``max_batch_size: 0`` in Triton's sense, so its row limit comes from the
+``specserve_max_batch_rows`` parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import metrics
+from .contract import BATCH
+from .errors import DeadlineExceededError, QueueFullError, ShuttingDownError
+
+if TYPE_CHECKING:
+    from .repository import LoadedModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_ROWS = 256
+DEFAULT_MAX_QUEUE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = DEFAULT_MAX_BATCH_ROWS
+    """Rows per session run (a single larger request runs alone)."""
+    max_queue_delay_s: float = 0.0
+    """How long the oldest queued request may wait for a fuller batch."""
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
+    """Requests that may wait; one more is refused with RESOURCE_EXHAUSTED."""
+
+    @classmethod
+    def from_pbtxt(cls, text: str) -> "BatchingConfig":
+        """The batching fields of a Triton ``config.pbtxt`` (absent fields keep their defaults)."""
+
+        def number(pattern: str) -> int | None:
+            found = re.search(pattern, text)
+            return int(found.group(1)) if found else None
+
+        rows = number(r"(?m)^\s*max_batch_size\s*:\s*(\d+)")
+        if not rows:  # 0 or absent: Triton does not batch this model itself; our own parameter
+            rows = number(r'key\s*:\s*"specserve_max_batch_rows"\s*value\s*:?\s*\{\s*string_value\s*:\s*"(\d+)"')
+        delay = number(r"max_queue_delay_microseconds\s*:\s*(\d+)")
+        size = number(r"default_queue_policy\s*\{[^}]*max_queue_size\s*:\s*(\d+)")
+        return cls(max_batch_size=rows or DEFAULT_MAX_BATCH_ROWS,
+                   max_queue_delay_s=(delay or 0) * 1e-6,
+                   max_queue_size=size or DEFAULT_MAX_QUEUE_SIZE)
+
+    @classmethod
+    def for_model_dir(cls, model_dir: Path) -> "BatchingConfig":
+        path = model_dir / "config.pbtxt"
+        try:
+            return cls.from_pbtxt(path.read_text())
+        except OSError:
+            return cls()
+
+
+@dataclass
+class _Request:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    key: tuple
+    future: Future
+    enqueued_ns: int
+    deadline: float | None  # time.monotonic() seconds
+
+
+def batch_axis(shape: tuple) -> int | None:
+    return shape.index(BATCH) if BATCH in shape else None
+
+
+class Batcher:
+    """The queue and worker thread of one loaded model version."""
+
+    def __init__(self, model: "LoadedModel", config: BatchingConfig):
+        self.model = model
+        self.config = config
+        contract = model.card.contract
+        self._input_axes = {t.name: batch_axis(t.shape) for t in contract.inputs}
+        self._output_axes = {t.name: batch_axis(t.shape) for t in contract.outputs}
+        self._queue: deque[_Request] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"specserve-batch-{model.name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def submit(self, inputs: dict[str, np.ndarray], deadline: float | None = None) -> Future:
+        """Queue one request; its future gets the outputs (or the error). Raises at once for a
+        request that does not fit the contract, a full queue, or a closed batcher."""
+        t0 = time.perf_counter_ns()
+        model = self.model
+        try:
+            checked = model.prepare(inputs)
+            rows = next(a.shape[self._input_axes[n]] for n, a in checked.items() if self._input_axes[n] is not None)
+            # runs can be shared by requests whose other inputs are equal; a seed the runtime drew
+            # itself (the client sent none) does not count, the batch's run draws its own
+            key = tuple((n, a.tobytes()) for n, a in sorted(checked.items())
+                        if self._input_axes[n] is None and (n != "seed" or "seed" in inputs))
+            request = _Request(checked, rows, key, Future(), t0, deadline)
+            with self._cond:
+                if self._closed:
+                    raise ShuttingDownError(f"model {model.name!r} version {model.version} is shutting down")
+                if len(self._queue) >= self.config.max_queue_size:
+                    metrics.REJECTED.labels(model.name, "queue_full").inc()
+                    raise QueueFullError(f"model {model.name!r}: {len(self._queue)} requests are queued "
+                                         f"(max_queue_size {self.config.max_queue_size}); retry later")
+                self._queue.append(request)
+                metrics.QUEUE_DEPTH.labels(model.name).set(len(self._queue))
+                self._cond.notify()
+        except Exception:
+            model.stats.record_request(False, time.perf_counter_ns() - t0)
+            raise
+        return request.future
+
+    def close(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting; the worker answers every queued request, then exits."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if wait:
+            self._thread.join(timeout)
+
+    # ---------------------------------------------------------------- worker
+
+    def _rows_waiting(self, key: tuple) -> int:
+        return sum(r.rows for r in self._queue if r.key == key)
+
+    def _take(self) -> list[_Request]:
+        """Pop the oldest request and the later ones that share its run, while the rows fit."""
+        first = self._queue[0]
+        taken, kept, rows = [], deque(), 0
+        for r in self._queue:
+            if r.key == first.key and (not taken or rows + r.rows <= self.config.max_batch_size):
+                taken.append(r)
+                rows += r.rows
+            else:
+                kept.append(r)
+        self._queue = kept
+        return taken
+
+    def _loop(self) -> None:
+        limit, delay = self.config.max_batch_size, self.config.max_queue_delay_s
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                if delay > 0:
+                    first = self._queue[0]
+                    until = first.enqueued_ns * 1e-9 + delay
+                    while (not self._closed and self._rows_waiting(first.key) < limit
+                           and (left := until - time.perf_counter_ns() * 1e-9) > 0):
+                        self._cond.wait(left)
+                batch = self._take()
+                metrics.QUEUE_DEPTH.labels(self.model.name).set(len(self._queue))
+            try:
+                self._run(batch)
+            except Exception as exc:  # noqa: BLE001 - the worker must survive anything
+                log.exception("model %s: batch failed", self.model.name)
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(exc)
+
+    def _run(self, batch: list[_Request]) -> None:
+        model, now = self.model, time.monotonic()
+        live = []
+        for r in batch:
+            if not r.future.set_running_or_notify_cancel():  # the caller went away
+                continue
+            if r.deadline is not None and now > r.deadline:
+                metrics.REJECTED.labels(model.name, "deadline").inc()
+                model.stats.record_request(False, time.perf_counter_ns() - r.enqueued_ns)
+                r.future.set_exception(DeadlineExceededError(
+                    f"model {model.name!r}: the deadline passed after {(time.perf_counter_ns() - r.enqueued_ns) / 1e6:.0f} ms "
+                    "in the queue; not run"))
+                continue
+            live.append(r)
+        if not live:
+            return
+        first = live[0].inputs
+        inputs = {n: (np.concatenate([r.inputs[n] for r in live], axis=ax) if len(live) > 1 else first[n])
+                  if (ax := self._input_axes[n]) is not None else first[n] for n in first}
+        t0 = time.perf_counter_ns()
+        try:
+            outputs = model.execute(inputs)
+        except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
+            for r in live:
+                model.stats.record_request(False, time.perf_counter_ns() - r.enqueued_ns)
+                r.future.set_exception(exc)
+            return
+        t1 = time.perf_counter_ns()
+        rows = sum(r.rows for r in live)
+        model.stats.record_execution(rows, t1 - t0)
+        start = 0
+        for r in live:
+            part = {}
+            for name, array in outputs.items():
+                ax = self._output_axes.get(name)
+                part[name] = array if ax is None or len(live) == 1 else \
+                    array[(slice(None),) * ax + (slice(start, start + r.rows),)]
+            start += r.rows
+            done = time.perf_counter_ns()
+            model.stats.record_request(True, done - r.enqueued_ns, t0 - r.enqueued_ns, r.rows)
+            r.future.set_result(part)
