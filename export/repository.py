@@ -15,9 +15,11 @@ import shutil
 from pathlib import Path
 
 from specserve.runtime import dtypes
+from specserve.runtime.batching import DEFAULT_MAX_QUEUE_SIZE
 from specserve.runtime.contract import BATCH, DYNAMIC_DIMS, ModelCard, TensorSpec
 
 DEFAULT_MAX_BATCH_SIZE = 256
+MAX_MC_BATCH_ROWS = 64
 
 
 def _batched(tensors: tuple[TensorSpec, ...]) -> bool:
@@ -40,16 +42,28 @@ def _tensor_block(tensors: tuple[TensorSpec, ...], dims: dict[str, int], batched
     return "[\n" + ",\n".join(entries) + "\n]"
 
 
-def config_pbtxt(name: str, card: ModelCard, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> str:
+def config_pbtxt(name: str, card: ModelCard, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 max_queue_delay_us: int = 0, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE) -> str:
+    """Triton's config for the model. The batching fields are what ``specserve serve`` reads
+    (:class:`specserve.runtime.batching.BatchingConfig`). A model whose tensors do not all lead
+    with the batch axis gets ``max_batch_size: 0`` (Triton's "no batch axis") and its row limit
+    in the ``specserve_max_batch_rows`` parameter."""
     contract, dims = card.contract, card.dims
     batched = _batched(contract.inputs + contract.outputs)
+    rows_parameter = "" if batched else (  # MC models tile every row n_samples times: fewer rows
+        'parameters {\n  key: "specserve_max_batch_rows"\n'
+        f'  value: {{ string_value: "{min(max_batch_size, MAX_MC_BATCH_ROWS)}" }}\n}}\n')
     return (
         f'name: "{name}"\n'
         'platform: "onnxruntime_onnx"\n'
         f"max_batch_size: {max_batch_size if batched else 0}\n"
         f"input {_tensor_block(contract.inputs, dims, batched)}\n"
         f"output {_tensor_block(contract.outputs, dims, batched)}\n"
-        "dynamic_batching { }\n"
+        "dynamic_batching {\n"
+        f"  max_queue_delay_microseconds: {max_queue_delay_us}\n"
+        f"  default_queue_policy {{ max_queue_size: {max_queue_size} }}\n"
+        "}\n"
+        + rows_parameter
     )
 
 
@@ -77,7 +91,8 @@ def model_readme(name: str, version: int, card: ModelCard) -> str:
 
 
 def write_model(repo: str | Path, name: str, version: int, onnx_file: str | Path, card: ModelCard,
-                max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> Path:
+                max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queue_delay_us: int = 0,
+                max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE) -> Path:
     """Copy a validated ``model.onnx`` into the repository; returns the version folder."""
     if version < 1:
         raise ValueError(f"model versions start at 1, got {version}")
@@ -88,6 +103,7 @@ def write_model(repo: str | Path, name: str, version: int, onnx_file: str | Path
     tmp = version_dir / ".model.onnx.tmp"
     shutil.copyfile(onnx_file, tmp)
     os.replace(tmp, target)  # a watcher never sees a half-written model
-    (model_dir / "config.pbtxt").write_text(config_pbtxt(name, card, max_batch_size))
+    (model_dir / "config.pbtxt").write_text(config_pbtxt(name, card, max_batch_size, max_queue_delay_us,
+                                                         max_queue_size))
     (model_dir / "README.md").write_text(model_readme(name, version, card))
     return version_dir

@@ -201,7 +201,9 @@ class Batcher:
         model, now = self.model, time.monotonic()
         live = []
         for r in batch:
-            if not r.future.set_running_or_notify_cancel():  # the caller went away
+            if not r.future.set_running_or_notify_cancel():  # the caller went away (deadline, hung up)
+                metrics.REJECTED.labels(model.name, "cancelled").inc()
+                model.stats.record_request(False, time.perf_counter_ns() - r.enqueued_ns)
                 continue
             if r.deadline is not None and now > r.deadline:
                 metrics.REJECTED.labels(model.name, "deadline").inc()

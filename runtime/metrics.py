@@ -33,7 +33,7 @@ QUEUE_DEPTH = Gauge("specserve_queue_depth", "Requests waiting for a session run
 MODELS_READY = Gauge("specserve_models_ready", "Models loaded and ready to serve", registry=REGISTRY)
 
 
-REJECTED = Counter("specserve_rejected", "Requests refused by the batcher: queue full, or deadline passed in the queue",
+REJECTED = Counter("specserve_rejected", "Requests not run: queue full, deadline passed in the queue, or caller gone (cancelled)",
                    ["model", "reason"], registry=REGISTRY)
 
 

@@ -323,26 +323,47 @@ async def _infer(store: ModelStore, request: kserve.ModelInferRequest,
         return response
 
 
-async def _in_order(requests: AsyncIterator, answer: Callable, window: int = STREAM_WINDOW) -> AsyncIterator:
+async def _in_order(requests: AsyncIterator, answer: Callable, stopping: asyncio.Event,
+                    window: int = STREAM_WINDOW) -> AsyncIterator:
     """Answer a stream's messages concurrently (up to ``window`` at once, so the batcher can gather
     them) and yield the answers in the order the messages came. ``answer(message)`` is a coroutine
-    that reports its own errors in-band."""
+    that reports its own errors in-band. Once ``stopping`` is set (SIGTERM) no further message is
+    read: the ones already read are answered and the stream ends with OK."""
     pending: asyncio.Queue = asyncio.Queue(maxsize=window)
     done = object()
+
+    failed: list[Exception] = []
 
     async def read() -> None:
         try:
             async for message in requests:
                 await pending.put(asyncio.ensure_future(answer(message)))
-        finally:
-            await pending.put(done)
+        except Exception as exc:  # noqa: BLE001 - raised by the consumer, after the answers so far
+            failed.append(exc)
+        await pending.put(done)
 
     reader = asyncio.create_task(read())
+    stop = asyncio.ensure_future(stopping.wait())
     try:
-        while (task := await pending.get()) is not done:
+        while True:
+            get = asyncio.ensure_future(pending.get())
+            await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():  # shutting down: answer what was read, read nothing more
+                get.cancel()
+                reader.cancel()
+                while not pending.empty():
+                    task = pending.get_nowait()
+                    if task is not done:
+                        yield await task
+                return
+            task = get.result()
+            if task is done:
+                break
             yield await task
-        await reader  # a broken request stream raises here
+        if failed:  # a broken request stream
+            raise failed[0]
     finally:
+        stop.cancel()
         reader.cancel()
         while not pending.empty():
             task = pending.get_nowait()
@@ -372,8 +393,9 @@ def _statistics(model: LoadedModel) -> kserve.ModelStatistics:
 
 
 class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, store: ModelStore):
+    def __init__(self, store: ModelStore, stopping: asyncio.Event):
         self.store = store
+        self.stopping = stopping
 
     @_unary
     async def ServerLive(self, request, context):
@@ -449,7 +471,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 return kserve.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
             return kserve.ModelStreamInferResponse(infer_response=response)
 
-        async for response in _in_order(request_iterator, answer):
+        async for response in _in_order(request_iterator, answer, self.stopping):
             yield response
 
 
@@ -536,8 +558,9 @@ def _analyze_logged(store: ModelStore, request: pb.AnalyzeRequest, deadline: flo
 
 
 class DomainServicer(pb_grpc.SpecServeServicer):
-    def __init__(self, store: ModelStore):
+    def __init__(self, store: ModelStore, stopping: asyncio.Event):
         self.store = store
+        self.stopping = stopping
 
     @_unary
     async def Analyze(self, request, context):
@@ -560,7 +583,7 @@ class DomainServicer(pb_grpc.SpecServeServicer):
                 return pb.AnalyzeStreamResponse(request_id=rid, error=_error_message(exc))
             return pb.AnalyzeStreamResponse(request_id=rid, results=results)
 
-        async for response in _in_order(request_iterator, answer):
+        async for response in _in_order(request_iterator, answer, self.stopping):
             yield response
 
     @_unary
@@ -592,8 +615,9 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
     ])
-    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(store), server)
-    pb_grpc.add_SpecServeServicer_to_server(DomainServicer(store), server)
+    stopping = asyncio.Event()  # set on SIGTERM: open streams answer what they read, then end
+    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(store, stopping), server)
+    pb_grpc.add_SpecServeServicer_to_server(DomainServicer(store, stopping), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (
@@ -611,6 +635,7 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
         raise SpecserveError(f"cannot listen on {address}: the port is in use or the address is not local")
     server.health_servicer = health_servicer  # type: ignore[attr-defined]
     server.store = store  # type: ignore[attr-defined]
+    server.stopping = stopping  # type: ignore[attr-defined]
     metrics.track_models_ready(lambda: sum(m.ready for m in list(store.models.values())))
     return server, port
 
@@ -671,6 +696,7 @@ async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 800
         watcher.cancel()
     log.info("shutting down: draining for up to %.0f s", grace_seconds)
     await _set_health(server, False)
+    server.stopping.set()
     await server.stop(grace_seconds)  # new calls are refused; accepted ones run to their answer
     await asyncio.to_thread(server.store.close, grace_seconds)
     log.info("stopped")
