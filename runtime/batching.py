@@ -112,6 +112,7 @@ class Batcher:
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        metrics.QUEUE_DEPTH.labels(model.name).set(0)
         self._thread = threading.Thread(target=self._loop, name=f"specserve-batch-{model.name}", daemon=True)
         self._thread.start()
 
