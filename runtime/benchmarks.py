@@ -113,7 +113,7 @@ class MCBenchmark:
 
 def run_mc(model_path: Path, batch: int = 64, n_samples: int = 64, repeats: int = 5,
            threads: int = 2) -> MCBenchmark:
-    """Time ``model_path`` (a ``spt`` model.onnx) as described in the module docstring."""
+    """Time ``model_path`` (an MC model's model.onnx: spt, physformer) as described in the module docstring."""
     from .contract import N_SAMPLES
     from .repository import load_model_file, session_options
 
@@ -127,10 +127,11 @@ def run_mc(model_path: Path, batch: int = 64, n_samples: int = 64, repeats: int 
     session = ort.InferenceSession(str(model_path), sess_options=session_options(threads),
                                    providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    flux = rng.normal(1.0, 0.05, (batch, loaded.card.dims["n_pixels"])).astype(np.float32)
+    base = loaded.card.contract.dummy_inputs(loaded.card.dims, batch=batch)  # other inputs (ivar) too
+    base["flux"] = rng.normal(1.0, 0.05, (batch, loaded.card.dims["n_pixels"])).astype(np.float32)
 
     def feed(t: int) -> dict[str, np.ndarray]:
-        return {"flux": flux, N_SAMPLES: np.array([t], np.int64), "seed": np.array([rng.random()], np.float32)}
+        return {**base, N_SAMPLES: np.array([t], np.int64), "seed": np.array([rng.random()], np.float32)}
 
     def best(run) -> float:
         run()

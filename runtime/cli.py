@@ -9,6 +9,10 @@ Subcommands:
 - ``specserve bench preprocess``: time resampling + normalisation of 4,000 LAMOST spectra.
 - ``specserve bench mc [--repository DIR] [--model spt]``: one in-graph MC run of T = 64 samples
   against 64 separate runs, on the same input batch.
+- ``specserve bench all [--out BENCHMARKS.md]``: every serving benchmark (ORT vs torch, MC,
+  transport ceiling, serving overhead, latency under load, one exposure), written to a report.
+- ``specserve bench gpu [--device cuda]``: CUDA parity checks and benchmarks; rewrites the report's
+  CUDA section.
 - ``specserve serve [--repository DIR] [--host H] [--port N] [--device auto|cpu|cuda[:N]] [--threads N]``:
   serve a model repository over gRPC
   (default ``<cache>/models``, port 8001).
@@ -64,6 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     mc.add_argument("--batch", type=int, default=64)
     mc.add_argument("--samples", type=int, default=64)
     mc.add_argument("--threads", type=int, default=2)
+    every = bench_sub.add_parser("all", help="every serving benchmark, written to BENCHMARKS.md (`make bench`)")
+    every.add_argument("--repository", type=Path, help="model repository (default <cache>/models)")
+    every.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report (default BENCHMARKS.md)")
+    every.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for the report)")
+    every.add_argument("--runs", type=Path, help="training runs, for the torch side (default <cache>/runs)")
+    every.set_defaults(handler=_cmd_bench_all)
+    gpu = bench_sub.add_parser("gpu", help="CUDA parity checks and benchmarks on a GPU (`make gpu-check`)")
+    gpu.add_argument("--repository", type=Path, help="model repository (default <cache>/models)")
+    gpu.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"),
+                     help="report whose CUDA section is rewritten (default BENCHMARKS.md)")
+    gpu.add_argument("--device", default="cuda", help="cuda[:N] (cpu runs the same code on the CPU)")
+    gpu.set_defaults(handler=_cmd_bench_gpu)
     srv = sub.add_parser("serve", help="serve a model repository over gRPC")
     srv.add_argument("--repository", type=Path,
                      help="model repository in Triton's layout (default: <cache>/models, see `specserve models build`)")
@@ -241,6 +257,30 @@ def _cmd_bench_mc(args: argparse.Namespace) -> int:
         raise ModelNotFoundError(f"no model.onnx under {folder} (`specserve models build` builds the default models)")
     print(run_mc(folder / str(versions[0]) / "model.onnx", args.batch, args.samples, threads=args.threads).report())
     return 0
+
+
+def _cmd_bench_all(args: argparse.Namespace) -> int:
+    from specserve.training.commands import require_training_extra
+
+    require_training_extra(0)  # the ORT-vs-torch rows need torch
+    from specserve.export.bench import run_all
+
+    from .datakit import models_dir
+
+    run_all(args.repository or models_dir(), args.out, quick=args.quick, runs=args.runs)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from specserve.training.commands import require_training_extra
+
+    require_training_extra(0)
+    from specserve.export.bench import gpu_check
+
+    from .datakit import models_dir
+
+    return 0 if gpu_check(args.repository or models_dir(), args.out, args.device) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

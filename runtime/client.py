@@ -49,7 +49,10 @@ class Row:
 
 
 def to_proto(item) -> pb.Spectrum:
-    """A Spectrum, SpectrumInput or (id, wavelength, flux[, ivar]) tuple as a proto message."""
+    """A Spectrum, SpectrumInput or (id, wavelength, flux[, ivar]) tuple as a proto message (a
+    message already built is passed through)."""
+    if isinstance(item, pb.Spectrum):
+        return item
     if isinstance(item, Spectrum):
         item = SpectrumInput.from_spectrum(item)
     if isinstance(item, tuple):

@@ -1,0 +1,67 @@
+"""The benchmark and GPU-check code on this machine's CPU: IO binding, the parity checks, and a
+quick ``specserve bench all`` writing every section of the report (sizes too small to quote)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from specserve.export.bench import NO_CUDA, parity_checks
+from specserve.export.rbm import export_rbm
+from specserve.export.spt import export_spt
+from specserve.runtime.cli import main
+from specserve.runtime.contract import ModelCard
+from specserve.runtime.providers import Device, run_bound
+
+
+def test_io_binding_gives_the_same_outputs_as_session_run(cv_run, tmp_path):
+    _, run_dir, _, _ = cv_run
+    folder, _ = export_rbm(run_dir, tmp_path / "repo")
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    card = ModelCard.from_metadata_props(session.get_modelmeta().custom_metadata_map)
+    feed = card.contract.dummy_inputs(card.dims, batch=5, seed=2)
+    names = card.contract.output_names
+    plain = session.run(names, feed)
+    bound = run_bound(session, feed, names, ("cpu", 0))
+    assert len(bound) == len(plain)
+    for a, b in zip(plain, bound):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_gpu_check_parity_code_on_the_cpu(cv_run, spt_run, tmp_path):
+    export_rbm(cv_run[1], tmp_path / "repo")
+    export_spt(spt_run[1], tmp_path / "repo")
+    checks = {c.name: c for c in parity_checks(tmp_path / "repo", Device("cpu"))}
+    assert set(checks) == {"rbm: session on cpu", "rbm: outputs match the CPU", "spt: session on cpu",
+                           "spt: MC samples random on cpu", "spt: MC statistics match the CPU"}
+    assert all(c.ok for c in checks.values()), [(c.name, c.detail) for c in checks.values() if not c.ok]
+    z = float(re.search(r"max \|z\| of the means ([0-9.]+)", checks["spt: MC statistics match the CPU"].detail).group(1))
+    assert z < 5
+
+
+def test_bench_all_quick_writes_every_section(cv_run, tmp_path, capsys):
+    _, run_dir, _, _ = cv_run
+    export_rbm(run_dir, tmp_path / "repo")
+    out = tmp_path / "BENCHMARKS.md"
+    assert main(["bench", "all", "--quick", "--repository", str(tmp_path / "repo"), "--out", str(out),
+                 "--runs", str(Path(run_dir).parent)]) == 0
+    text = out.read_text()
+    for title in ("ONNX Runtime vs torch eager", "Transport ceiling", "Serving overhead", "Latency of single-spectrum",
+                  "One LAMOST exposure", "## Machine", "## CUDA"):
+        assert title in text, title
+    assert re.search(r"\| rbm batch 1 \| ORT [0-9.]+ ms; torch [0-9.]+ ms \| ORT [0-9.]+x faster \| >= 2x", text)
+    assert re.search(r"\| rbm batch 64 \| ORT [0-9.]+ ms; torch [0-9.]+ ms", text)
+    assert re.search(r"specserve [0-9,]+ msg/s; echo [0-9,]+ msg/s \| [0-9]+% of echo", text)
+    assert re.search(r"served [0-9,]+ spectra/s; in-process [0-9,]+ spectra/s", text)
+    assert len(re.findall(r"\| rbm at (10|50|90)% of [0-9,]+ req/s", text)) == 3
+    assert re.search(r"\| 400 spectra .* \| [0-9.]+ s wall, [0-9,]+ spectra/s \(400 answered\)", text)
+    assert NO_CUDA in text
+    # a second run keeps a CUDA section written by the GPU check
+    out.write_text(text.replace(NO_CUDA, "CUDA numbers from a GPU machine"))
+    from specserve.export.bench import write_report
+
+    write_report(out, "# specserve benchmarks\n\nnew body")
+    assert "CUDA numbers from a GPU machine" in out.read_text() and "new body" in out.read_text()
