@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.specserve-installed
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: install test serve models data inspect bench-preprocess bench-mc clean
+.PHONY: install test serve models data inspect bench gpu-check bench-preprocess bench-mc clean
 
 PORT ?= 8001
 
@@ -38,6 +38,18 @@ data: $(STAMP)
 
 inspect: $(STAMP)
 	$(BIN)/specserve data inspect
+
+# Every serving benchmark, side by side, into BENCHMARKS.md (builds the default repository first if
+# it is missing). About 5 minutes on 2 cores once the models exist.
+bench: $(STAMP)
+	$(BIN)/specserve models build --if-missing
+	$(BIN)/specserve bench all --out BENCHMARKS.md
+
+# On a machine with a CUDA GPU: parity on the CUDA provider (MC randomness included) and the
+# benchmarks there; rewrites the CUDA section of BENCHMARKS.md. Exit 1 if a check fails.
+gpu-check: $(STAMP)
+	$(BIN)/specserve models build --if-missing
+	$(BIN)/specserve bench gpu --device cuda --out BENCHMARKS.md
 
 bench-preprocess: $(STAMP)
 	$(BIN)/specserve bench preprocess

@@ -331,34 +331,23 @@ async def _in_order(requests: AsyncIterator, answer: Callable, stopping: asyncio
     read: the ones already read are answered and the stream ends with OK."""
     pending: asyncio.Queue = asyncio.Queue(maxsize=window)
     done = object()
-
     failed: list[Exception] = []
 
     async def read() -> None:
         try:
             async for message in requests:
                 await pending.put(asyncio.ensure_future(answer(message)))
+        except asyncio.CancelledError:
+            pass  # shutting down: read nothing more (a second cancel, from the finally below, ends it)
         except Exception as exc:  # noqa: BLE001 - raised by the consumer, after the answers so far
             failed.append(exc)
         await pending.put(done)
 
     reader = asyncio.create_task(read())
     stop = asyncio.ensure_future(stopping.wait())
+    stop.add_done_callback(lambda f: None if f.cancelled() else reader.cancel())
     try:
-        while True:
-            get = asyncio.ensure_future(pending.get())
-            await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if not get.done():  # shutting down: answer what was read, read nothing more
-                get.cancel()
-                reader.cancel()
-                while not pending.empty():
-                    task = pending.get_nowait()
-                    if task is not done:
-                        yield await task
-                return
-            task = get.result()
-            if task is done:
-                break
+        while (task := await pending.get()) is not done:
             yield await task
         if failed:  # a broken request stream
             raise failed[0]
