@@ -112,7 +112,8 @@ class Batcher:
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        metrics.QUEUE_DEPTH.labels(model.name).set(0)
+        self._depth = metrics.QUEUE_DEPTH.labels(model.name)
+        self._depth.set(0)
         self._thread = threading.Thread(target=self._loop, name=f"specserve-batch-{model.name}", daemon=True)
         self._thread.start()
 
@@ -141,7 +142,7 @@ class Batcher:
                     raise QueueFullError(f"model {model.name!r}: {len(self._queue)} requests are queued "
                                          f"(max_queue_size {self.config.max_queue_size}); retry later")
                 self._queue.append(request)
-                metrics.QUEUE_DEPTH.labels(model.name).set(len(self._queue))
+                self._depth.set(len(self._queue))
                 self._cond.notify()
         except Exception:
             model.stats.record_request(False, time.perf_counter_ns() - t0)
@@ -189,7 +190,7 @@ class Batcher:
                            and (left := until - time.perf_counter_ns() * 1e-9) > 0):
                         self._cond.wait(left)
                 batch = self._take()
-                metrics.QUEUE_DEPTH.labels(self.model.name).set(len(self._queue))
+                self._depth.set(len(self._queue))
             try:
                 self._run(batch)
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything

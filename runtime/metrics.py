@@ -37,19 +37,29 @@ REJECTED = Counter("specserve_rejected", "Requests not run: queue full, deadline
                    ["model", "reason"], registry=REGISTRY)
 
 
-def observe_request(model: str, ok: bool, total_s: float, queue_s: float = 0.0) -> None:
-    REQUESTS.labels(model).inc()
-    REQUEST_SECONDS.labels(model).observe(total_s)
-    QUEUE_DEPTH.labels(model)  # the series exists from the first request on (the batcher sets it)
-    if not ok:
-        FAILURES.labels(model).inc()
-        return
-    QUEUE_SECONDS.labels(model).observe(queue_s)
+class ModelMetrics:
+    """The metric series of one model, looked up once (``labels()`` per request costs)."""
 
+    def __init__(self, model: str) -> None:
+        self.requests = REQUESTS.labels(model)
+        self.failures = FAILURES.labels(model)
+        self.request_seconds = REQUEST_SECONDS.labels(model)
+        self.queue_seconds = QUEUE_SECONDS.labels(model)
+        self.compute_seconds = COMPUTE_SECONDS.labels(model)
+        self.batch_size = BATCH_SIZE.labels(model)
+        QUEUE_DEPTH.labels(model)  # the series exists from the start (the batcher sets it)
 
-def observe_execution(model: str, batch: int, compute_s: float) -> None:
-    COMPUTE_SECONDS.labels(model).observe(compute_s)
-    BATCH_SIZE.labels(model).observe(batch)
+    def observe_request(self, ok: bool, total_s: float, queue_s: float = 0.0) -> None:
+        self.requests.inc()
+        self.request_seconds.observe(total_s)
+        if not ok:
+            self.failures.inc()
+            return
+        self.queue_seconds.observe(queue_s)
+
+    def observe_execution(self, batch: int, compute_s: float) -> None:
+        self.compute_seconds.observe(compute_s)
+        self.batch_size.observe(batch)
 
 
 def track_models_ready(count: Callable[[], int]) -> None:

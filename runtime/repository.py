@@ -38,6 +38,7 @@ class ModelStats:
 
     def __init__(self, name: str = "") -> None:
         self.name = name
+        self.metrics = metrics.ModelMetrics(name)
         self._lock = threading.Lock()
         self.success = [0, 0]
         self.fail = [0, 0]
@@ -50,7 +51,7 @@ class ModelStats:
 
     def record_request(self, ok: bool, total_ns: int, queue_ns: int = 0, rows: int = 0) -> None:
         """One request answered: ``ok``, its whole time, its time in the queue, its rows."""
-        metrics.observe_request(self.name, ok, total_ns * 1e-9, queue_ns * 1e-9)
+        self.metrics.observe_request(ok, total_ns * 1e-9, queue_ns * 1e-9)
         with self._lock:
             target = self.success if ok else self.fail
             target[0] += 1
@@ -63,7 +64,7 @@ class ModelStats:
 
     def record_execution(self, batch: int, compute_ns: int) -> None:
         """One session run of ``batch`` rows (one request's, or several gathered by the batcher)."""
-        metrics.observe_execution(self.name, batch, compute_ns * 1e-9)
+        self.metrics.observe_execution(batch, compute_ns * 1e-9)
         with self._lock:
             self.execution_count += 1
             self.compute[0] += 1

@@ -18,9 +18,10 @@ import logging
 import signal
 import threading
 import time
+import itertools
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from importlib import metadata
 from pathlib import Path
 
@@ -89,22 +90,38 @@ REQUEST_LOG = logging.getLogger("specserve.requests")
 """One line per inference request (``specserve serve --log-requests`` shows them)."""
 
 
+_ID_PREFIX = uuid.uuid4().hex[:4]
+_ID_COUNTER = itertools.count()
+
+
 def request_id(given: str) -> str:
-    """The client's request id, or a new one (returned in the response, so logs can be matched)."""
-    return given or uuid.uuid4().hex[:12]
+    """The client's request id, or a new one (returned in the response, so logs can be matched):
+    12 hex digits, a random per-process prefix and a counter (cheaper than a uuid per request)."""
+    return given or f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
+
+
+def _log_request(kind: str, rid: str, target: str, n: int, t0: float, exc: BaseException | None = None) -> None:
+    """Log the request ``rid`` on ``target`` with ``n`` rows/spectra: its status and duration."""
+    if not REQUEST_LOG.isEnabledFor(logging.INFO):
+        return
+    ms = (time.perf_counter() - t0) * 1e3
+    if exc is None:
+        REQUEST_LOG.info("%s id=%s %s n=%d OK %.1f ms", kind, rid, target, n, ms)
+    else:
+        REQUEST_LOG.info("%s id=%s %s n=%d %s %.1f ms: %s", kind, rid, target, n, _code(exc).name, ms,
+                         " ".join(str(exc).split())[:300])
 
 
 @contextlib.contextmanager
 def _logged(kind: str, rid: str, target: str, n: int):
-    """Log the request ``rid`` on ``target`` with ``n`` rows/spectra: its status and duration."""
+    """:func:`_log_request` around a block."""
     t0 = time.perf_counter()
     try:
         yield
     except Exception as exc:
-        REQUEST_LOG.info("%s id=%s %s n=%d %s %.1f ms: %s", kind, rid, target, n, _code(exc).name,
-                         (time.perf_counter() - t0) * 1e3, " ".join(str(exc).split())[:300])
+        _log_request(kind, rid, target, n, t0, exc)
         raise
-    REQUEST_LOG.info("%s id=%s %s n=%d OK %.1f ms", kind, rid, target, n, (time.perf_counter() - t0) * 1e3)
+    _log_request(kind, rid, target, n, t0)
 
 
 def _error_message(exc: BaseException) -> pb.Error:
@@ -269,7 +286,9 @@ def _decode_inputs(request: kserve.ModelInferRequest) -> dict[str, np.ndarray]:
                     f"input {tensor.name!r}: {len(data)} bytes for shape {list(shape)} of {dtype.kserve} "
                     f"(expected {count * dtype.numpy.itemsize})"
                 )
-            array = np.frombuffer(data, dtype=dtype.numpy.newbyteorder("<")).astype(dtype.numpy)
+            array = np.frombuffer(data, dtype=dtype.numpy.newbyteorder("<"))  # read-only, no copy
+            if not array.dtype.isnative:
+                array = array.astype(dtype.numpy)
         else:
             array = np.asarray(_typed_contents(tensor, dtype), dtype=dtype.numpy)
             if array.size != count:
@@ -301,34 +320,51 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-async def _infer(store: ModelStore, request: kserve.ModelInferRequest,
-                 deadline: float | None = None) -> kserve.ModelInferResponse:
-    """Check and queue the request for its model's batcher, await its share of the batch run."""
+def _infer_start(store: ModelStore, request: kserve.ModelInferRequest,
+                 deadline: float | None = None) -> Coroutine[None, None, kserve.ModelInferResponse]:
+    """The synchronous half of a ModelInfer: check, decode and queue the request for its model's
+    batcher (errors raise here, at once). Returns the coroutine that awaits the request's share of
+    the batch run and builds the response. Streams queue each message as it is read, without a
+    task per message."""
     rid = request_id(request.id)
     rows = int(request.inputs[0].shape[0]) if request.inputs and request.inputs[0].shape else 0
-    with _logged("ModelInfer", rid, f"model={request.model_name}", rows):
+    target, t0 = f"model={request.model_name}", time.perf_counter()
+    try:
         model = store.ready_model(request.model_name, request.model_version)
-        wanted = [o.name for o in request.outputs] or model.card.contract.output_names
-        unknown = [n for n in wanted if n not in model.card.contract.output_names]
+        names = model.card.contract.output_names
+        wanted = [o.name for o in request.outputs] or names
+        unknown = [n for n in wanted if n not in names]
         if unknown:
-            raise InvalidInputError(f"model {model.name!r} has no outputs {unknown} "
-                                    f"(outputs: {model.card.contract.output_names})")
-        inputs = _decode_inputs(request)
-        outputs = await asyncio.wrap_future(model.submit(inputs, deadline))
+            raise InvalidInputError(f"model {model.name!r} has no outputs {unknown} (outputs: {names})")
+        future = asyncio.wrap_future(model.submit(_decode_inputs(request), deadline))
+    except Exception as exc:
+        _log_request("ModelInfer", rid, target, rows, t0, exc)
+        raise
+
+    async def finish() -> kserve.ModelInferResponse:
+        try:
+            outputs = await future
+        except Exception as exc:
+            _log_request("ModelInfer", rid, target, rows, t0, exc)
+            raise
         response = kserve.ModelInferResponse(model_name=model.name, model_version=model.version, id=rid)
         for name in wanted:
             array = np.ascontiguousarray(outputs[name])
             response.outputs.add(name=name, datatype=dtypes.from_numpy(array.dtype).kserve, shape=list(array.shape))
             response.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
+        _log_request("ModelInfer", rid, target, rows, t0)
         return response
 
+    return finish()
 
-async def _in_order(requests: AsyncIterator, answer: Callable, stopping: asyncio.Event,
+
+async def _in_order(requests: AsyncIterator, start: Callable[[object], Awaitable], stopping: asyncio.Event,
                     window: int = STREAM_WINDOW) -> AsyncIterator:
-    """Answer a stream's messages concurrently (up to ``window`` at once, so the batcher can gather
-    them) and yield the answers in the order the messages came. ``answer(message)`` is a coroutine
-    that reports its own errors in-band. Once ``stopping`` is set (SIGTERM) no further message is
-    read: the ones already read are answered and the stream ends with OK."""
+    """Answer a stream's messages concurrently and yield the answers in the order the messages
+    came. ``start(message)`` is called as each message is read: it queues the work and returns an
+    awaitable of the answer, which reports its own errors in-band. Up to ``window`` messages are in
+    flight, so the batcher can gather them. Once ``stopping`` is set (SIGTERM) no further message
+    is read: the ones already read are answered and the stream ends with OK."""
     pending: asyncio.Queue = asyncio.Queue(maxsize=window)
     done = object()
     failed: list[Exception] = []
@@ -336,7 +372,7 @@ async def _in_order(requests: AsyncIterator, answer: Callable, stopping: asyncio
     async def read() -> None:
         try:
             async for message in requests:
-                await pending.put(asyncio.ensure_future(answer(message)))
+                await pending.put(start(message))
         except asyncio.CancelledError:
             pass  # shutting down: read nothing more (a second cancel, from the finally below, ends it)
         except Exception as exc:  # noqa: BLE001 - raised by the consumer, after the answers so far
@@ -347,17 +383,24 @@ async def _in_order(requests: AsyncIterator, answer: Callable, stopping: asyncio
     stop = asyncio.ensure_future(stopping.wait())
     stop.add_done_callback(lambda f: None if f.cancelled() else reader.cancel())
     try:
-        while (task := await pending.get()) is not done:
-            yield await task
+        while (answer := await pending.get()) is not done:
+            yield await answer
         if failed:  # a broken request stream
             raise failed[0]
     finally:
         stop.cancel()
         reader.cancel()
         while not pending.empty():
-            task = pending.get_nowait()
-            if task is not done:
-                task.cancel()
+            answer = pending.get_nowait()
+            if answer is not done:
+                if asyncio.iscoroutine(answer):
+                    answer.close()
+                else:
+                    answer.cancel()
+
+
+async def _value(value):
+    return value
 
 
 def _tensor_metadata(spec, dims) -> kserve.ModelMetadataResponse.TensorMetadata:
@@ -447,20 +490,28 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     async def ModelInfer(self, request, context):
-        return await _infer(self.store, request, _deadline(context))
+        return await _infer_start(self.store, request, _deadline(context))
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[kserve.ModelStreamInferResponse]:
         deadline = _deadline(context)
 
-        async def answer(request) -> kserve.ModelStreamInferResponse:
-            try:
-                response = await _infer(self.store, request, deadline)
-            except Exception as exc:  # noqa: BLE001 - reported in-band, the stream goes on
-                code, message = status_for(exc)
-                return kserve.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
-            return kserve.ModelStreamInferResponse(infer_response=response)
+        def in_band(exc: BaseException) -> kserve.ModelStreamInferResponse:
+            code, message = status_for(exc)
+            return kserve.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
 
-        async for response in _in_order(request_iterator, answer, self.stopping):
+        async def answer(finish) -> kserve.ModelStreamInferResponse:
+            try:
+                return kserve.ModelStreamInferResponse(infer_response=await finish)
+            except Exception as exc:  # noqa: BLE001 - reported in-band, the stream goes on
+                return in_band(exc)
+
+        def start(request):
+            try:
+                return answer(_infer_start(self.store, request, deadline))
+            except Exception as exc:  # noqa: BLE001 - reported in-band, the stream goes on
+                return _value(in_band(exc))
+
+        async for response in _in_order(request_iterator, start, self.stopping):
             yield response
 
 
@@ -572,7 +623,7 @@ class DomainServicer(pb_grpc.SpecServeServicer):
                 return pb.AnalyzeStreamResponse(request_id=rid, error=_error_message(exc))
             return pb.AnalyzeStreamResponse(request_id=rid, results=results)
 
-        async for response in _in_order(request_iterator, answer, self.stopping):
+        async for response in _in_order(request_iterator, lambda r: asyncio.ensure_future(answer(r)), self.stopping):
             yield response
 
     @_unary
