@@ -53,7 +53,7 @@ def find_run(model: LoadedModel, runs: Path) -> Path | None:
     want = _sha(model.path)
     for onnx_file in sorted(runs.glob("*/onnx/**/model.onnx"), reverse=True):
         if onnx_file.stat().st_size == model.path.stat().st_size and _sha(onnx_file) == want:
-            return onnx_file.parents[1] if onnx_file.parent.name != "onnx" else onnx_file.parent.parent
+            return runs / onnx_file.relative_to(runs).parts[0]
     return None
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from .contract import N_SAMPLES, ModelCard, fill_masked
 from .errors import InvalidInputError, InvalidSpectrumError, ModelNotFoundError, ModelNotReadyError, SpecserveError
 from .repository import LoadedModel
+from .preprocess import Normalised
 from .spectrum import Spectrum, SpectrumMeta
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,27 @@ class Analyzer:
                 outcomes[i].results.append(result)
         return outcomes
 
+    @staticmethod
+    def _prepared(recipe, spectra: Sequence[SpectrumInput], checked: list[Spectrum | None]):
+        """(index, preprocessed row) for every checked spectrum, in order. Spectra with the same
+        number of pixels go through the recipe together, as one 2-D batch (each row keeps its own
+        wavelengths and redshift), which is several times faster than one at a time."""
+        groups: dict[int, list[int]] = {}
+        for i, spectrum in enumerate(checked):
+            if spectrum is not None:
+                groups.setdefault(spectrum.wavelength.size, []).append(i)
+        out = {}
+        for members in groups.values():
+            batch = [checked[i] for i in members]
+            z = np.array([spectra[i].redshift or 0.0 for i in members])
+            prepared = recipe.apply(np.stack([s.wavelength for s in batch]), np.stack([s.flux for s in batch]),
+                                    np.stack([s.ivar for s in batch]), np.stack([s.mask for s in batch]),
+                                    z=z if z.any() else None)
+            for row, i in enumerate(members):
+                out[i] = Normalised(prepared.flux[row], prepared.ivar[row], prepared.mask[row],
+                                    prepared.continuum[row])
+        return sorted(out.items())
+
     def _run_model(self, model: LoadedModel, spectra: Sequence[SpectrumInput], checked: list[Spectrum | None],
                    mc_samples: int = 0, deadline: float | None = None) -> list[tuple[int, ModelResult]]:
         """One model on the checked spectra: (spectrum index, result) pairs."""
@@ -187,15 +209,10 @@ class Analyzer:
         rows: list[np.ndarray] = []
         ivars: list[np.ndarray] = []
         owners: list[int] = []
-        for i, spectrum in enumerate(checked):
-            if spectrum is None:
-                continue
-            z = spectra[i].redshift
-            prepared = recipe.apply(spectrum.wavelength, spectrum.flux, spectrum.ivar, spectrum.mask,
-                                    z=z if z else None)
+        for i, prepared in self._prepared(recipe, spectra, checked):
             coverage = 1.0 - float(prepared.mask.mean())
             if coverage < MIN_COVERAGE:
-                lo, hi = spectrum.wavelength_range
+                lo, hi = checked[i].wavelength_range
                 found.append((i, ModelResult(
                     model.name, model.version, False,
                     reason=(f"spectrum covers {coverage:.0%} of the model grid "

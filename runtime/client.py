@@ -48,21 +48,50 @@ class Row:
         return not self.error
 
 
+LOG_LINEAR_RTOL = 1e-10
+"""Wavelengths that 10 ** (start + step * i) reproduces this closely are sent as a grid."""
+
+
+def log_linear(wave: np.ndarray) -> tuple[float, float] | None:
+    """(start, step) in log10 Angstrom when ``wave`` is a log-linear grid (to LOG_LINEAR_RTOL),
+    else None."""
+    if wave.ndim != 1 or wave.size < 3 or not np.all(wave > 0) or not np.all(np.isfinite(wave)):
+        return None
+    log_wave = np.log10(wave)
+    start, step = float(log_wave[0]), float((log_wave[-1] - log_wave[0]) / (wave.size - 1))
+    if not step > 0:
+        return None
+    rebuilt = 10.0 ** (start + step * np.arange(wave.size))
+    return (start, step) if np.max(np.abs(rebuilt - wave) / wave) <= LOG_LINEAR_RTOL else None
+
+
 def to_proto(item) -> pb.Spectrum:
     """A Spectrum, SpectrumInput or (id, wavelength, flux[, ivar]) tuple as a proto message (a
-    message already built is passed through)."""
+    message already built is passed through). Sent compactly, meaning the same to the server:
+    log-linear wavelengths as a grid, masked pixels as ivar 0 when there is an ivar."""
     if isinstance(item, pb.Spectrum):
         return item
     if isinstance(item, Spectrum):
         item = SpectrumInput.from_spectrum(item)
     if isinstance(item, tuple):
         item = SpectrumInput(str(item[0]), *item[1:])
-    message = pb.Spectrum(id=item.id, flux=np.asarray(item.flux, dtype=np.float32).tolist())
-    message.wavelength.values.extend(np.asarray(item.wavelength, dtype=np.float64).tolist())
-    if item.ivar is not None:
-        message.ivar.extend(np.asarray(item.ivar, dtype=np.float32).tolist())
-    if item.mask is not None:
-        message.mask.extend(np.asarray(item.mask, dtype=bool).tolist())
+    flux = np.asarray(item.flux, dtype=np.float32)
+    ivar = None if item.ivar is None else np.asarray(item.ivar, dtype=np.float32)
+    mask = None if item.mask is None or not np.any(item.mask) else np.asarray(item.mask, dtype=bool)
+    if mask is not None and ivar is not None and mask.shape == ivar.shape == flux.shape:
+        # ivar 0 marks an unusable pixel just as the mask does, and is cheaper to send and read
+        ivar, flux, mask = np.where(mask, np.float32(0), ivar), np.where(mask, np.float32(0), flux), None
+    message = pb.Spectrum(id=item.id, flux=flux.tolist())
+    wave = np.asarray(item.wavelength, dtype=np.float64)
+    grid = log_linear(wave)
+    if grid is not None:  # two numbers instead of 8 bytes per pixel, and no list to convert
+        message.grid.start, message.grid.step, message.grid.length = grid[0], grid[1], wave.size
+    else:
+        message.wavelength.values.extend(wave.tolist())
+    if ivar is not None:
+        message.ivar.extend(ivar.tolist())
+    if mask is not None:  # an all-usable mask says nothing
+        message.mask.extend(mask.tolist())
     if item.redshift is not None:
         message.redshift = float(item.redshift)
     message.metadata.update({str(k): str(v) for k, v in item.metadata.items()})

@@ -518,22 +518,22 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
 # ------------------------------------------------------------------ specserve.v1
 
 
-def _as_array(values, name: str, n: int | None) -> np.ndarray | None:
+def _as_array(values, name: str, n: int | None, dtype=np.float64) -> np.ndarray | None:
     if len(values) == 0:
         return None
-    array = np.asarray(values)
+    array = np.fromiter(values, dtype, len(values))
     if n is not None and array.size != n:
         raise InvalidSpectrumError(f"{name} has {array.size} values but flux has {n}")
     return array
 
 
 def spectrum_from_proto(message: pb.Spectrum) -> SpectrumInput:
-    flux = np.asarray(message.flux, dtype=np.float64)
+    flux = np.fromiter(message.flux, np.float64, len(message.flux))
     if flux.size == 0:
         raise InvalidSpectrumError(f"spectrum {message.id!r}: empty flux")
     which = message.WhichOneof("wavelengths")
     if which == "wavelength":
-        wave = np.asarray(message.wavelength.values, dtype=np.float64)
+        wave = np.fromiter(message.wavelength.values, np.float64, len(message.wavelength.values))
     elif which == "grid":
         grid = message.grid
         if grid.length != flux.size:
@@ -550,7 +550,7 @@ def spectrum_from_proto(message: pb.Spectrum) -> SpectrumInput:
         wavelength=wave,
         flux=flux,
         ivar=_as_array(message.ivar, "ivar", flux.size),
-        mask=_as_array(message.mask, "mask", flux.size),
+        mask=_as_array(message.mask, "mask", flux.size, bool),
         redshift=message.redshift if message.HasField("redshift") else None,
         metadata=dict(message.metadata),
     )
