@@ -26,6 +26,7 @@ axis has ``max_batch_size: 0`` in Triton's sense, so its row limit comes from th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
@@ -94,6 +95,26 @@ class _Request:
     future: Future
     enqueued_ns: int
     deadline: float | None  # time.monotonic() seconds
+    loop: asyncio.AbstractEventLoop | None = None
+    """The event loop of an asyncio future (None: a concurrent.futures.Future)."""
+
+    def gone(self) -> bool:
+        """True when the caller cancelled (its deadline passed, or it hung up); else the future
+        is marked running."""
+        if self.loop is not None:
+            return self.future.cancelled()
+        return not self.future.set_running_or_notify_cancel()
+
+
+def _settle(outcomes: list) -> None:
+    """In the event loop: resolve the asyncio futures of one batch (one wake-up per batch)."""
+    for future, value, error in outcomes:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
 
 
 def batch_axis(shape: tuple) -> int | None:
@@ -121,9 +142,12 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    def submit(self, inputs: dict[str, np.ndarray], deadline: float | None = None) -> Future:
-        """Queue one request; its future gets the outputs (or the error). Raises at once for a
-        request that does not fit the contract, a full queue, or a closed batcher."""
+    def submit(self, inputs: dict[str, np.ndarray], deadline: float | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> Future | asyncio.Future:
+        """Queue one request; its future gets the outputs (or the error). With ``loop`` (called
+        from that event loop) the future is an asyncio one, and a batch's futures of one loop are
+        resolved with a single wake-up of it; else a concurrent.futures.Future. Raises at once for
+        a request that does not fit the contract, a full queue, or a closed batcher."""
         t0 = time.perf_counter_ns()
         model = self.model
         try:
@@ -133,7 +157,8 @@ class Batcher:
             # itself (the client sent none) does not count, the batch's run draws its own
             key = tuple((n, a.tobytes()) for n, a in sorted(checked.items())
                         if self._input_axes[n] is None and (n != "seed" or "seed" in inputs))
-            request = _Request(checked, rows, key, Future(), t0, deadline)
+            future = loop.create_future() if loop is not None else Future()
+            request = _Request(checked, rows, key, future, t0, deadline, loop)
             with self._cond:
                 if self._closed:
                     raise ShuttingDownError(f"model {model.name!r} version {model.version} is shutting down")
@@ -195,28 +220,48 @@ class Batcher:
                 self._run(batch)
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything
                 log.exception("model %s: batch failed", self.model.name)
-                for r in batch:
-                    if not r.future.done():
-                        r.future.set_exception(exc)
+                self._deliver([(r, None, exc) for r in batch if not r.future.done()])
+
+    @staticmethod
+    def _deliver(outcomes: list[tuple[_Request, dict | None, BaseException | None]]) -> None:
+        """Resolve futures: concurrent ones here, asyncio ones in their loop, once per loop."""
+        by_loop: dict = {}
+        for r, value, error in outcomes:
+            if r.loop is not None:
+                by_loop.setdefault(r.loop, []).append((r.future, value, error))
+            elif error is None:
+                r.future.set_result(value)
+            else:
+                r.future.set_exception(error)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, items)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
 
     def _run(self, batch: list[_Request]) -> None:
         model, now = self.model, time.monotonic()
-        live = []
+        live, outcomes = [], []
         for r in batch:
-            if not r.future.set_running_or_notify_cancel():  # the caller went away (deadline, hung up)
+            if r.gone():
                 metrics.REJECTED.labels(model.name, "cancelled").inc()
                 model.stats.record_request(False, time.perf_counter_ns() - r.enqueued_ns)
                 continue
             if r.deadline is not None and now > r.deadline:
                 metrics.REJECTED.labels(model.name, "deadline").inc()
                 model.stats.record_request(False, time.perf_counter_ns() - r.enqueued_ns)
-                r.future.set_exception(DeadlineExceededError(
+                outcomes.append((r, None, DeadlineExceededError(
                     f"model {model.name!r}: the deadline passed after {(time.perf_counter_ns() - r.enqueued_ns) / 1e6:.0f} ms "
-                    "in the queue; not run"))
+                    "in the queue; not run")))
                 continue
             live.append(r)
-        if not live:
-            return
+        if live:
+            outcomes += self._execute(live)
+        self._deliver(outcomes)
+
+    def _execute(self, live: list[_Request]) -> list[tuple[_Request, dict | None, BaseException | None]]:
+        """One session run for ``live``: each request's share of the outputs (or the error)."""
+        model = self.model
         first = live[0].inputs
         inputs = {n: (np.concatenate([r.inputs[n] for r in live], axis=ax) if len(live) > 1 else first[n])
                   if (ax := self._input_axes[n]) is not None else first[n] for n in first}
@@ -226,12 +271,10 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
             for r in live:
                 model.stats.record_request(False, time.perf_counter_ns() - r.enqueued_ns)
-                r.future.set_exception(exc)
-            return
+            return [(r, None, exc) for r in live]
         t1 = time.perf_counter_ns()
-        rows = sum(r.rows for r in live)
-        model.stats.record_execution(rows, t1 - t0)
-        start = 0
+        model.stats.record_execution(sum(r.rows for r in live), t1 - t0)
+        outcomes, start = [], 0
         for r in live:
             part = {}
             for name, array in outputs.items():
@@ -239,6 +282,6 @@ class Batcher:
                 part[name] = array if ax is None or len(live) == 1 else \
                     array[(slice(None),) * ax + (slice(start, start + r.rows),)]
             start += r.rows
-            done = time.perf_counter_ns()
-            model.stats.record_request(True, done - r.enqueued_ns, t0 - r.enqueued_ns, r.rows)
-            r.future.set_result(part)
+            model.stats.record_request(True, time.perf_counter_ns() - r.enqueued_ns, t0 - r.enqueued_ns, r.rows)
+            outcomes.append((r, part, None))
+        return outcomes

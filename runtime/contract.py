@@ -164,7 +164,9 @@ class ModelContract:
                 if not np.can_cast(array.dtype, target, casting="same_kind"):
                     raise InvalidInputError(f"input {t.name!r} must be {t.dtype}, got {array.dtype}")
                 array = array.astype(target)
-            if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            # one float64 sum is finite exactly when every float32 value is (it cannot overflow)
+            if array.dtype.kind == "f" and not (np.isfinite(array.sum(dtype=np.float64)) if array.itemsize <= 4
+                                                else np.all(np.isfinite(array))):
                 raise InvalidInputError(f"input {t.name!r} contains NaN or infinite values")
             out[t.name] = np.ascontiguousarray(array)
         if batch == 0:

@@ -7,6 +7,8 @@ in the listing as not ready, with the reason, and never takes the others down.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import threading
 import time
@@ -109,7 +111,15 @@ class LoadedModel:
         InvalidInputError naming the problem, ModelNotReadyError for a model not loaded)."""
         if not self.ready:
             raise ModelNotReadyError(f"model {self.name!r} is not ready: {self.reason}")
-        return self.card.contract.validate_inputs(fill_defaults(self.card, inputs, _RNG), self.card.dims)
+        return self._contract.validate_inputs(fill_defaults(self.card, inputs, _RNG), self._dims)
+
+    @functools.cached_property
+    def _contract(self):
+        return self.card.contract
+
+    @functools.cached_property
+    def _dims(self) -> dict[str, int]:
+        return self.card.dims
 
     def execute(self, checked: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One session run on prepared inputs: the outputs by name (IO binding on CUDA)."""
@@ -118,12 +128,14 @@ class LoadedModel:
             return dict(zip(names, run_bound(self.session, checked, names, self.io_binding)))
         return dict(zip(names, self.session.run(names, checked)))
 
-    def submit(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> Future:
+    def submit(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> Future | asyncio.Future:
         """Run ``inputs`` through the model's batcher when it has one, else at once: a future of
-        the outputs. Raises at once for a request that does not fit the contract or a full queue."""
+        the outputs (an asyncio one of ``loop`` when given). Raises at once for a request that does
+        not fit the contract or a full queue."""
         if self.batcher is not None:
-            return self.batcher.submit(dict(inputs), deadline)
-        future: Future = Future()
+            return self.batcher.submit(dict(inputs), deadline, loop)
+        future = loop.create_future() if loop is not None else Future()
         future.set_result(self._run_now(inputs))
         return future
 

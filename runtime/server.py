@@ -336,7 +336,7 @@ def _infer_start(store: ModelStore, request: kserve.ModelInferRequest,
         unknown = [n for n in wanted if n not in names]
         if unknown:
             raise InvalidInputError(f"model {model.name!r} has no outputs {unknown} (outputs: {names})")
-        future = asyncio.wrap_future(model.submit(_decode_inputs(request), deadline))
+        future = model.submit(_decode_inputs(request), deadline, asyncio.get_running_loop())
     except Exception as exc:
         _log_request("ModelInfer", rid, target, rows, t0, exc)
         raise
