@@ -114,7 +114,8 @@ def load_served(repository: Path, device: Device) -> dict[str, LoadedModel]:
 
 
 def ort_vs_torch(repository: Path, runs: Path, threads: int) -> sb.Section:
-    section = sb.Section(f"ONNX Runtime vs torch eager (CPU, {threads} threads each, median of alternating calls)")
+    section = sb.Section(f"ONNX Runtime vs torch eager (CPU, {threads} thread(s) each as served, median of "
+                         "alternating calls)")
     torch.set_num_threads(threads)
     models = load_served(repository, Device("cpu", intra_threads=threads))
     for name, model in models.items():
@@ -243,12 +244,14 @@ def run_all(repository: Path, out: Path, quick: bool = False, runs: Path | None 
     training runs are (default <cache>/runs), for the torch side of ORT vs torch."""
     info = sb.machine()
     threads = int(info["cores"])
+    # ORT vs torch at the thread count each session gets when the repository is served
+    served_threads = Device().threads_per_session(len(model_folders(repository)))
     root = data_dir()
     spectra = lamost_inputs(root)
     print(f"benchmarking {repository} on {info['cpu']} ({threads} cores)", flush=True)
     sections = []
     steps = [
-        ("ORT vs torch", lambda: ort_vs_torch(repository, runs or cache_dir() / "runs", threads)),
+        ("ORT vs torch", lambda: ort_vs_torch(repository, runs or cache_dir() / "runs", served_threads)),
         ("MC", lambda: mc_rows(repository, threads)),
         ("transport", lambda: sb.transport_ceiling(repository, rbm_row(repository, spectra),
                                                    per_stream=200 if quick else 1000)),

@@ -1,8 +1,9 @@
 """Dynamic batching: the requests to one model, from every client and stream, gathered into one
 ONNX Runtime run.
 
-Each ready model the server serves has a :class:`Batcher`, which is a bounded FIFO queue with one
-worker thread. A request is checked against the model's contract in the caller's thread, so a bad
+Each ready model the server serves has a :class:`Batcher`, which is a bounded FIFO queue with its
+worker threads (on the CPU, one per ``cores / threads per session``, so a single-threaded session
+can still use every core; on a GPU one). A request is checked against the model's contract in the caller's thread, so a bad
 request fails at once and never reaches the queue. It then waits in the queue. The worker takes the
 oldest request and every later one that can share its run, meaning the same non-batch inputs, for
 example the same ``n_samples``. It goes on while the rows fit in ``max_batch_size``; a request
@@ -60,6 +61,9 @@ class BatchingConfig:
     """How long the oldest queued request may wait for a fuller batch."""
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
     """Requests that may wait; one more is refused with RESOURCE_EXHAUSTED."""
+    instances: int = 0
+    """Worker threads, i.e. session runs of this model at once (Triton's ``instance_group``
+    count); 0: decided by the device (on the CPU, cores / threads per session)."""
 
     @classmethod
     def from_pbtxt(cls, text: str) -> "BatchingConfig":
@@ -74,9 +78,11 @@ class BatchingConfig:
             rows = number(r'key\s*:\s*"specserve_max_batch_rows"\s*value\s*:?\s*\{\s*string_value\s*:\s*"(\d+)"')
         delay = number(r"max_queue_delay_microseconds\s*:\s*(\d+)")
         size = number(r"default_queue_policy\s*\{[^}]*max_queue_size\s*:\s*(\d+)")
+        instances = number(r"instance_group\s*\[?\s*\{[^}]*count\s*:\s*(\d+)")
         return cls(max_batch_size=rows or DEFAULT_MAX_BATCH_ROWS,
                    max_queue_delay_s=(delay or 0) * 1e-6,
-                   max_queue_size=size or DEFAULT_MAX_QUEUE_SIZE)
+                   max_queue_size=size or DEFAULT_MAX_QUEUE_SIZE,
+                   instances=instances or 0)
 
     @classmethod
     def for_model_dir(cls, model_dir: Path) -> "BatchingConfig":
@@ -124,7 +130,7 @@ def batch_axis(shape: tuple) -> int | None:
 class Batcher:
     """The queue and worker thread of one loaded model version."""
 
-    def __init__(self, model: "LoadedModel", config: BatchingConfig):
+    def __init__(self, model: "LoadedModel", config: BatchingConfig, workers: int = 1):
         self.model = model
         self.config = config
         contract = model.card.contract
@@ -135,8 +141,10 @@ class Batcher:
         self._closed = False
         self._depth = metrics.QUEUE_DEPTH.labels(model.name)
         self._depth.set(0)
-        self._thread = threading.Thread(target=self._loop, name=f"specserve-batch-{model.name}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"specserve-batch-{model.name}-{i}", daemon=True)
+                         for i in range(max(1, config.instances or workers))]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
@@ -174,13 +182,18 @@ class Batcher:
             raise
         return request.future
 
+    @property
+    def workers(self) -> int:
+        return len(self._threads)
+
     def close(self, wait: bool = True, timeout: float | None = None) -> None:
-        """Stop accepting; the worker answers every queued request, then exits."""
+        """Stop accepting; the workers answer every queued request, then exit."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         if wait:
-            self._thread.join(timeout)
+            for thread in self._threads:
+                thread.join(timeout)
 
     # ---------------------------------------------------------------- worker
 
@@ -204,16 +217,19 @@ class Batcher:
         limit, delay = self.config.max_batch_size, self.config.max_queue_delay_s
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                if delay > 0:
-                    first = self._queue[0]
-                    until = first.enqueued_ns * 1e-9 + delay
-                    while (not self._closed and self._rows_waiting(first.key) < limit
-                           and (left := until - time.perf_counter_ns() * 1e-9) > 0):
-                        self._cond.wait(left)
+                while True:
+                    while not self._queue and not self._closed:
+                        self._cond.wait()
+                    if not self._queue:
+                        return
+                    if delay > 0:
+                        first = self._queue[0]
+                        until = first.enqueued_ns * 1e-9 + delay
+                        while (not self._closed and self._queue and self._rows_waiting(first.key) < limit
+                               and (left := until - time.perf_counter_ns() * 1e-9) > 0):
+                            self._cond.wait(left)
+                    if self._queue:  # another worker may have taken it meanwhile
+                        break
                 batch = self._take()
                 self._depth.set(len(self._queue))
             try:

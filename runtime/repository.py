@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -96,6 +97,8 @@ class LoadedModel:
     """(version, reason) of the newest version on disk when it did not load and this older one did."""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     batcher: Batcher | None = None
+    workers: int = 1
+    """Session runs at once when batching (the batcher's default worker count)."""
     io_binding: tuple[str, int] | None = None
     """Device ("cuda", index) the session's inputs and outputs are bound to; None: plain ``session.run``."""
 
@@ -164,7 +167,7 @@ class LoadedModel:
     def start_batching(self) -> None:
         """Give this (ready) model its batcher, configured from its folder's config.pbtxt."""
         if self.ready and self.batcher is None:
-            self.batcher = Batcher(self, self.batching)
+            self.batcher = Batcher(self, self.batching, self.workers)
 
     def stop_batching(self, timeout: float | None = None) -> None:
         """Close the batcher: nothing new is accepted, everything queued is answered."""
@@ -200,6 +203,8 @@ def load_model_file(name: str, version: str, path: Path, device: Device | None =
         model.batching = BatchingConfig.for_model_dir(path.parent.parent)
         if device.kind == "cuda":
             model.io_binding = ("cuda", device.index)
+        else:  # single-threaded sessions on a many-core host: several runs at once
+            model.workers = max(1, (os.cpu_count() or 1) // device.threads_per_session(n_models))
     if not model.ready:
         log.warning("model %s version %s not ready: %s", name, version, model.reason)
     return model
