@@ -139,8 +139,8 @@ class Batcher:
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._depth = metrics.QUEUE_DEPTH.labels(model.name)
-        self._depth.set(0)
+        # read at scrape time: nothing to update per request (the latest version's queue is shown)
+        metrics.QUEUE_DEPTH.labels(model.name).set_function(lambda: len(self._queue))
         self._threads = [threading.Thread(target=self._loop, name=f"specserve-batch-{model.name}-{i}", daemon=True)
                          for i in range(max(1, config.instances or workers))]
         for thread in self._threads:
@@ -175,7 +175,6 @@ class Batcher:
                     raise QueueFullError(f"model {model.name!r}: {len(self._queue)} requests are queued "
                                          f"(max_queue_size {self.config.max_queue_size}); retry later")
                 self._queue.append(request)
-                self._depth.set(len(self._queue))
                 self._cond.notify()
         except Exception:
             model.stats.record_request(False, time.perf_counter_ns() - t0)
@@ -231,7 +230,6 @@ class Batcher:
                     if self._queue:  # another worker may have taken it meanwhile
                         break
                 batch = self._take()
-                self._depth.set(len(self._queue))
             try:
                 self._run(batch)
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything

@@ -351,7 +351,8 @@ def _infer_start(store: ModelStore, request: kserve.ModelInferRequest,
         for name in wanted:
             array = np.ascontiguousarray(outputs[name])
             response.outputs.add(name=name, datatype=dtypes.from_numpy(array.dtype).kserve, shape=list(array.shape))
-            response.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
+            little = array if array.dtype.byteorder != ">" else array.astype(array.dtype.newbyteorder("<"))
+            response.raw_output_contents.append(little.tobytes())
         _log_request("ModelInfer", rid, target, rows, t0)
         return response
 

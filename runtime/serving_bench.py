@@ -14,7 +14,9 @@ ONNX Runtime vs torch rows live in :mod:`specserve.export.bench`, which also wri
   client library at its default settings.
 
 The servers run as subprocesses (``specserve serve``, and ``python -m
-specserve.runtime.serving_bench echo``), so client and server do not share an interpreter.
+specserve.runtime.serving_bench echo``), so client and server do not share an interpreter. The
+KServe protos are imported only when a benchmark runs: tritonclient ships its own copy of them,
+and the two cannot share a process (the tests import tritonclient).
 """
 
 from __future__ import annotations
@@ -35,8 +37,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-
-from specserve.protos import grpc_service_pb2 as kserve
 
 from .errors import SpecserveError
 
@@ -231,7 +231,10 @@ async def open_loop_latencies(address: str, payload: bytes, rate: float, seconds
     return latencies[np.isfinite(latencies)], n / max(sent, 1e-9), failed
 
 
-def infer_request(model: str, inputs: dict[str, np.ndarray]) -> kserve.ModelInferRequest:
+def infer_request(model: str, inputs: dict[str, np.ndarray]):
+    """A KServe ModelInferRequest with ``inputs`` in raw_input_contents."""
+    from specserve.protos import grpc_service_pb2 as kserve
+
     request = kserve.ModelInferRequest(model_name=model)
     kinds = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
     for name, array in inputs.items():
@@ -270,6 +273,8 @@ def transport_ceiling(repository: Path, flux_row: np.ndarray, n_streams: int = 4
                       rounds: int = 2, device: str = "cpu") -> Section:
     payload = infer_request("rbm", {"flux": flux_row[None, :].astype(np.float32)}).SerializeToString()
     with server_process(repository, device) as address:
+        from specserve.protos import grpc_service_pb2 as kserve
+
         _, answer = asyncio.run(stream_rate(address, payload, 1, 20))
         response = kserve.ModelStreamInferResponse.FromString(answer)
         if response.error_message:
