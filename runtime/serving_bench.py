@@ -293,8 +293,10 @@ def transport_ceiling(repository: Path, flux_row: np.ndarray, n_streams: int = 4
     return section
 
 
-def serving_overhead(repository: Path, spectra: list, n_streams: int = 4, per_message: int = 32) -> Section:
-    """AnalyzeStream with every model vs the same analyser in-process, ``n_streams`` at once."""
+def serving_overhead(repository: Path, spectra: list, n_streams: int = 4, per_message: int = 32,
+                     rounds: int = 2) -> Section:
+    """AnalyzeStream with every model vs the same analyser in-process, ``n_streams`` at once;
+    the two alternate ``rounds`` times and the best of each is compared."""
     from .analysis import Analyzer
     from .client import Client, to_proto
     from .providers import Device
@@ -302,7 +304,7 @@ def serving_overhead(repository: Path, spectra: list, n_streams: int = 4, per_me
 
     messages = [spectra[i:i + per_message] for i in range(0, len(spectra), per_message)]
     shares = [messages[s::n_streams] for s in range(n_streams)]
-
+    protos = [[[to_proto(s) for s in message] for message in share] for share in shares]
     analyzer = Analyzer(load_repository(repository, Device()))
     analyzer.analyze(messages[0])  # warm-up
 
@@ -310,8 +312,7 @@ def serving_overhead(repository: Path, spectra: list, n_streams: int = 4, per_me
         for message in share:
             analyzer.analyze(message)
 
-    local = _threads(in_process, shares)
-    protos = [[[to_proto(s) for s in message] for message in share] for share in shares]
+    local, served = [], []
     with server_process(repository) as address:
         with Client(address) as client:
             list(client.stream(protos[0][0], batch_size=per_message))  # warm-up
@@ -322,13 +323,16 @@ def serving_overhead(repository: Path, spectra: list, n_streams: int = 4, per_me
                 if len(rows) != sum(len(m) for m in share) or not all(r.ok for r in rows):
                     raise SpecserveError("AnalyzeStream lost or failed spectra")
 
-        served = _threads(remote, protos)
+        for _ in range(rounds):  # the idle server's threads sleep while the in-process run goes
+            local.append(_threads(in_process, shares))
+            served.append(_threads(remote, protos))
     n = len(spectra)
-    ratio = local / served
+    ratio = min(local) / min(served)
     section = Section("Serving overhead (AnalyzeStream, every model, vs the same pipeline in-process)")
     section.rows.append(Row(
-        f"{n:,} LAMOST spectra, {n_streams} concurrent streams / threads, {per_message} spectra per message",
-        f"served {n / served:,.0f} spectra/s; in-process {n / local:,.0f} spectra/s",
+        f"{n:,} LAMOST spectra, {n_streams} concurrent streams / threads, {per_message} spectra per message, "
+        f"best of {rounds}",
+        f"served {n / min(served):,.0f} spectra/s; in-process {n / min(local):,.0f} spectra/s",
         f"{ratio:.0%} of in-process", ">= 70 %", verdict(ratio >= 0.7)))
     return section
 
