@@ -64,6 +64,7 @@ def test_bench_all_quick_writes_every_section(cv_run, tmp_path):
     assert re.search(r"\| rbm batch 1 \| ORT [0-9.]+ ms; torch [0-9.]+ ms \| ORT [0-9.]+x faster \| >= 2x", text)
     assert re.search(r"\| rbm batch 64 \| ORT [0-9.]+ ms; torch [0-9.]+ ms", text)
     assert re.search(r"specserve [0-9,]+ msg/s; echo [0-9,]+ msg/s \| [0-9]+% of echo", text)
+    assert re.search(r"no model work \| [0-9,]+ msg/s \| [0-9]+% of echo", text)
     assert re.search(r"\| [0-9.]+ us per request \(mean batch [0-9]+ rows\) \| [0-9,]+ requests/s without gRPC", text)
     assert re.search(r"served [0-9,]+ spectra/s; in-process [0-9,]+ spectra/s", text)
     assert len(re.findall(r"\| rbm at (10|50|90)% of [0-9,]+ req/s", text)) == 3
