@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import signal
 import threading
@@ -721,6 +722,11 @@ async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 800
             if on_metrics is not None:
                 on_metrics(bound_metrics)
     await server.start()
+    # everything loaded so far (modules, sessions, descriptors: several 100,000 objects) lives as
+    # long as the server; out of the collector's sight, a full collection no longer stalls
+    # requests for tens of milliseconds
+    gc.collect()
+    gc.freeze()
     await _set_health(server, any(m.ready for m in server.store.models.values()))
     log.info("serving %s on %s:%d", repository, host, bound)
     if on_started is not None:
