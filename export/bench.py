@@ -256,7 +256,8 @@ def run_all(repository: Path, out: Path, quick: bool = False, runs: Path | None 
         ("transport", lambda: sb.transport_ceiling(repository, rbm_row(repository, spectra),
                                                    per_stream=200 if quick else 1000)),
         ("overhead", lambda: sb.serving_overhead(repository, spectra[: 64 if quick else len(spectra)] * (1 if quick else 4))),
-        ("latency", lambda: sb.latency(repository, single_requests(repository, spectra), seconds=1.0 if quick else 3.0)),
+        ("latency", lambda: sb.latency(repository, single_requests(repository, spectra), seconds=1.0 if quick else 3.0,
+                                       repeats=1 if quick else 3)),
         ("exposure", lambda: sb.exposure(repository, spectra, n=400 if quick else 4000)),
     ]
     for label, step in steps:

@@ -17,6 +17,7 @@ import functools
 import gc
 import logging
 import signal
+import sys
 import threading
 import time
 import itertools
@@ -71,6 +72,7 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
 )
 
+SWITCH_INTERVAL_S = 0.001
 STREAM_WINDOW = 64
 """Messages of one stream in flight at once (their answers still go back in order)."""
 
@@ -727,6 +729,9 @@ async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 800
     # requests for tens of milliseconds
     gc.collect()
     gc.freeze()
+    # a batch worker whose session run ended waits for the GIL at most this long while the event
+    # loop is busy (Python's default, 5 ms, showed up whole in the latency tail)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     await _set_health(server, any(m.ready for m in server.store.models.values()))
     log.info("serving %s on %s:%d", repository, host, bound)
     if on_started is not None:
