@@ -429,9 +429,14 @@ def _statistics(model: LoadedModel) -> kserve.ModelStatistics:
 
 
 class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, store: ModelStore, stopping: asyncio.Event):
+    def __init__(self, store: ModelStore, stopping: asyncio.Event, health_servicer=None):
         self.store = store
         self.stopping = stopping
+        self.health = health_servicer
+
+    async def _sync_health(self) -> None:
+        if self.health is not None:
+            await sync_health(self.health, self.store, self.stopping.is_set())
 
     @_unary
     async def ServerLive(self, request, context):
@@ -465,6 +470,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
     @_unary
     async def RepositoryModelLoad(self, request, context):
         model = await asyncio.to_thread(self.store.reload, request.model_name)
+        await self._sync_health()
         failed = self.store.failures.get(request.model_name)
         if not model.ready:
             raise ModelLoadError(f"model {request.model_name!r} did not load: {model.reason}")
@@ -476,6 +482,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
     @_unary
     async def RepositoryModelUnload(self, request, context):
         self.store.unload(request.model_name)
+        await self._sync_health()
         return kserve.RepositoryModelUnloadResponse()
 
     @_unary
@@ -660,9 +667,9 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
         ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
     ])
     stopping = asyncio.Event()  # set on SIGTERM: open streams answer what they read, then end
-    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(store, stopping), server)
-    pb_grpc.add_SpecServeServicer_to_server(DomainServicer(store, stopping), server)
     health_servicer = health.aio.HealthServicer()
+    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(store, stopping, health_servicer), server)
+    pb_grpc.add_SpecServeServicer_to_server(DomainServicer(store, stopping), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (
         kserve.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
@@ -684,10 +691,21 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
     return server, port
 
 
-async def _set_health(server, serving: bool) -> None:
-    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for service in ("", "inference.GRPCInferenceService", "specserve.v1.SpecServe"):
-        await server.health_servicer.set(service, status)
+HEALTH_SERVICES = ("", "inference.GRPCInferenceService", "specserve.v1.SpecServe")
+MODEL_HEALTH_PREFIX = "model/"
+"""Each model's health has the service name ``model/<name>``: SERVING while it is ready."""
+
+
+async def sync_health(health_servicer, store: ModelStore, stopping: bool = False) -> None:
+    """The server's health (SERVING while any model is ready, NOT_SERVING while draining) and
+    every model's (``model/<name>``), from the store as it is now."""
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    models = dict(store.models)
+    overall = serving if not stopping and any(m.ready for m in models.values()) else not_serving
+    for service in HEALTH_SERVICES:
+        await health_servicer.set(service, overall)
+    for name, model in models.items():
+        await health_servicer.set(MODEL_HEALTH_PREFIX + name, serving if model.ready and not stopping else not_serving)
 
 
 async def watch_repository(server, interval: float) -> None:
@@ -696,7 +714,7 @@ async def watch_repository(server, interval: float) -> None:
         await asyncio.sleep(interval)
         try:
             if await asyncio.to_thread(server.store.refresh):
-                await _set_health(server, any(m.ready for m in server.store.models.values()))
+                await sync_health(server.health_servicer, server.store)
         except Exception:  # noqa: BLE001 - a bad scan must not stop serving; the next one retries
             log.exception("repository scan failed")
 
@@ -732,7 +750,7 @@ async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 800
     # a batch worker whose session run ended waits for the GIL at most this long while the event
     # loop is busy (Python's default, 5 ms, showed up whole in the latency tail)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    await _set_health(server, any(m.ready for m in server.store.models.values()))
+    await sync_health(server.health_servicer, server.store)
     log.info("serving %s on %s:%d", repository, host, bound)
     if on_started is not None:
         on_started(bound)
@@ -747,7 +765,7 @@ async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 800
     if watcher is not None:
         watcher.cancel()
     log.info("shutting down: draining for up to %.0f s", grace_seconds)
-    await _set_health(server, False)
+    await sync_health(server.health_servicer, server.store, stopping=True)
     server.stopping.set()
     await server.stop(grace_seconds)  # new calls are refused; accepted ones run to their answer
     await asyncio.to_thread(server.store.close, grace_seconds)

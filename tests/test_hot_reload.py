@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
@@ -40,8 +42,9 @@ def served(repo):
                             env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
     line = proc.stdout.readline()
     assert "serving" in line, proc.stderr.read()
-    client = triton.InferenceServerClient(line.strip().rsplit(" on ", 1)[1])
-    yield client, proc
+    address = line.strip().rsplit(" on ", 1)[1]
+    client = triton.InferenceServerClient(address)
+    yield client, proc, address
     client.close()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
@@ -63,12 +66,19 @@ def _wait(predicate, seconds: float = 20.0) -> bool:
     return False
 
 
+def _health(served, service: str) -> str:
+    """The grpc.health.v1 status of ``service`` on the served address."""
+    with grpc.insecure_channel(served[2]) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+
 def _index(client) -> list[tuple[str, str, str, str]]:
     return [(m.name, m.version, m.state, m.reason) for m in client.get_model_repository_index().models]
 
 
 def test_corrupt_version_keeps_the_previous_serving_and_a_good_one_replaces_it(served, repo):
-    client, _ = served
+    client = served[0]
     root, onnx_path, c = repo
     n = c.dims["n_pixels"]
     assert _infer(client, n) == "1"
@@ -81,6 +91,7 @@ def test_corrupt_version_keeps_the_previous_serving_and_a_good_one_replaces_it(s
     assert "version 2 did not load" in err.value.message() and "version 1 keeps serving" in err.value.message()
     assert _infer(client, n) == "1"
     assert client.is_model_ready("rbm") and not client.is_model_ready("rbm", "2")
+    assert _health(served, "model/rbm") == "SERVING" and _health(served, "") == "SERVING"
     index = _index(client)
     assert ("rbm", "1", "READY", "") in index
     assert any(v == "2" and state == "UNAVAILABLE" and "cannot load" in reason for _, v, state, reason in index)
@@ -92,28 +103,31 @@ def test_corrupt_version_keeps_the_previous_serving_and_a_good_one_replaces_it(s
 
 
 def test_added_model_is_loaded_and_unload_and_load_work(served, repo):
-    client, _ = served
+    client = served[0]
     root, onnx_path, c = repo
     write_model(root, "second", 1, onnx_path, c)
     assert _wait(lambda: ("second", "1", "READY", "") in _index(client))
     assert client.is_model_ready("second")
+    assert _wait(lambda: _health(served, "model/second") == "SERVING")
     client.unload_model("second")
     assert not client.is_model_ready("second")
+    assert _health(served, "model/second") == "NOT_SERVING" and _health(served, "model/rbm") == "SERVING"
     assert [s for name, _, s, _ in _index(client) if name == "second"] == ["UNAVAILABLE"]
     client.load_model("second")
-    assert client.is_model_ready("second")
+    assert client.is_model_ready("second") and _health(served, "model/second") == "SERVING"
     with pytest.raises(InferenceServerException) as err:
         client.load_model("nothing")
     assert "NOT_FOUND" in str(err.value.status())
     # a folder that is removed is unloaded; the others keep serving
     shutil.rmtree(root / "second")
     assert _wait(lambda: not client.is_model_ready("second"))
+    assert _wait(lambda: _health(served, "model/second") == "NOT_SERVING")
     assert _infer(client, c.dims["n_pixels"]) == "1"
     assert client.is_server_ready()
 
 
 def test_model_statistics_count_requests_failures_and_batches(served, repo):
-    client, _ = served
+    client = served[0]
     n = repo[2].dims["n_pixels"]
     for rows in (1, 1, 3):
         _infer(client, n, rows)
