@@ -16,6 +16,7 @@ import contextlib
 import functools
 import gc
 import logging
+import math
 import signal
 import sys
 import threading
@@ -281,7 +282,7 @@ def _decode_inputs(request: kserve.ModelInferRequest) -> dict[str, np.ndarray]:
         shape = tuple(int(d) for d in tensor.shape)
         if any(d < 0 for d in shape):
             raise InvalidInputError(f"input {tensor.name!r} has a negative dimension {list(shape)}")
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)
         if raw:
             data = raw[i]
             if len(data) != count * dtype.numpy.itemsize:
