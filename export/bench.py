@@ -347,7 +347,7 @@ def device_speed(repository: Path, device: Device, threads: int) -> sb.Section:
     return section
 
 
-def gpu_check(repository: Path, out: Path | None, device_text: str = "cuda") -> bool:
+def gpu_check(repository: Path, out: Path | None, device_text: str = "cuda", quick: bool = False) -> bool:
     """Parity on the device, then the serving benchmarks on it; prints a summary, writes the CUDA
     section of ``out`` (when given); True when every check passed."""
     device = resolve_device(device_text)
@@ -358,9 +358,11 @@ def gpu_check(repository: Path, out: Path | None, device_text: str = "cuda") -> 
     print("\n".join(f"{'PASS' if c.ok else 'FAIL'} {c.name}: {c.detail}" for c in checks), flush=True)
     spectra = lamost_inputs(data_dir())
     sections = [device_speed(repository, device, int(info["cores"]))]
-    sections.append(sb.transport_ceiling(repository, rbm_row(repository, spectra), device=device.name))
-    sections.append(sb.latency(repository, single_requests(repository, spectra), device=device.name))
-    sections.append(sb.exposure(repository, spectra, device=device.name))
+    sections.append(sb.transport_ceiling(repository, rbm_row(repository, spectra), device=device.name,
+                                         per_stream=200 if quick else 1000))
+    sections.append(sb.latency(repository, single_requests(repository, spectra), device=device.name,
+                               seconds=1.0 if quick else 3.0, repeats=1 if quick else 3))
+    sections.append(sb.exposure(repository, spectra, n=400 if quick else 4000, device=device.name))
     passed = all(c.ok for c in checks)
     text = "\n".join([
         f"Measured by `make gpu-check` on {device.name}. Parity: {sum(c.ok for c in checks)}/{len(checks)} checks "

@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     gpu.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"),
                      help="report whose CUDA section is rewritten (default BENCHMARKS.md)")
     gpu.add_argument("--device", default="cuda", help="cuda[:N] (cpu runs the same code on the CPU)")
+    gpu.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for the report)")
     gpu.set_defaults(handler=_cmd_bench_gpu)
     srv = sub.add_parser("serve", help="serve a model repository over gRPC")
     srv.add_argument("--repository", type=Path,
@@ -280,7 +281,7 @@ def _cmd_bench_gpu(args: argparse.Namespace) -> int:
 
     from .datakit import models_dir
 
-    return 0 if gpu_check(args.repository or models_dir(), args.out, args.device) else 1
+    return 0 if gpu_check(args.repository or models_dir(), args.out, args.device, quick=args.quick) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

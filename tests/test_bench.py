@@ -76,3 +76,20 @@ def test_bench_all_quick_writes_every_section(cv_run, tmp_path):
 
     write_report(out, "# specserve benchmarks\n\nnew body")
     assert "CUDA numbers from a GPU machine" in out.read_text() and "new body" in out.read_text()
+
+
+def test_gpu_check_script_runs_end_to_end_on_the_cpu(cv_run, tmp_path):
+    """``specserve bench gpu`` is meant for a CUDA machine; with --device cpu the same code runs
+    here, so the script is known to work before a GPU is lent. It rewrites only the CUDA section."""
+    export_rbm(cv_run[1], tmp_path / "repo")
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# specserve benchmarks\n\n## CPU\n\nthe CPU table\n")
+    result = subprocess.run([SPECSERVE, "bench", "gpu", "--device", "cpu", "--quick", "--repository",
+                             str(tmp_path / "repo"), "--out", str(out)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PASS rbm: outputs match the CPU" in result.stdout and "GPU check: PASS" in result.stdout
+    text = out.read_text()
+    assert "the CPU table" in text and "## CUDA" in text and "Parity: 2/2 checks passed" in text
+    assert re.search(r"\| rbm batch 1 \| cpu [0-9.]+ ms; CPU [0-9.]+ ms", text)
+    assert "Transport ceiling" in text and "One LAMOST exposure" in text
