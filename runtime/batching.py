@@ -128,7 +128,7 @@ def batch_axis(shape: tuple) -> int | None:
 
 
 class Batcher:
-    """The queue and worker thread of one loaded model version."""
+    """The queue and worker threads of one loaded model version."""
 
     def __init__(self, model: "LoadedModel", config: BatchingConfig, workers: int = 1):
         self.model = model
