@@ -475,6 +475,14 @@ def exposure(repository: Path, spectra: list, n: int = 4000, device: str = "cpu"
     if len(rows) != n:
         raise SpecserveError(f"{len(rows)} rows for {n} spectra")
     section = Section("One LAMOST exposure through the full pipeline")
+    ran: dict[str, int] = {}
+    for row in rows:
+        for note in row.notes:
+            ran.setdefault(note.split(":")[0], 0)
+        for model in row.models:
+            ran[model.split(":")[0]] = ran.get(model.split(":")[0], 0) + 1
+    section.notes.append("spectra each model answered (for the others it reported not applicable, with the reason): "
+                         + (", ".join(f"{m} {k:,}" for m, k in sorted(ran.items())) or "none"))
     section.rows.append(Row(
         f"{n:,} spectra (the kit's {len(spectra)} LAMOST DR1 files cycled), every model, one stream, "
         "client defaults (64 per message)",
