@@ -164,45 +164,6 @@ def mc_rows(repository: Path, threads: int, batch: int = 64, n_samples: int = 64
 # ------------------------------------------------------------------ the serving rows
 
 
-def lamost_inputs(root: Path) -> list:
-    from specserve.runtime.analysis import SpectrumInput
-    from specserve.runtime.io import read_spectra
-
-    files = sorted((root / "lamost_dr1" / "fits").glob("*.fits"))
-    if not files:
-        raise SpecserveError(f"no LAMOST DR1 spectra under {root}")
-    return [SpectrumInput.from_spectrum(s, f"{p.stem}") for p in files for s in read_spectra(p)]
-
-
-def single_requests(repository: Path, spectra: list) -> dict[str, bytes]:
-    """One real spectrum on each spectrum model's grid, as a serialised ModelInferRequest."""
-    from specserve.runtime.contract import fill_masked
-
-    out = {}
-    for folder in model_folders(repository):
-        model = load_model_dir(folder)
-        if not model.ready or "flux" not in model.card.contract.input_names:
-            continue
-        s = spectra[0]
-        prepared = model.card.preprocessing.apply(s.wavelength, s.flux, s.ivar, s.mask, z=s.redshift or None)
-        inputs = {"flux": fill_masked(prepared.flux, prepared.mask)[None, :]}
-        if "ivar" in model.card.contract.input_names:
-            inputs["ivar"] = np.where(prepared.mask, 0, prepared.ivar).astype(np.float32)[None, :]
-        out[folder.name] = sb.infer_request(folder.name, inputs).SerializeToString()
-    return out
-
-
-def rbm_row(repository: Path, spectra: list) -> np.ndarray:
-    from specserve.runtime.contract import fill_masked
-
-    model = load_model_dir(repository / "rbm")
-    if not model.ready:
-        raise SpecserveError(f"the transport benchmark needs the rbm model: {model.reason}")
-    s = spectra[0]
-    prepared = model.card.preprocessing.apply(s.wavelength, s.flux, s.ivar, s.mask, z=s.redshift or None)
-    return fill_masked(prepared.flux, prepared.mask)
-
-
 # ------------------------------------------------------------------ report
 
 
@@ -247,16 +208,17 @@ def run_all(repository: Path, out: Path, quick: bool = False, runs: Path | None 
     # ORT vs torch at the thread count each session gets when the repository is served
     served_threads = Device().threads_per_session(len(model_folders(repository)))
     root = data_dir()
-    spectra = lamost_inputs(root)
+    spectra = sb.lamost_inputs(root)
+    requests = sb.single_requests(repository, spectra)
     print(f"benchmarking {repository} on {info['cpu']} ({threads} cores)", flush=True)
     sections = []
     steps = [
         ("ORT vs torch", lambda: ort_vs_torch(repository, runs or cache_dir() / "runs", served_threads)),
         ("MC", lambda: mc_rows(repository, threads)),
-        ("transport", lambda: sb.transport_ceiling(repository, rbm_row(repository, spectra),
+        ("transport", lambda: sb.transport_ceiling(repository, requests,
                                                    per_stream=200 if quick else 1000)),
         ("overhead", lambda: sb.serving_overhead(repository, spectra[: 64 if quick else len(spectra)] * (1 if quick else 4))),
-        ("latency", lambda: sb.latency(repository, single_requests(repository, spectra), seconds=1.0 if quick else 3.0,
+        ("latency", lambda: sb.latency(repository, requests, seconds=1.0 if quick else 3.0,
                                        repeats=1 if quick else 3)),
         ("exposure", lambda: sb.exposure(repository, spectra, n=400 if quick else 4000)),
     ]
@@ -356,11 +318,12 @@ def gpu_check(repository: Path, out: Path | None, device_text: str = "cuda", qui
     info = sb.machine()
     checks = parity_checks(repository, device)
     print("\n".join(f"{'PASS' if c.ok else 'FAIL'} {c.name}: {c.detail}" for c in checks), flush=True)
-    spectra = lamost_inputs(data_dir())
+    spectra = sb.lamost_inputs(data_dir())
+    requests = sb.single_requests(repository, spectra)
     sections = [device_speed(repository, device, int(info["cores"]))]
-    sections.append(sb.transport_ceiling(repository, rbm_row(repository, spectra), device=device.name,
+    sections.append(sb.transport_ceiling(repository, requests, device=device.name,
                                          per_stream=200 if quick else 1000))
-    sections.append(sb.latency(repository, single_requests(repository, spectra), device=device.name,
+    sections.append(sb.latency(repository, requests, device=device.name,
                                seconds=1.0 if quick else 3.0, repeats=1 if quick else 3))
     sections.append(sb.exposure(repository, spectra, n=400 if quick else 4000, device=device.name))
     passed = all(c.ok for c in checks)

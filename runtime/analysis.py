@@ -22,8 +22,8 @@ import numpy as np
 
 from .contract import N_SAMPLES, ModelCard, fill_masked
 from .errors import InvalidInputError, InvalidSpectrumError, ModelNotFoundError, ModelNotReadyError, SpecserveError
-from .repository import LoadedModel
 from .preprocess import Normalised
+from .repository import LoadedModel
 from .spectrum import Spectrum, SpectrumMeta
 
 log = logging.getLogger(__name__)

@@ -146,10 +146,6 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    @property
-    def depth(self) -> int:
-        return len(self._queue)
-
     def submit(self, inputs: dict[str, np.ndarray], deadline: float | None = None,
                loop: asyncio.AbstractEventLoop | None = None) -> Future | asyncio.Future:
         """Queue one request; its future gets the outputs (or the error). With ``loop`` (called
@@ -180,10 +176,6 @@ class Batcher:
             model.stats.record_request(False, time.perf_counter_ns() - t0)
             raise
         return request.future
-
-    @property
-    def workers(self) -> int:
-        return len(self._threads)
 
     def close(self, wait: bool = True, timeout: float | None = None) -> None:
         """Stop accepting; the workers answer every queued request, then exit."""

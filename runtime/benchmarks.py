@@ -49,12 +49,17 @@ class PreprocessBenchmark:
         ])
 
 
-def lamost_batch(root: Path, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(wavelength, flux, ivar, mask, z) for ``n`` spectra cycled from the kit's LAMOST DR1 files."""
+def lamost_spectra(root: Path) -> list:
+    """Every spectrum of the kit's LAMOST DR1 files, in file order."""
     files = sorted((root / "lamost_dr1" / "fits").glob("*.fits"))
     if not files:
         raise DatasetError(f"no LAMOST DR1 spectra under {root}")
-    spectra = [s for path in files for s in read_spectra(path)]
+    return [s for path in files for s in read_spectra(path)]
+
+
+def lamost_batch(root: Path, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(wavelength, flux, ivar, mask, z) for ``n`` spectra cycled from the kit's LAMOST DR1 files."""
+    spectra = lamost_spectra(root)
     length = min(s.n_pixels for s in spectra)
     pick = [spectra[i % len(spectra)] for i in range(n)]
     wave = np.stack([s.wavelength[:length] for s in pick])

@@ -7,14 +7,12 @@ in the listing as not ready, with the reason, and never takes the others down.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +43,8 @@ class ModelStats:
         self._lock = threading.Lock()
         self.success = [0, 0]
         self.fail = [0, 0]
-        self.queue = [0, 0]
-        self.compute = [0, 0]
+        self.queue_ns = 0  # over the successful requests
+        self.compute_ns = 0  # over the executions
         self.inference_count = 0
         self.execution_count = 0
         self.last_inference_ms = 0
@@ -60,8 +58,7 @@ class ModelStats:
             target[0] += 1
             target[1] += total_ns
             if ok:
-                self.queue[0] += 1
-                self.queue[1] += queue_ns
+                self.queue_ns += queue_ns
                 self.inference_count += rows
                 self.last_inference_ms = int(time.time() * 1000)
 
@@ -70,16 +67,16 @@ class ModelStats:
         self.metrics.observe_execution(batch, compute_ns * 1e-9)
         with self._lock:
             self.execution_count += 1
-            self.compute[0] += 1
-            self.compute[1] += compute_ns
+            self.compute_ns += compute_ns
             entry = self.batches.setdefault(batch, [0, 0])
             entry[0] += 1
             entry[1] += compute_ns
 
     def snapshot(self) -> dict:
         with self._lock:
-            return {"success": tuple(self.success), "fail": tuple(self.fail), "queue": tuple(self.queue),
-                    "compute": tuple(self.compute), "inference_count": self.inference_count,
+            return {"success": tuple(self.success), "fail": tuple(self.fail),
+                    "queue": (self.success[0], self.queue_ns), "compute": (self.execution_count, self.compute_ns),
+                    "inference_count": self.inference_count,
                     "execution_count": self.execution_count, "last_inference_ms": self.last_inference_ms,
                     "batches": {k: tuple(v) for k, v in sorted(self.batches.items())}}
 
@@ -126,21 +123,10 @@ class LoadedModel:
 
     def execute(self, checked: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One session run on prepared inputs: the outputs by name (IO binding on CUDA)."""
-        names = self.card.contract.output_names
+        names = self._contract.output_names
         if self.io_binding:
             return dict(zip(names, run_bound(self.session, checked, names, self.io_binding)))
         return dict(zip(names, self.session.run(names, checked)))
-
-    def submit(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None,
-               loop: asyncio.AbstractEventLoop | None = None) -> Future | asyncio.Future:
-        """Run ``inputs`` through the model's batcher when it has one, else at once: a future of
-        the outputs (an asyncio one of ``loop`` when given). Raises at once for a request that does
-        not fit the contract or a full queue."""
-        if self.batcher is not None:
-            return self.batcher.submit(dict(inputs), deadline, loop)
-        future = loop.create_future() if loop is not None else Future()
-        future.set_result(self._run_now(inputs))
-        return future
 
     def run(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> dict[str, np.ndarray]:
         """Validate ``inputs`` against the contract and run them (through the batcher when the
@@ -159,7 +145,7 @@ class LoadedModel:
             self.stats.record_request(False, time.perf_counter_ns() - t0)
             raise
         t2 = time.perf_counter_ns()
-        batch = int(checked[self.card.contract.inputs[0].name].shape[0])
+        batch = int(checked[self._contract.inputs[0].name].shape[0])
         self.stats.record_execution(batch, t2 - t1)
         self.stats.record_request(True, t2 - t0, 0, batch)
         return outputs

@@ -15,16 +15,16 @@ import asyncio
 import contextlib
 import functools
 import gc
+import itertools
 import logging
 import math
 import signal
 import sys
 import threading
 import time
-import itertools
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -43,13 +43,13 @@ from .analysis import Analyzer, ModelResult, SpectrumInput, SpectrumOutcome
 from .contract import DYNAMIC_DIMS
 from .errors import (
     ContractError,
+    DeadlineExceededError,
     InvalidInputError,
     InvalidSpectrumError,
     ModelLoadError,
     ModelNotFoundError,
     ModelNotReadyError,
     QueueFullError,
-    DeadlineExceededError,
     ShuttingDownError,
     SpecserveError,
 )
@@ -155,18 +155,16 @@ def _version() -> str:
 
 
 class ModelStore:
-    """The loaded repository and the analyzer over it. With ``batching`` every ready model
-    gets a batcher (:mod:`.batching`); a replaced or unloaded version's batcher answers what it
-    holds, then stops."""
+    """The loaded repository and the analyzer over it. Every ready model has a batcher
+    (:mod:`.batching`); a replaced or unloaded version's batcher answers what it holds, then
+    stops."""
 
-    def __init__(self, repository: str | Path, device: Device | None = None, batching: bool = True):
+    def __init__(self, repository: str | Path, device: Device | None = None):
         self.repository = Path(repository)
         self.device = device or Device()
-        self.batching = batching
         self.models: dict[str, LoadedModel] = load_repository(self.repository, self.device)
-        if batching:
-            for model in self.models.values():
-                model.start_batching()
+        for model in self.models.values():
+            model.start_batching()
         self.failures: dict[str, tuple[str, str]] = {
             name: m.newer_failure for name, m in self.models.items() if m.newer_failure}
         """Model name -> (version, reason) of a newer version that failed to load while an older one serves."""
@@ -212,8 +210,7 @@ class ModelStore:
 
     def _install(self, name: str, model: LoadedModel) -> None:
         old = self.models.get(name)
-        if self.batching:
-            model.start_batching()
+        model.start_batching()
         self.models[name] = model
         if old is not None and old is not model and old.batcher is not None:
             old.batcher.close(wait=False)  # its worker answers what it holds, then exits
@@ -340,7 +337,7 @@ def _infer_start(store: ModelStore, request: kserve.ModelInferRequest,
         unknown = [n for n in wanted if n not in names]
         if unknown:
             raise InvalidInputError(f"model {model.name!r} has no outputs {unknown} (outputs: {names})")
-        future = model.submit(_decode_inputs(request), deadline, asyncio.get_running_loop())
+        future = model.batcher.submit(_decode_inputs(request), deadline, asyncio.get_running_loop())
     except Exception as exc:
         _log_request("ModelInfer", rid, target, rows, t0, exc)
         raise
@@ -430,14 +427,13 @@ def _statistics(model: LoadedModel) -> kserve.ModelStatistics:
 
 
 class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, store: ModelStore, stopping: asyncio.Event, health_servicer=None):
+    def __init__(self, store: ModelStore, stopping: asyncio.Event, health_servicer):
         self.store = store
         self.stopping = stopping
         self.health = health_servicer
 
     async def _sync_health(self) -> None:
-        if self.health is not None:
-            await sync_health(self.health, self.store, self.stopping.is_set())
+        await sync_health(self.health, self.store, self.stopping.is_set())
 
     @_unary
     async def ServerLive(self, request, context):
@@ -661,7 +657,7 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
                   device: Device | None = None) -> tuple[grpc.aio.Server, int]:
     """A configured, not yet started grpc.aio server and the port it is bound to; the models'
     sessions run on ``device`` (default the CPU), each behind its batcher."""
-    store = ModelStore(repository, device, batching=True)
+    store = ModelStore(repository, device)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -755,19 +751,17 @@ async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 800
     log.info("serving %s on %s:%d", repository, host, bound)
     if on_started is not None:
         on_started(bound)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # the domain API's threads mostly wait for their batches: allow many, so batches can fill
     loop.set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="specserve-request"))
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, server.stopping.set)
     watcher = asyncio.create_task(watch_repository(server, poll_repository)) if poll_repository > 0 else None
-    await stop.wait()
+    await server.stopping.wait()  # set by the signal: open streams stop reading at once
     if watcher is not None:
         watcher.cancel()
     log.info("shutting down: draining for up to %.0f s", grace_seconds)
     await sync_health(server.health_servicer, server.store, stopping=True)
-    server.stopping.set()
     await server.stop(grace_seconds)  # new calls are refused; accepted ones run to their answer
     await asyncio.to_thread(server.store.close, grace_seconds)
     log.info("stopped")

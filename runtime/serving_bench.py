@@ -269,6 +269,36 @@ def infer_request(model: str, inputs: dict[str, np.ndarray]):
     return request
 
 
+# ------------------------------------------------------------------ inputs
+
+
+def lamost_inputs(root: Path) -> list:
+    """The kit's LAMOST DR1 spectra as requests, each named after its file."""
+    from .analysis import SpectrumInput
+    from .benchmarks import lamost_spectra
+
+    return [SpectrumInput.from_spectrum(s, Path(s.meta.file).stem) for s in lamost_spectra(root)]
+
+
+def single_requests(repository: Path, spectra: list) -> dict[str, bytes]:
+    """The first spectrum on each spectrum model's grid, as a serialised ModelInferRequest."""
+    from .contract import fill_masked
+    from .repository import load_model_dir, model_folders
+
+    out = {}
+    s = spectra[0]
+    for folder in model_folders(repository):
+        model = load_model_dir(folder)
+        if not model.ready or "flux" not in model.card.contract.input_names:
+            continue
+        prepared = model.card.preprocessing.apply(s.wavelength, s.flux, s.ivar, s.mask, z=s.redshift or None)
+        inputs = {"flux": fill_masked(prepared.flux, prepared.mask)[None, :]}
+        if "ivar" in model.card.contract.input_names:
+            inputs["ivar"] = np.where(prepared.mask, 0, prepared.ivar).astype(np.float32)[None, :]
+        out[folder.name] = infer_request(folder.name, inputs).SerializeToString()
+    return out
+
+
 # ------------------------------------------------------------------ results
 
 
@@ -295,9 +325,12 @@ def verdict(ok: bool) -> str:
 # ------------------------------------------------------------------ the serving benchmarks
 
 
-def transport_ceiling(repository: Path, flux_row: np.ndarray, n_streams: int = 4, per_stream: int = 1000,
+def transport_ceiling(repository: Path, requests: dict[str, bytes], n_streams: int = 4, per_stream: int = 1000,
                       rounds: int = 2, device: str = "cpu") -> Section:
-    payload = infer_request("rbm", {"flux": flux_row[None, :].astype(np.float32)}).SerializeToString()
+    """``requests``: :func:`single_requests`; the RBM's is the one sent."""
+    if "rbm" not in requests:
+        raise SpecserveError(f"the transport benchmark needs a ready rbm model in {repository}")
+    payload = requests["rbm"]
     with server_process(repository, device) as address:
         from specserve.protos import grpc_service_pb2 as kserve
 

@@ -110,11 +110,11 @@ def test_full_queue_refuses_at_once_and_deadline_is_not_run(tmp_path, toy_onnx):
     n = c.dims["n_pixels"]
     model = load_model_dir(_repo(tmp_path, toy_onnx, max_queue_delay_us=400_000, max_queue_size=3) / "rbm")
     model.start_batching()
-    soon = model.submit({"flux": _flux(n, 0)}, deadline=time.monotonic() + 0.05)
-    kept = [model.submit({"flux": _flux(n, k)}) for k in (1, 2)]
+    soon = model.batcher.submit({"flux": _flux(n, 0)}, deadline=time.monotonic() + 0.05)
+    kept = [model.batcher.submit({"flux": _flux(n, k)}) for k in (1, 2)]
     t0 = time.perf_counter()
     with pytest.raises(QueueFullError, match="max_queue_size 3"):
-        model.submit({"flux": _flux(n, 3)})
+        model.batcher.submit({"flux": _flux(n, 3)})
     assert time.perf_counter() - t0 < 0.2  # refused at once, not after the queue delay
     with pytest.raises(DeadlineExceededError, match="not run"):
         soon.result(timeout=10)
@@ -123,7 +123,7 @@ def test_full_queue_refuses_at_once_and_deadline_is_not_run(tmp_path, toy_onnx):
     assert snap["inference_count"] == 2 and snap["success"][0] == 2 and snap["fail"][0] == 2
     model.stop_batching()
     with pytest.raises(ShuttingDownError):
-        model.submit({"flux": _flux(n, 4)})
+        model.batcher.submit({"flux": _flux(n, 4)})
 
 
 def test_mc_outputs_are_split_along_their_own_batch_axis(spt_run, tmp_path):
@@ -141,7 +141,7 @@ def test_mc_outputs_are_split_along_their_own_batch_axis(spt_run, tmp_path):
     model.start_batching()
     flux = model_inputs(bench, bench.split_indices("test")[:6])
     asks = [(flux[0:1], 5), (flux[1:3], 5), (flux[3:6], 5), (flux[0:2], 7)]
-    futures = [model.submit({"flux": f, "n_samples": np.array([t], np.int64)}) for f, t in asks]
+    futures = [model.batcher.submit({"flux": f, "n_samples": np.array([t], np.int64)}) for f, t in asks]
     outs = [f.result(timeout=60) for f in futures]
     model.stop_batching()
     for (f, t), out in zip(asks, outs):
