@@ -24,7 +24,7 @@ class LogLinearGrid(_message.Message):
     def __init__(self, start: _Optional[float] = ..., step: _Optional[float] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Spectrum(_message.Message):
-    __slots__ = ("id", "wavelength", "grid", "flux", "ivar", "mask", "metadata", "redshift")
+    __slots__ = ("id", "wavelength", "grid", "flux", "ivar", "mask", "metadata", "redshift", "source_fwhm", "source_resolution")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,8 @@ class Spectrum(_message.Message):
     MASK_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     REDSHIFT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FWHM_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     id: str
     wavelength: DoubleArray
     grid: LogLinearGrid
@@ -48,7 +50,9 @@ class Spectrum(_message.Message):
     mask: _containers.RepeatedScalarFieldContainer[bool]
     metadata: _containers.ScalarMap[str, str]
     redshift: float
-    def __init__(self, id: _Optional[str] = ..., wavelength: _Optional[_Union[DoubleArray, _Mapping]] = ..., grid: _Optional[_Union[LogLinearGrid, _Mapping]] = ..., flux: _Optional[_Iterable[float]] = ..., ivar: _Optional[_Iterable[float]] = ..., mask: _Optional[_Iterable[bool]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., redshift: _Optional[float] = ...) -> None: ...
+    source_fwhm: float
+    source_resolution: float
+    def __init__(self, id: _Optional[str] = ..., wavelength: _Optional[_Union[DoubleArray, _Mapping]] = ..., grid: _Optional[_Union[LogLinearGrid, _Mapping]] = ..., flux: _Optional[_Iterable[float]] = ..., ivar: _Optional[_Iterable[float]] = ..., mask: _Optional[_Iterable[bool]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., redshift: _Optional[float] = ..., source_fwhm: _Optional[float] = ..., source_resolution: _Optional[float] = ...) -> None: ...
 
 class AnalyzeRequest(_message.Message):
     __slots__ = ("request_id", "spectra", "models", "mc_samples", "return_model_spectrum")

@@ -20,42 +20,18 @@ from typing import Callable
 
 import numpy as np
 
-from .contract import N_SAMPLES, ModelCard, fill_masked
+from .contract import N_SAMPLES, ModelCard
 from .errors import InvalidInputError, InvalidSpectrumError, ModelNotFoundError, ModelNotReadyError, SpecserveError
-from .preprocess import Normalised
+from .pipeline import MIN_COVERAGE, checked, prepare
 from .repository import LoadedModel
-from .spectrum import Spectrum, SpectrumMeta
+from .spectrum import SpectrumInput
+
+__all__ = ["Analyzer", "ModelResult", "SpectrumInput", "SpectrumOutcome", "MIN_COVERAGE"]
 
 log = logging.getLogger(__name__)
 
 _POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="specserve-model")
 """Runs the models of one request side by side."""
-
-MIN_COVERAGE = 0.75
-"""Fraction of a model's grid that a spectrum must cover (usable pixels) for the model to apply."""
-
-
-@dataclass(frozen=True)
-class SpectrumInput:
-    """One raw spectrum from a client: its own wavelengths (vacuum Angstrom), flux, optional
-    inverse variance and mask (True = unusable), optional redshift, free-form metadata."""
-
-    id: str
-    wavelength: np.ndarray
-    flux: np.ndarray
-    ivar: np.ndarray | None = None
-    mask: np.ndarray | None = None
-    redshift: float | None = None
-    metadata: Mapping[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_spectrum(cls, spectrum: Spectrum, id: str | None = None) -> "SpectrumInput":
-        """A read spectrum as a request; the survey pipeline's redshift (LAMOST, SDSS) is passed on,
-        as the benchmark sets move those spectra to the rest frame."""
-        z = spectrum.meta.extra.get("z")
-        return cls(id or spectrum.meta.object_id, spectrum.wavelength, spectrum.flux, spectrum.ivar,
-                   spectrum.mask, float(z) if z is not None else None, {"file": spectrum.meta.file})
-
 
 @dataclass
 class ModelResult:
@@ -108,20 +84,6 @@ INTERPRETERS: dict[str, Callable[[ModelCard, Mapping[str, np.ndarray], int], dic
 }
 
 
-def _checked(spectrum: SpectrumInput) -> Spectrum:
-    """Validate a client's arrays (raises InvalidSpectrumError naming the problem)."""
-    flux = np.asarray(spectrum.flux)
-    if flux.size == 0:
-        raise InvalidSpectrumError("empty flux")
-    if not np.all(np.isfinite(flux[~np.asarray(spectrum.mask, dtype=bool)] if spectrum.mask is not None
-                              and np.shape(spectrum.mask) == flux.shape else flux)):
-        raise InvalidSpectrumError("flux contains NaN or infinite values at unmasked pixels")
-    if spectrum.redshift is not None and not (np.isfinite(spectrum.redshift) and spectrum.redshift > -1):
-        raise InvalidSpectrumError(f"redshift must be finite and > -1, got {spectrum.redshift}")
-    meta = SpectrumMeta(object_id=spectrum.id, source_format="request")
-    return Spectrum.build(spectrum.wavelength, flux, meta, ivar=spectrum.ivar, mask=spectrum.mask)
-
-
 def _analyses_spectra(model: LoadedModel) -> bool:
     return model.card is not None and "flux" in model.card.contract.input_names
 
@@ -159,77 +121,54 @@ class Analyzer:
         (DeadlineExceededError)."""
         models = self.resolve(model_names)
         outcomes = [SpectrumOutcome(s.id) for s in spectra]
-        checked: list[Spectrum | None] = []
+        valid: list[SpectrumInput | None] = []
         for spectrum, outcome in zip(spectra, outcomes):
             try:
-                checked.append(_checked(spectrum))
+                valid.append(checked(spectrum))
             except InvalidSpectrumError as exc:
                 outcome.error = exc
-                checked.append(None)
+                valid.append(None)
         # the models run side by side (ONNX Runtime releases the GIL); results are merged in model
         # order, so every spectrum lists its models in the same order whatever finished first
         if len(models) > 1:
-            futures = [_POOL.submit(self._run_model, m, spectra, checked, mc_samples, deadline) for m in models]
+            futures = [_POOL.submit(self._run_model, m, valid, mc_samples, deadline) for m in models]
             per_model = [f.result() for f in futures]
         else:
-            per_model = [self._run_model(m, spectra, checked, mc_samples, deadline) for m in models]
+            per_model = [self._run_model(m, valid, mc_samples, deadline) for m in models]
         for results in per_model:
             for i, result in results:
                 outcomes[i].results.append(result)
         return outcomes
 
-    @staticmethod
-    def _prepared(recipe, spectra: Sequence[SpectrumInput], checked: list[Spectrum | None]):
-        """(index, preprocessed row) for every checked spectrum, in order. Spectra with the same
-        number of pixels go through the recipe together, as one 2-D batch (each row keeps its own
-        wavelengths and redshift), which is several times faster than one at a time."""
-        groups: dict[int, list[int]] = {}
-        for i, spectrum in enumerate(checked):
-            if spectrum is not None:
-                groups.setdefault(spectrum.wavelength.size, []).append(i)
-        out = {}
-        for members in groups.values():
-            batch = [checked[i] for i in members]
-            z = np.array([spectra[i].redshift or 0.0 for i in members])
-            prepared = recipe.apply(np.stack([s.wavelength for s in batch]), np.stack([s.flux for s in batch]),
-                                    np.stack([s.ivar for s in batch]), np.stack([s.mask for s in batch]),
-                                    z=z if z.any() else None)
-            for row, i in enumerate(members):
-                out[i] = Normalised(prepared.flux[row], prepared.ivar[row], prepared.mask[row],
-                                    prepared.continuum[row])
-        return sorted(out.items())
-
-    def _run_model(self, model: LoadedModel, spectra: Sequence[SpectrumInput], checked: list[Spectrum | None],
+    def _run_model(self, model: LoadedModel, valid: Sequence[SpectrumInput | None],
                    mc_samples: int = 0, deadline: float | None = None) -> list[tuple[int, ModelResult]]:
-        """One model on the checked spectra: (spectrum index, result) pairs."""
+        """One model on the valid spectra (None: rejected before): (spectrum index, result) pairs.
+        The spectra go through :func:`specserve.runtime.pipeline.prepare` with the model card's
+        recipe, exactly as the model's training and test spectra did."""
         found: list[tuple[int, ModelResult]] = []
         card = model.card
         recipe = card.preprocessing
         wants_ivar = "ivar" in card.contract.input_names
-        rows: list[np.ndarray] = []
-        ivars: list[np.ndarray] = []
-        owners: list[int] = []
-        for i, prepared in self._prepared(recipe, spectra, checked):
-            coverage = 1.0 - float(prepared.mask.mean())
-            if coverage < MIN_COVERAGE:
-                lo, hi = checked[i].wavelength_range
-                found.append((i, ModelResult(
-                    model.name, model.version, False,
-                    reason=(f"spectrum covers {coverage:.0%} of the model grid "
-                            f"({recipe.grid.wavelength[0]:.0f}-{recipe.grid.wavelength[-1]:.0f} A; "
-                            f"spectrum {lo:.0f}-{hi:.0f} A); needs {MIN_COVERAGE:.0%}"),
-                )))
-                continue
-            rows.append(fill_masked(prepared.flux, prepared.mask))
-            if wants_ivar:  # a spectrum sent without ivar has unknown noise (the reader assumes 1): all 0
-                known = spectra[i].ivar is not None
-                ivars.append(np.where(prepared.mask | (not known), 0.0, prepared.ivar).astype(np.float32))
-            owners.append(i)
-        if not rows:
+        index = [i for i, s in enumerate(valid) if s is not None]
+        prepared = prepare(recipe, [valid[i] for i in index])
+        coverage = prepared.coverage
+        keep = np.flatnonzero(coverage >= MIN_COVERAGE)
+        for row in np.flatnonzero(coverage < MIN_COVERAGE):
+            i = index[row]
+            lo, hi = float(valid[i].wavelength[0]), float(valid[i].wavelength[-1])
+            found.append((i, ModelResult(
+                model.name, model.version, False,
+                reason=(f"spectrum covers {coverage[row]:.0%} of the model grid "
+                        f"({recipe.grid.wavelength[0]:.0f}-{recipe.grid.wavelength[-1]:.0f} A; "
+                        f"spectrum {lo:.0f}-{hi:.0f} A); needs {MIN_COVERAGE:.0%}"),
+            )))
+        owners = [index[row] for row in keep]
+        if not owners:
             return found
-        inputs = {"flux": np.stack(rows)}
+        used = prepared.rows(keep)
+        inputs = {"flux": used.model_flux()}
         if wants_ivar:
-            inputs["ivar"] = np.stack(ivars)
+            inputs["ivar"] = used.model_ivar()
         if mc_samples and N_SAMPLES in card.contract.input_names:
             inputs[N_SAMPLES] = np.array([mc_samples], dtype=np.int64)
         outputs = model.run(inputs, deadline)

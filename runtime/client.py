@@ -3,7 +3,7 @@
 ``Client.analyze`` sends spectra in one request. ``Client.stream`` sends them over one
 ``AnalyzeStream`` in batches and yields results as they come back. Both accept
 :class:`~.spectrum.Spectrum` objects (from :func:`~.io.read_spectra`),
-:class:`~.analysis.SpectrumInput` objects, or ``(id, wavelength, flux[, ivar])`` tuples of numpy
+:class:`~.spectrum.SpectrumInput` objects, or ``(id, wavelength, flux[, ivar])`` tuples of numpy
 arrays. Results come back as :class:`Row` objects: the spectrum id, one plain value per result
 (``p_cv``, ``free_energy_cv``...), the models used, and any error or not-applicable note.
 """
@@ -22,8 +22,7 @@ import numpy as np
 from specserve.protos import specserve_pb2 as pb
 from specserve.protos import specserve_pb2_grpc as pb_grpc
 
-from .analysis import SpectrumInput
-from .spectrum import Spectrum
+from .spectrum import Spectrum, SpectrumInput
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +93,10 @@ def to_proto(item) -> pb.Spectrum:
         message.mask.extend(mask.tolist())
     if item.redshift is not None:
         message.redshift = float(item.redshift)
+    if item.source_fwhm is not None:
+        message.source_fwhm = float(item.source_fwhm)
+    elif item.source_resolution is not None:
+        message.source_resolution = float(item.source_resolution)
     message.metadata.update({str(k): str(v) for k, v in item.metadata.items()})
     return message
 

@@ -217,7 +217,11 @@ def resample(wavelength: ArrayLike, flux: ArrayLike, ivar: ArrayLike | None = No
     if f.shape[1] < 2:
         raise InvalidSpectrumError(f"need at least 2 pixels to resample, got {f.shape[1]}")
     wave = wave.reshape(-1, f.shape[1])
+    if not shared and wave.shape[0] > 1 and np.array_equal(wave, np.broadcast_to(wave[:1], wave.shape)):
+        wave, shared = wave[:1], True  # one wavelength array for every row: the cheaper path
     x = _log_wavelength(wave) if shared else None
+    if shared:
+        x, f, good, var = _close_gaps(x, f, good, var, 4.0 * grid.step)
     n_rows = f.shape[0]
     out = (np.empty((n_rows, grid.length), np.float32), np.empty((n_rows, grid.length), np.float32),
            np.empty((n_rows, grid.length), bool))
@@ -230,7 +234,63 @@ def resample(wavelength: ArrayLike, flux: ArrayLike, ivar: ArrayLike | None = No
         results = _resample_block(xb, f[rows], good[rows], vb, grid, min_coverage, work)
         for target, value in zip(out, results):
             target[rows] = value
+    if not shared:  # rows with detector gaps: again one by one, the gaps filled with masked pixels
+        for row in _rows_with_gaps(np.log10(wave), 4.0 * grid.step):
+            again = resample(wave[row], f[row], None if var is None else _ivar_of(var[row], good[row]),
+                             grid, mask=~good[row], min_coverage=min_coverage)
+            for target, value in zip(out, (again.flux, again.ivar, again.mask)):
+                target[row] = value
     return Resampled(*(_squeeze(a, one_d) for a in out))
+
+
+GAP_FACTOR = 3.0
+"""A pixel spacing more than this many times the median spacing of its ten neighbours, and wider
+than four output pixels, is a gap (a detector gap, or pixels a pipeline dropped), not a wide pixel."""
+_GAP_WINDOW = 5
+
+
+def _gap_positions(x: NDArray[np.float64], min_width: float) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+    """Gaps of one log-wavelength row: (index k of the pixel before each gap, masked pixels to
+    insert after it so that the gap is sampled like its neighbourhood)."""
+    d = np.diff(x)
+    if d.size < 3 or d.max() <= max(GAP_FACTOR * d.min(), min_width):
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    candidates = np.flatnonzero(d > min_width)
+    lo = np.maximum(candidates - _GAP_WINDOW, 0)
+    local = np.array([np.median(np.delete(d[a:k + _GAP_WINDOW + 1], k - a)) if d.size > 1 else d[k]
+                      for a, k in zip(lo, candidates)])
+    gap = d[candidates] > GAP_FACTOR * local
+    k, local = candidates[gap], local[gap]
+    return k, np.maximum(np.rint(d[k] / local).astype(np.intp) - 1, 1)
+
+
+def _rows_with_gaps(x: NDArray[np.float64], min_width: float) -> list[int]:
+    d = np.diff(x, axis=1)
+    suspects = np.flatnonzero(d.max(axis=1) > np.maximum(GAP_FACTOR * d.min(axis=1), min_width))
+    return [int(r) for r in suspects if _gap_positions(x[r], min_width)[0].size]
+
+
+def _ivar_of(var: NDArray, good: NDArray[np.bool_]) -> NDArray:
+    return np.divide(1.0, var, out=np.zeros(var.shape, var.dtype), where=good & (var > 0))
+
+
+def _close_gaps(x: NDArray[np.float64], f: NDArray, good: NDArray[np.bool_], var: NDArray | None,
+                min_width: float) -> tuple[NDArray, NDArray, NDArray[np.bool_], NDArray | None]:
+    """Fill the gaps of a shared (1, n) log-wavelength row with masked pixels (flux 0, not good).
+
+    Without them the pixels on either side of a gap would reach halfway across it (pixel edges lie
+    midway between centres), and their flux would be copied over the whole gap as if observed."""
+    k, extra = _gap_positions(x[0], min_width)
+    if k.size == 0:
+        return x, f, good, var
+    at = np.repeat(k + 1, extra)
+    step = np.repeat((x[0, k + 1] - x[0, k]) / (extra + 1), extra)
+    nth = np.concatenate([np.arange(1, e + 1) for e in extra])
+    x_new = np.insert(x[0], at, x[0, at - 1] + step * nth)[None, :]
+    f_new = np.insert(f, at, 0.0, axis=1)
+    good_new = np.insert(good, at, False, axis=1)
+    var_new = None if var is None else np.insert(var, at, 0.0, axis=1)
+    return x_new, f_new, good_new, var_new
 
 
 def _resample_block(x: NDArray, f: NDArray, good: NDArray, var: NDArray | None,

@@ -561,6 +561,8 @@ def spectrum_from_proto(message: pb.Spectrum) -> SpectrumInput:
         mask=_as_array(message.mask, "mask", flux.size, bool),
         redshift=message.redshift if message.HasField("redshift") else None,
         metadata=dict(message.metadata),
+        source_fwhm=message.source_fwhm if message.HasField("source_fwhm") else None,
+        source_resolution=message.source_resolution if message.HasField("source_resolution") else None,
     )
 
 

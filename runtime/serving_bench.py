@@ -274,7 +274,7 @@ def infer_request(model: str, inputs: dict[str, np.ndarray]):
 
 def lamost_inputs(root: Path) -> list:
     """The kit's LAMOST DR1 spectra as requests, each named after its file."""
-    from .analysis import SpectrumInput
+    from .spectrum import SpectrumInput
     from .benchmarks import lamost_spectra
 
     return [SpectrumInput.from_spectrum(s, Path(s.meta.file).stem) for s in lamost_spectra(root)]
@@ -493,7 +493,7 @@ def latency(repository: Path, requests: dict[str, bytes], seconds: float = 3.0, 
 
 def exposure(repository: Path, spectra: list, n: int = 4000, device: str = "cpu") -> Section:
     """``n`` spectra (cycled) through the client library at its defaults, every model."""
-    from .analysis import SpectrumInput
+    from .spectrum import SpectrumInput
     from .client import Client
 
     cycled = [SpectrumInput(f"{s.id}#{i}", s.wavelength, s.flux, s.ivar, s.mask, s.redshift, s.metadata)

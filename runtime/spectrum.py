@@ -8,11 +8,15 @@ A :class:`Spectrum` holds one spectrum of ``n`` pixels:
 - ``mask`` (n,) bool, True where the pixel is unusable (its ``ivar`` is then 0 too).
 
 Readers build spectra with :meth:`Spectrum.build`, which enforces these invariants.
+
+A :class:`SpectrumInput` is one raw spectrum as a client (or a benchmark set) hands it to the
+pipeline: its own wavelengths, flux, optional ivar and mask, redshift and source resolution.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -117,3 +121,36 @@ class Spectrum:
         flux = np.where(bad, 0.0, flux).astype(np.float32)
         ivar_out = np.where(bad, 0.0, ivar_arr).astype(np.float32)
         return cls(wave, flux, ivar_out, bad, meta)
+
+
+@dataclass(frozen=True)
+class SpectrumInput:
+    """One raw spectrum on its own wavelengths (vacuum Angstrom): flux, optional inverse variance
+    and mask (True = unusable), optional redshift, the instrument's resolution where known (a
+    constant FWHM in observed-frame Angstrom, or a resolving power R), free-form metadata.
+
+    This is what the serving pipeline receives from a client and what every benchmark set is
+    built from, so both go through the same steps (:mod:`specserve.runtime.pipeline`)."""
+
+    id: str
+    wavelength: np.ndarray
+    flux: np.ndarray
+    ivar: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    redshift: float | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    source_fwhm: float | None = None
+    source_resolution: float | None = None
+
+    @classmethod
+    def from_spectrum(cls, spectrum: Spectrum, id: str | None = None) -> "SpectrumInput":
+        """A read spectrum as a request: the survey pipeline's redshift (LAMOST, SDSS) and the
+        resolution the reader knows are passed on."""
+        z = spectrum.meta.extra.get("z")
+        return cls(id or spectrum.meta.object_id, spectrum.wavelength, spectrum.flux, spectrum.ivar,
+                   spectrum.mask, float(z) if z is not None else None, {"file": spectrum.meta.file},
+                   source_fwhm=spectrum.meta.fwhm, source_resolution=spectrum.meta.resolution)
+
+    def with_arrays(self, **changes: Any) -> "SpectrumInput":
+        """A copy with some fields replaced (e.g. noisier flux and its ivar)."""
+        return replace(self, **changes)

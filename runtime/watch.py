@@ -32,7 +32,7 @@ from pathlib import Path
 
 import grpc
 
-from .analysis import SpectrumInput
+from .spectrum import SpectrumInput
 from .client import Client, Row, StreamError, catalogue_format, catalogue_table
 from .errors import SpecserveError, SpectrumReadError
 from .io import read_spectra

@@ -114,8 +114,8 @@ def test_resample_keeps_line_centre_and_equivalent_width(centre, depth, pixel, s
 
 
 def test_resample_constant_flux_stays_constant():
-    rng = np.random.default_rng(3)
-    wave = np.sort(rng.uniform(3650.0, 7500.0, 5000))
+    rng = np.random.default_rng(3)  # irregular sampling: pixels 0.3-1.3 A wide, no hole
+    wave = 3650.0 + np.cumsum(rng.uniform(0.3, 1.3, 5000))
     out = pp.resample(wave, np.full(wave.size, 3.7), np.full(wave.size, 4.0), GRID)
     assert not out.mask.any()
     np.testing.assert_allclose(out.flux, 3.7, rtol=1e-6)
@@ -504,3 +504,20 @@ def test_preprocessing_apply_single_spectrum_with_rv():
     out = pp.Preprocessing(GRID).apply(obs, flux, rv=300.0, source_resolution=3000.0)
     assert out.flux.shape == (GRID.length,)
     np.testing.assert_allclose(out.flux[~out.mask], 1.0, rtol=1e-5)
+
+
+def test_detector_gaps_stay_masked_and_the_rest_is_untouched():
+    """Native pixels with gaps (The Payne's 7,214 APOGEE pixels): the pixels beside a gap must
+    not be stretched over it; pixels on the grid away from the gaps come through unchanged."""
+    grid = pp.LogLinearGrid(start=4.180932, step=6e-6, length=2000, resolution=22500.0)
+    keep = np.ones(grid.length, bool)
+    keep[500:800] = False  # a 300-pixel detector gap
+    keep[1500:1503] = False  # three dropped pixels: too narrow to be a gap
+    wave = grid.wavelength[keep]
+    flux = 1.0 + 0.1 * np.sin(np.arange(wave.size) / 7.0)
+    out = pp.resample(wave, flux, np.full(wave.size, 100.0), grid)
+    assert out.mask[500:800].all()
+    assert not out.mask[:500].any() and not out.mask[800:].any()
+    np.testing.assert_allclose(out.flux[keep][:495], flux[:495], rtol=1e-5)
+    batch = pp.resample(np.stack([wave, wave * (1 + 1e-7)]), np.stack([flux, flux]), None, grid)
+    assert batch.mask[:, 500:800].all() and not batch.mask[:, 810:].any()
