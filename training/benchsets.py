@@ -52,14 +52,15 @@ from astropy.utils.exceptions import AstropyWarning
 from specserve.runtime.datakit import cache_dir, data_dir
 from specserve.runtime.errors import DatasetError, SpectrumReadError
 from specserve.runtime.io import read_spectra
+from specserve.runtime.pipeline import MIN_COVERAGE, Prepared, prepare_raw
 from specserve.runtime.preprocess import (
     LAMOST_LIKE_GRID,
     OPTICAL_PREPROCESSING,
+    LogLinearGrid,
     Preprocessing,
-    add_noise,
-    continuum_normalise,
+    redshift_from_rv,
 )
-from specserve.runtime.spectrum import Spectrum
+from specserve.runtime.spectrum import Spectrum, SpectrumInput
 
 from .payne import APOGEE_GRID, PayneEmulator
 
@@ -70,7 +71,10 @@ APOGEE_PREPROCESSING = Preprocessing(grid=APOGEE_GRID, knot_spacing=0.01)
 SPLIT_NAMES = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 DEFAULT_SEED = 20240108
-MIN_GRID_COVERAGE = 0.75
+MIN_GRID_COVERAGE = MIN_COVERAGE
+LAMOST_INSTRUMENT = LogLinearGrid(start=3.5682, step=1e-4, length=3904, resolution=1800.0)
+"""The sampling LAMOST DR1 delivers (``COEFF0`` 3.5682, ``COEFF1`` 1e-4, 3,904 pixels, R 1800):
+synthetic spectra (CVs, QSOs) are observed on it, noise per pixel, before the pipeline."""
 
 
 @dataclass
@@ -136,18 +140,9 @@ def _stats(values: np.ndarray, split: np.ndarray, names: tuple[str, ...]) -> dic
     return out
 
 
-def _prepare_one(spectrum: Spectrum, recipe: Preprocessing, z: float | None = None):
-    """One real spectrum through the runtime's preprocessing; None if it misses the grid."""
-    kwargs: dict[str, Any] = {}
-    if spectrum.meta.fwhm is not None:
-        kwargs["source_fwhm"] = spectrum.meta.fwhm
-    elif spectrum.meta.resolution is not None and spectrum.meta.resolution > recipe.grid.resolution:
-        kwargs["source_resolution"] = spectrum.meta.resolution
-    if z is not None and z != 0.0:
-        kwargs["z"] = z
-    out = recipe.apply(spectrum.wavelength, spectrum.flux, spectrum.ivar, spectrum.mask, **kwargs)
-    coverage = 1.0 - out.mask.mean()
-    return out if coverage >= MIN_GRID_COVERAGE else None
+def _prepared(recipe: Preprocessing, raws: list[SpectrumInput]) -> Prepared:
+    """Raw spectra through the serving pipeline (:func:`specserve.runtime.pipeline.prepare_raw`)."""
+    return prepare_raw(recipe, raws)
 
 
 # ---------------------------------------------------------------- giants
@@ -199,12 +194,7 @@ def build_giants(root: Path, seed: int = DEFAULT_SEED) -> BenchmarkSet:
 
     rng = np.random.default_rng(seed)
     snr = np.exp(rng.uniform(math.log(50.0), math.log(300.0), size=n))
-    model = payne(labels_arr)  # (N, 7214)
-    raw, mask = payne.full_grid(model)
-    noisy, ivar = add_noise(raw, None, snr, rng, mask=mask)
-    norm = continuum_normalise(noisy, ivar, mask, APOGEE_GRID.log_wavelength,
-                               knot_spacing=APOGEE_PREPROCESSING.knot_spacing,
-                               lower=APOGEE_PREPROCESSING.clip_lower, upper=APOGEE_PREPROCESSING.clip_upper)
+    norm = _prepared(APOGEE_PREPROCESSING, giants_raw(payne, labels_arr, kic_arr, snr, seed))
     split = split_labels(np.zeros(n, dtype=np.int8), seed)
     arrays = {
         "flux": norm.flux, "ivar": norm.ivar, "mask": norm.mask,
@@ -221,12 +211,32 @@ def build_giants(root: Path, seed: int = DEFAULT_SEED) -> BenchmarkSet:
         "target_names": ["age", "mass"],
         "target_units": ["Gyr", "Msun"],
         "snr_range": [50.0, 300.0],
+        "raw": "The Payne's flux on its 7,214 native wavelengths, its unreliable pixels masked, "
+               "constant-sigma noise at S/N `snr` (generator seeded with [seed, KIC])",
         "statistics": {
             "labels": _stats(labels_arr, split, ("teff", "logg", "feh", "alpha_fe")),
             "targets": _stats(targets_arr, split, ("age", "mass")),
         },
     }
     return BenchmarkSet("giants", arrays, meta)
+
+
+def giants_raw(payne: PayneEmulator, labels: np.ndarray, kic: np.ndarray, snr: np.ndarray | None,
+               seed: int) -> list[SpectrumInput]:
+    """The raw giants as the emulator delivers them: flux on its own 7,214 wavelengths, The
+    Payne's unreliable pixels masked; with ``snr`` (per star) Gaussian noise of constant sigma at
+    that S/N from a generator seeded with (seed, KIC), without it noiseless (ivar None)."""
+    from .perturb import degrade
+
+    model = payne(labels).astype(np.float32)  # (n, 7214)
+    wave, mask = payne.wavelength, payne.bad_pixels
+    raws = []
+    for i, k in enumerate(np.asarray(kic).tolist()):
+        raw = SpectrumInput(f"KIC {k}", wave, model[i], None, mask, source_resolution=APOGEE_GRID.resolution)
+        if snr is not None:
+            raw = degrade(raw, float(snr[i]), np.random.default_rng([seed, int(k)]))
+        raws.append(raw)
+    return raws
 
 
 # ---------------------------------------------------------------- stars
@@ -246,7 +256,7 @@ def _finite_labels(row: dict[str, str]) -> list[float] | None:
 
 
 def build_stars(root: Path, seed: int = DEFAULT_SEED) -> BenchmarkSet:
-    rows: list[tuple[str, str, Spectrum, list[float], float | None]] = []
+    raws, lab, src, files = [], [], [], []
     for folder, source in (("miles", "miles"), ("lamost_dr1", "lamost")):
         labels = _label_rows(root / folder / "labels.csv")
         for fname in sorted(labels):
@@ -254,35 +264,32 @@ def build_stars(root: Path, seed: int = DEFAULT_SEED) -> BenchmarkSet:
             if values is None:
                 continue
             (spectrum,) = read_spectra(root / folder / "fits" / fname)
-            z = spectrum.meta.extra.get("z") if source == "lamost" else None
-            rows.append((source, f"{folder}/fits/{fname}", spectrum, values, z))
-    flux, ivar, mask, lab, src, files, ids = [], [], [], [], [], [], []
-    for source, rel, spectrum, values, z in rows:
-        out = _prepare_one(spectrum, OPTICAL_PREPROCESSING, z)
-        if out is None:
-            log.warning("stars: %s does not cover the grid; left out", rel)
-            continue
-        flux.append(out.flux)
-        ivar.append(out.ivar)
-        mask.append(out.mask)
-        lab.append(values)
-        src.append(source)
-        files.append(rel)
-        ids.append(spectrum.meta.object_id)
-    source_arr = np.asarray(src)
-    labels_arr = np.asarray(lab, dtype=np.float64)
+            raws.append(SpectrumInput.from_spectrum(spectrum))
+            lab.append(values)
+            src.append(source)
+            files.append(f"{folder}/fits/{fname}")
+    prepared = _prepared(OPTICAL_PREPROCESSING, raws)
+    keep = prepared.coverage >= MIN_GRID_COVERAGE
+    for i in np.flatnonzero(~keep):
+        log.warning("stars: %s does not cover the grid; left out", files[i])
+    idx = np.flatnonzero(keep)
+    prepared = prepared.rows(idx)
+    source_arr = np.asarray(src)[idx]
+    labels_arr = np.asarray(lab, dtype=np.float64)[idx]
     split = split_labels(source_arr, seed)
     arrays = {
-        "flux": np.stack(flux), "ivar": np.stack(ivar), "mask": np.stack(mask),
+        "flux": prepared.flux, "ivar": prepared.ivar, "mask": prepared.mask,
         "labels": labels_arr.astype(np.float32), "source": source_arr,
-        "file": np.asarray(files), "object_id": np.asarray(ids), "split": split,
+        "file": np.asarray(files)[idx], "file_index": np.zeros(idx.size, np.int16),
+        "object_id": np.asarray([raws[i].id for i in idx]), "split": split,
     }
     meta = {
         "description": "real MILES + LAMOST DR1 spectra with catalogue labels on a LAMOST-like grid",
         "preprocessing": OPTICAL_PREPROCESSING.to_dict(),
         "label_names": ["teff", "logg", "feh"],
         "label_units": ["K", "dex", "dex"],
-        "sources": {s: int((source_arr == s).sum()) for s in sorted(set(src))},
+        "raw": "the kit's files as the reader gives them (file, file_index)",
+        "sources": {s: int((source_arr == s).sum()) for s in sorted(set(source_arr.tolist()))},
         "statistics": {"labels": _stats(labels_arr, split, ("teff", "logg", "feh"))},
     }
     return BenchmarkSet("stars", arrays, meta)
@@ -302,10 +309,12 @@ _NEGATIVE_GLOBS = (
 )
 N_QSO = 40
 CV_SNR_RANGE = (10.0, 100.0)
+SYNTHETIC_RESOLUTION = 2000.0
+"""Resolving power of the CV and QSO bases (SDSS/DESI spectra), broadened to LAMOST's on observing."""
 
 
-def _real_negatives(root: Path) -> tuple[list[Any], list[str], list[str], list[str]]:
-    outs, sources, files, ids = [], [], [], []
+def _real_negatives(root: Path) -> tuple[list[SpectrumInput], list[str], list[str], list[int]]:
+    raws, sources, files, index = [], [], [], []
     for source, pattern in _NEGATIVE_GLOBS:
         for path in sorted(root.glob(pattern)):
             rel = str(path.relative_to(root))
@@ -313,26 +322,21 @@ def _real_negatives(root: Path) -> tuple[list[Any], list[str], list[str], list[s
                 spectra = read_spectra(path)
             except SpectrumReadError as exc:
                 raise DatasetError(f"cv: cannot read kit file {rel}: {exc.reason}") from exc
-            for spectrum in spectra:
-                z = spectrum.meta.extra.get("z") if source in ("lamost", "sdss") else None
-                out = _prepare_one(spectrum, OPTICAL_PREPROCESSING, z)
-                if out is None:
-                    log.info("cv: %s (%s) covers too little of the grid; left out", rel, spectrum.meta.object_id)
-                    continue
-                outs.append(out)
+            for k, spectrum in enumerate(spectra):
+                raws.append(SpectrumInput.from_spectrum(spectrum))
                 sources.append(source)
                 files.append(rel)
-                ids.append(spectrum.meta.object_id)
-    return outs, sources, files, ids
+                index.append(k)
+    return raws, sources, files, index
 
 
-def _eigen_basis(root: Path) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
-    """(name, wavelength, basis (3, n), source resolution) for the two CV bases."""
+def _eigen_basis(root: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, wavelength, basis (3, n)) for the two CV bases."""
     sdss = read_spectra(root / "sdss_templates" / "spEigenCVstar-55734.fits")
     desi = read_spectra(root / "redrock_templates" / "rrtemplate-STAR-CV-v0.1.fits")
     return [
-        ("cv_sdss_eigen", sdss[0].wavelength, np.stack([s.flux for s in sdss]).astype(np.float64), 2000.0),
-        ("cv_desi_redrock", desi[0].wavelength, np.stack([s.flux for s in desi]).astype(np.float64), 2000.0),
+        ("cv_sdss_eigen", sdss[0].wavelength, np.stack([s.flux for s in sdss]).astype(np.float64)),
+        ("cv_desi_redrock", desi[0].wavelength, np.stack([s.flux for s in desi]).astype(np.float64)),
     ]
 
 
@@ -350,14 +354,23 @@ def _smooth_tilt(wave: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.exp(a * x + b * x * x)
 
 
+_OBSERVE = Preprocessing(grid=LAMOST_INSTRUMENT, normalise=False)
+
+
+def _observe(wave: np.ndarray, flux: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A model spectrum (observed-frame wavelengths) as LAMOST records it, before noise: broadened
+    to R 1800 and binned onto its pixels. Returns noiseless flux and mask (n_instrument,)."""
+    out = _OBSERVE.apply(wave, flux, None, None, source_resolution=SYNTHETIC_RESOLUTION)
+    return out.flux, out.mask
+
+
 def _synthesise_cvs(root: Path, n: int, rng: np.random.Generator):
+    """n CVs observed on the LAMOST sampling: (names, noiseless flux (n, L), masks (n, L), S/N)."""
     bases = _eigen_basis(root)
     donors = _donor_stars(root)
-    flux, ivar, mask, sources, ids, snrs = [], [], [], [], [], []
-    raw_recipe = Preprocessing(grid=OPTICAL_GRID, normalise=False)
-    made = 0
-    while made < n:
-        name, wave, basis, resolution = bases[made % len(bases)]
+    names, clean, masks, snrs = [], [], [], []
+    while len(names) < n:
+        name, wave, basis = bases[len(names) % len(bases)]
         coeff = np.array([1.0, rng.normal(0.0, 3.0), rng.normal(0.0, 4.0)])
         spectrum = coeff @ basis
         sel = (wave > 3600) & (wave < 7500)
@@ -369,31 +382,23 @@ def _synthesise_cvs(root: Path, n: int, rng: np.random.Generator):
             donor_flux = np.interp(wave, donor.wavelength, donor.flux, left=0.0, right=0.0)
             scale = np.median(spectrum[sel]) / max(np.median(donor_flux[sel]), 1e-30)
             spectrum = spectrum + rng.uniform(0.1, 0.6) * scale * donor_flux
-        rv = rng.normal(0.0, 100.0)
-        out = raw_recipe.apply(wave, spectrum, None, None, rv=-rv, source_resolution=resolution)
-        snr = float(np.exp(rng.uniform(math.log(CV_SNR_RANGE[0]), math.log(CV_SNR_RANGE[1]))))
-        noisy, noisy_ivar = add_noise(out.flux, None, snr, rng, mask=out.mask)
-        norm = continuum_normalise(noisy, noisy_ivar, out.mask, OPTICAL_GRID.log_wavelength,
-                                   knot_spacing=OPTICAL_PREPROCESSING.knot_spacing,
-                                   lower=OPTICAL_PREPROCESSING.clip_lower,
-                                   upper=OPTICAL_PREPROCESSING.clip_upper)
-        flux.append(norm.flux)
-        ivar.append(norm.ivar)
-        mask.append(norm.mask)
-        sources.append(name)
-        ids.append(f"{name}-{made:05d}")
-        snrs.append(snr)
-        made += 1
-    return flux, ivar, mask, sources, ids, snrs
+        z = float(redshift_from_rv(rng.normal(0.0, 100.0)))
+        flux, mask = _observe(wave * (1.0 + z), spectrum)
+        names.append(name)
+        clean.append(flux)
+        masks.append(mask)
+        snrs.append(float(np.exp(rng.uniform(math.log(CV_SNR_RANGE[0]), math.log(CV_SNR_RANGE[1])))))
+    return names, clean, masks, snrs
 
 
 def _qso_spectra(root: Path, n: int, rng: np.random.Generator):
+    """n low-redshift QSOs observed on the LAMOST sampling: (z, noiseless flux, masks, S/N)."""
     basis_spectra = read_spectra(root / "redrock_templates" / "rrtemplate-QSO-LOZ-v1.1.fits")
     wave = basis_spectra[0].wavelength
     basis = np.stack([s.flux for s in basis_spectra]).astype(np.float64)
     scale = np.sqrt(np.mean(basis**2, axis=1))
-    outs = []
-    while len(outs) < n:
+    zs, clean, masks, snrs = [], [], [], []
+    while len(zs) < n:
         coeff = np.concatenate([[1.0], rng.normal(0.0, 0.15, basis.shape[0] - 1) * scale[0] / scale[1:]])
         spectrum = coeff @ basis
         z = rng.uniform(0.0, 0.25)
@@ -401,49 +406,69 @@ def _qso_spectra(root: Path, n: int, rng: np.random.Generator):
         sel = (observed > 3600) & (observed < 7500)
         if np.mean(spectrum[sel] <= 0) > 0.01:
             continue
-        out = OPTICAL_PREPROCESSING.apply(observed, np.maximum(spectrum, 0.0), None, None,
-                                          source_resolution=2000.0)
-        if 1.0 - out.mask.mean() < MIN_GRID_COVERAGE:
-            continue
-        outs.append((out, z))
-    return outs
+        flux, mask = _observe(observed, np.maximum(spectrum, 0.0))
+        zs.append(z)
+        clean.append(flux)
+        masks.append(mask)
+        snrs.append(float(np.exp(rng.uniform(math.log(CV_SNR_RANGE[0]), math.log(CV_SNR_RANGE[1])))))
+    return zs, clean, masks, snrs
+
+
+def _synthetic_raw(bench: BenchmarkSet, i: int, noisy: bool) -> SpectrumInput:
+    a = bench.arrays
+    row = int(a["synthetic_row"][i])
+    raw = SpectrumInput(str(a["object_id"][i]), LAMOST_INSTRUMENT.wavelength, a["raw_clean"][row], None,
+                        a["raw_mask"][row], source_resolution=LAMOST_INSTRUMENT.resolution)
+    if noisy:
+        from .perturb import degrade
+
+        seed = int(bench.meta.get("seed", DEFAULT_SEED))
+        raw = degrade(raw, float(a["snr"][i]), np.random.default_rng([seed, 1, row]))
+    return raw
 
 
 def build_cv(root: Path, seed: int = DEFAULT_SEED) -> BenchmarkSet:
     rng = np.random.default_rng(seed)
-    neg, neg_sources, neg_files, neg_ids = _real_negatives(root)
-    n_real = len(neg)
-    flux = [o.flux for o in neg]
-    ivar = [o.ivar for o in neg]
-    mask = [o.mask for o in neg]
-    sources, files, ids = list(neg_sources), list(neg_files), list(neg_ids)
-    snrs = [float("nan")] * n_real
-    for i, (out, z) in enumerate(_qso_spectra(root, N_QSO, rng)):
-        flux.append(out.flux)
-        ivar.append(out.ivar)
-        mask.append(out.mask)
+    raws, sources, files, file_index = _real_negatives(root)
+    real = _prepared(OPTICAL_PREPROCESSING, raws)
+    covered = real.coverage >= MIN_GRID_COVERAGE
+    for i in np.flatnonzero(~covered):
+        log.info("cv: %s (%s) covers too little of the grid; left out", files[i], raws[i].id)
+    kept = np.flatnonzero(covered)
+    raws = [raws[i] for i in kept]
+    sources, files, file_index = ([x[i] for i in kept] for x in (sources, files, file_index))
+    n_real = len(raws)
+    ids = [r.id for r in raws]
+    qso = _qso_spectra(root, N_QSO, rng)
+    for k, z in enumerate(qso[0]):
         sources.append("qso_template")
         files.append("redrock_templates/rrtemplate-QSO-LOZ-v1.1.fits")
-        ids.append(f"qso-z{z:.3f}-{i:03d}")
-        snrs.append(float("nan"))
-    n_neg = len(flux)
-    pos = _synthesise_cvs(root, n_neg, rng)
-    flux += pos[0]
-    ivar += pos[1]
-    mask += pos[2]
-    sources += pos[3]
-    files += ["sdss_templates/spEigenCVstar-55734.fits" if s == "cv_sdss_eigen"
-              else "redrock_templates/rrtemplate-STAR-CV-v0.1.fits" for s in pos[3]]
-    ids += pos[4]
-    snrs += pos[5]
+        ids.append(f"qso-z{z:.3f}-{k:03d}")
+    n_neg = len(ids)
+    pos = _synthesise_cvs(root, n_neg, rng)  # as many CVs as negatives
+    for k, name in enumerate(pos[0]):
+        sources.append(name)
+        files.append("sdss_templates/spEigenCVstar-55734.fits" if name == "cv_sdss_eigen"
+                     else "redrock_templates/rrtemplate-STAR-CV-v0.1.fits")
+        ids.append(f"{name}-{k:05d}")
+    n_syn = len(ids) - n_real
     label = np.concatenate([np.zeros(n_neg, dtype=np.int8), np.ones(len(pos[0]), dtype=np.int8)])
     source_arr = np.asarray(sources)
     split = split_labels(source_arr, seed)
     arrays = {
-        "flux": np.stack(flux), "ivar": np.stack(ivar), "mask": np.stack(mask),
+        "raw_clean": np.stack(qso[1] + pos[1]).astype(np.float32), "raw_mask": np.stack(qso[2] + pos[2]),
+        "synthetic_row": np.concatenate([np.full(n_real, -1), np.arange(n_syn)]).astype(np.int32),
+        "object_id": np.asarray(ids), "snr": np.asarray([np.nan] * n_real + qso[3] + pos[3], dtype=np.float32),
         "label": label, "source": source_arr, "file": np.asarray(files),
-        "object_id": np.asarray(ids), "snr": np.asarray(snrs, dtype=np.float32), "split": split,
+        "file_index": np.asarray(file_index + [0] * n_syn, dtype=np.int16), "split": split,
     }
+    bench = BenchmarkSet("cv", arrays, {"seed": seed})
+    synthetic = _prepared(OPTICAL_PREPROCESSING, [_synthetic_raw(bench, i, noisy=True)
+                                                  for i in range(n_real, len(ids))])
+    if (synthetic.coverage < MIN_GRID_COVERAGE).any():
+        raise DatasetError("cv: a synthetic spectrum does not cover the grid")
+    for key in ("flux", "ivar", "mask"):
+        arrays[key] = np.concatenate([getattr(real.rows(kept), key), getattr(synthetic, key)])
     meta = {
         "description": "CV (label 1, from real CV eigenspectra) vs real non-CV spectra (label 0)",
         "preprocessing": OPTICAL_PREPROCESSING.to_dict(),
@@ -452,6 +477,9 @@ def build_cv(root: Path, seed: int = DEFAULT_SEED) -> BenchmarkSet:
         "n_template_negatives": n_neg - n_real,
         "n_positives": int(label.sum()),
         "positive_snr_range": list(CV_SNR_RANGE),
+        "raw": "real spectra: the kit's files as the reader gives them (file, file_index); CVs and "
+               "QSOs: noiseless flux observed on LAMOST's DR1 sampling (raw_clean, raw_mask by "
+               "synthetic_row), constant-sigma noise at S/N `snr` (generator seeded with [seed, 1, row])",
         "sources": {s: int((source_arr == s).sum()) for s in sorted(set(sources))},
         "split_counts": {
             name: {"cv": int(((split == i) & (label == 1)).sum()), "non_cv": int(((split == i) & (label == 0)).sum())}
@@ -466,6 +494,38 @@ BUILDERS: dict[str, Callable[[Path, int], BenchmarkSet]] = {
     "stars": build_stars,
     "cv": build_cv,
 }
+
+
+# ---------------------------------------------------------------- raw spectra
+
+
+def raw_spectra(bench: BenchmarkSet, idx: np.ndarray, noisy: bool = True,
+                data: Path | None = None) -> list[SpectrumInput]:
+    """The raw spectra ``idx`` of a built set, as they entered the pipeline when it was built.
+
+    With ``noisy=False`` the synthetic spectra (giants, CVs, QSOs) come noiseless (ivar None),
+    ready for :func:`specserve.training.perturb.degrade`; real spectra always carry their own
+    noise. ``prepare_raw(bench.preprocessing, raw_spectra(bench, idx))`` gives back exactly
+    ``bench.arrays['flux'][idx]`` (and ivar, mask): the set-equivalence tests check it."""
+    idx = np.asarray(idx, dtype=np.intp)
+    a = bench.arrays
+    if bench.name == "giants":
+        payne = PayneEmulator.load(data_dir(data) / "payne_kurucz")
+        seed = int(bench.meta.get("seed", DEFAULT_SEED))
+        return giants_raw(payne, a["labels"][idx].astype(np.float64), a["kic"][idx],
+                          a["snr"][idx].astype(np.float64) if noisy else None, seed)
+    root = data_dir(data)
+    read: dict[str, list[Spectrum]] = {}
+    out = []
+    for i in idx.tolist():
+        if "synthetic_row" in a and a["synthetic_row"][i] >= 0:
+            out.append(_synthetic_raw(bench, i, noisy))
+            continue
+        rel = str(a["file"][i])
+        if rel not in read:
+            read[rel] = read_spectra(root / rel)
+        out.append(SpectrumInput.from_spectrum(read[rel][int(a["file_index"][i])]))
+    return out
 
 
 # ---------------------------------------------------------------- storage

@@ -142,13 +142,14 @@ def train_rbm(config: RBMConfig, run_dir: str | Path, bench: BenchmarkSet, *,
 
     Contrastive divergence on each class's RBM (``cd_epochs``), then cross-entropy fine-tuning
     of every parameter (``finetune_epochs``), keeping the epoch with the lowest validation loss.
-    Training spectra get fresh noise every epoch (``augment_*``); the validation set is the
-    validation split as observed plus one noisy copy drawn with a fixed seed.
+    Training spectra are augmented at the raw level through the serving pipeline (``augment_*``,
+    :func:`specserve.training.inputs.training_pool`); the validation set is the validation split
+    as observed plus one augmented copy drawn with a fixed seed.
     ``train_indices`` restricts training to some spectra of the train split.
     """
     import torch
 
-    from .evaluate import augmented_inputs, model_inputs
+    from .inputs import model_inputs, training_pool
     from .rbm import RBMClassifier
     from .trainer import Phase, Trainer, run_config
 
@@ -163,8 +164,9 @@ def train_rbm(config: RBMConfig, run_dir: str | Path, bench: BenchmarkSet, *,
     x_val = model_inputs(bench, val)  # (Nv, P)
     y_val = a["label"][val].astype(np.int64)
     if cfg.augment_snr_max:
-        x_val = np.concatenate([x_val, augmented_inputs(bench, val, val_rng, cfg.augment_snr_min, cfg.augment_snr_max, 1.0)])
+        x_val = np.concatenate([x_val, training_pool(cfg, bench, val, val_rng, 1.0).epoch(0).model_flux()])
         y_val = np.concatenate([y_val, y_val])
+    pool = training_pool(cfg, bench, train, np.random.default_rng([cfg.seed, 3]))
     x_val_t, y_val_t = torch.from_numpy(x_val), torch.from_numpy(y_val)
 
     config_json = run_config("rbm", cfg.to_dict(), bench, train, val.size, train_indices is not None, run_info)
@@ -174,8 +176,7 @@ def train_rbm(config: RBMConfig, run_dir: str | Path, bench: BenchmarkSet, *,
     data_rng = np.random.default_rng([cfg.seed, 2])
 
     def batches(epoch: int):
-        x = torch.from_numpy(augmented_inputs(bench, train, data_rng, cfg.augment_snr_min,
-                                              cfg.augment_snr_max, cfg.augment_fraction))  # (N, P)
+        x = torch.from_numpy(pool.epoch(epoch).model_flux())  # (N, P)
         order = torch.from_numpy(data_rng.permutation(train.size))
         for lo in range(0, train.size, cfg.batch_size):
             j = order[lo:lo + cfg.batch_size]

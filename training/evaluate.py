@@ -7,19 +7,23 @@ run folder. Numbers, for the RBM and for each baseline:
   order ``non_cv, cv``);
 - false-positive rate on the real non-CV spectra (every negative whose source is not a template in
   :data:`TEMPLATE_SOURCES`) and on all negatives;
-- accuracy, CV recall and real-non-CV false-positive rate at injected S/N 100, 50, 20, 10, 5:
-  Gaussian noise added to the normalised test spectra with a fixed seed by
-  :func:`specserve.runtime.preprocess.add_noise` (a spectrum already noisier than the target
-  keeps its own noise).
+- accuracy, CV recall and real-non-CV false-positive rate at S/N 100, 50, 20, 10, 5, with noise
+  added to the raw test spectra (in flux units, before the pipeline normalises them) with a fixed
+  seed, for a constant-sigma (``*_vs_snr``) and a photon-like (``*_vs_snr_photon``) noise model;
+  a spectrum already noisier than the target keeps its own noise;
+- the same three numbers under each raw-level perturbation of
+  :data:`specserve.training.inputs.PERTURBATIONS` (``perturbations``).
 
-Baselines, trained on the same training spectra with the same binarisation and the same noise
-augmentation as the RBM (each training spectrum once as observed and once with noise at an S/N
-drawn from the RBM's augmentation range): scikit-learn ``LogisticRegression`` on the binarised
-input, and a ``Pipeline`` of ``BernoulliRBM`` features and ``LogisticRegression``.
+Every row goes from raw spectra through the runtime's pipeline
+(:func:`specserve.training.inputs.evaluation_variants`); :func:`summarise` turns predictions into
+the rows, for the torch path here and for the served path (the exported graph behind the
+runtime's Analyzer) in :mod:`specserve.export.served`. A spectrum the model does not apply to
+(coverage below the runtime's threshold) counts as misclassified.
 
-Also here: the model-input helpers every RBM consumer uses (:func:`model_inputs`,
-:func:`noisy_inputs`, :func:`augmented_inputs`), all returning float32 (N, P) normalised flux with
-unusable pixels set to 1.0.
+Baselines, trained on the same training spectra with the same binarisation and the same raw-level
+augmentation as the RBM (each training spectrum once as observed and once augmented): scikit-learn
+``LogisticRegression`` on the binarised input, and a ``Pipeline`` of ``BernoulliRBM`` features
+and ``LogisticRegression``.
 """
 
 from __future__ import annotations
@@ -35,10 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from specserve.runtime.preprocess import add_noise
-
 from .benchsets import BenchmarkSet
-from .rbm import RBMClassifier, fill_masked
+from .inputs import evaluation_variants, model_inputs, torch_inputs, training_pool, variant_key
+from .perturb import NOISE_MODELS
+from .rbm import RBMClassifier
 
 log = logging.getLogger(__name__)
 
@@ -49,36 +53,6 @@ REPORT_JSON = "report.json"
 REPORT_PNG = "report.png"
 TARGET = {"min_accuracy_at_snr_ge_20": 0.99, "max_fpr_real_non_cv": 0.01}
 BASELINE_NAMES = ("logreg_binarised", "bernoulli_rbm_logreg")
-
-
-# ---------------------------------------------------------------- model inputs
-
-
-def model_inputs(bench: BenchmarkSet, idx: np.ndarray) -> np.ndarray:
-    """The spectra ``idx`` as model input: (n, P) float32, unusable pixels 1.0."""
-    return fill_masked(bench.arrays["flux"][idx], bench.arrays["mask"][idx])
-
-
-def noisy_inputs(bench: BenchmarkSet, idx: np.ndarray, snr: float | np.ndarray,
-                 rng: np.random.Generator) -> np.ndarray:
-    """Model input with noise injected at ``snr`` (scalar or (n,)): (n, P) float32."""
-    a = bench.arrays
-    flux, _ = add_noise(a["flux"][idx], a["ivar"][idx], snr, rng, mask=a["mask"][idx])
-    return fill_masked(flux, a["mask"][idx])
-
-
-def augmented_inputs(bench: BenchmarkSet, idx: np.ndarray, rng: np.random.Generator,
-                     snr_min: float, snr_max: float, fraction: float) -> np.ndarray:
-    """Model input where a random ``fraction`` of the spectra get noise at an S/N drawn
-    log-uniformly from [snr_min, snr_max]; ``snr_max = 0`` returns them as observed."""
-    out = model_inputs(bench, idx)
-    if not snr_max or fraction <= 0 or idx.size == 0:
-        return out
-    sel = rng.uniform(size=idx.size) < fraction
-    snr = np.exp(rng.uniform(np.log(snr_min), np.log(snr_max), size=int(sel.sum())))
-    if sel.any():
-        out[sel] = noisy_inputs(bench, idx[sel], snr, rng)
-    return out
 
 
 # ---------------------------------------------------------------- metrics
@@ -125,11 +99,47 @@ def _snr_key(snr: float) -> str:
     return f"{snr:g}"
 
 
-def _with_snr(native: dict[str, Any], per_snr: Mapping[float, dict[str, Any]]) -> dict[str, Any]:
-    out = dict(native)
-    for name in ("accuracy", "cv_recall", "fpr_real_non_cv"):
-        out[f"{name}_vs_snr"] = {_snr_key(s): m[name] for s, m in per_snr.items()}
+_SUMMARY_KEYS = ("accuracy", "cv_recall", "fpr_real_non_cv")
+
+
+def _labels_from(prob: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Predicted classes; a spectrum without prediction (NaN: not applicable) counts as a miss."""
+    pred = np.nan_to_num(prob, nan=-1.0).argmax(axis=1)
+    missing = ~np.isfinite(prob).all(axis=1)
+    pred[missing] = 1 - y[missing]
+    return pred
+
+
+def summarise(y: np.ndarray, real: np.ndarray, probabilities: Mapping[str, np.ndarray],
+              snr_levels: tuple[float, ...]) -> dict[str, Any]:
+    """The report's rows from class probabilities (n, 2) per evaluation variant (NaN rows: the
+    model did not apply): native metrics, ``<metric>_vs_snr`` (constant noise) and
+    ``<metric>_vs_snr_photon``, and ``perturbations``."""
+    per = {k: classification_metrics(y, _labels_from(p, y), real) for k, p in probabilities.items()}
+    out = dict(per["native"])
+    out["n_not_applicable"] = int((~np.isfinite(probabilities["native"]).all(axis=1)).sum())
+    for noise in NOISE_MODELS:
+        suffix = "" if noise == "constant" else f"_{noise}"
+        for name in _SUMMARY_KEYS:
+            out[f"{name}_vs_snr{suffix}"] = {_snr_key(s): per[variant_key(noise, s)][name] for s in snr_levels
+                                             if variant_key(noise, s) in per}
+    out["perturbations"] = {k[len("perturb_"):]: {n: m[n] for n in _SUMMARY_KEYS}
+                            for k, m in per.items() if k.startswith("perturb_")}
     return out
+
+
+def torch_predictions(model: RBMClassifier, bench: BenchmarkSet, variants: Mapping[str, list],
+                      batch_size: int = 512) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(probabilities, model input flux) per variant on the torch path: raw spectra -> the
+    runtime's pipeline -> the torch model; NaN rows where the model does not apply."""
+    probs, fluxes = {}, {}
+    for key, raws in variants.items():
+        prepared, ok = torch_inputs(bench, raws)
+        fluxes[key] = prepared.model_flux()
+        p = rbm_predict(model, fluxes[key], batch_size)[0].astype(np.float64)
+        p[~ok] = np.nan
+        probs[key] = p
+    return probs, fluxes
 
 
 @torch.no_grad()
@@ -164,8 +174,7 @@ def fit_baselines(model: RBMClassifier, bench: BenchmarkSet, train_idx: np.ndarr
     flux = model_inputs(bench, train_idx)
     y = bench.arrays["label"][train_idx].astype(int)
     if cfg.augment_snr_max:
-        flux = np.concatenate([flux, augmented_inputs(bench, train_idx, rng, cfg.augment_snr_min,
-                                                      cfg.augment_snr_max, 1.0)])
+        flux = np.concatenate([flux, training_pool(cfg, bench, train_idx, rng, 1.0).epoch(0).model_flux()])
         y = np.concatenate([y, y])
     x = binarised(model, flux)
     baselines: dict[str, Any] = {
@@ -204,16 +213,12 @@ def evaluate_rbm(model: RBMClassifier, bench: BenchmarkSet, run_dir: str | Path,
     y = a["label"][test].astype(int)
     real = (y == 0) & ~np.isin(a["source"][test], sorted(TEMPLATE_SOURCES))
 
-    inputs = {None: model_inputs(bench, test)}
-    for snr in config.snr_levels:
-        rng = np.random.default_rng([config.noise_seed, int(round(snr * 1000))])
-        inputs[snr] = noisy_inputs(bench, test, snr, rng)
-
-    prob, free = rbm_predict(model, inputs[None], config.batch_size)
-    per_snr = {s: classification_metrics(y, rbm_predict(model, inputs[s], config.batch_size)[0].argmax(1), real)
-               for s in config.snr_levels}
-    rbm = _with_snr(classification_metrics(y, prob.argmax(1), real), per_snr)
-    misclassified = np.flatnonzero(prob.argmax(1) != y)
+    variants = evaluation_variants(bench, test, config.snr_levels, config.noise_seed)
+    probs, fluxes = torch_predictions(model, bench, variants, config.batch_size)
+    rbm = summarise(y, real, probs, config.snr_levels)
+    prob = probs["native"]
+    free = rbm_predict(model, fluxes["native"], config.batch_size)[1]
+    misclassified = np.flatnonzero(_labels_from(prob, y) != y)
     rbm["misclassified"] = [
         {"object_id": str(a["object_id"][test][i]), "source": str(a["source"][test][i]),
          "label": int(y[i]), "p_cv": float(prob[i, 1])} for i in misclassified
@@ -223,10 +228,12 @@ def evaluate_rbm(model: RBMClassifier, bench: BenchmarkSet, run_dir: str | Path,
     baselines = fit_baselines(model, bench, train, config)
     baseline_reports = {}
     for name, estimator in baselines.items():
-        native = classification_metrics(y, estimator.predict(binarised(model, inputs[None])), real)
-        per = {s: classification_metrics(y, estimator.predict(binarised(model, inputs[s])), real)
-               for s in config.snr_levels}
-        baseline_reports[name] = _with_snr(native, per)
+        predicted = {}
+        for key, flux in fluxes.items():
+            p = estimator.predict_proba(binarised(model, flux)).astype(np.float64)
+            p[~np.isfinite(probs[key]).all(axis=1)] = np.nan
+            predicted[key] = p
+        baseline_reports[name] = summarise(y, real, predicted, config.snr_levels)
 
     ge20 = [s for s in config.snr_levels if s >= 20]
     accs = [rbm["accuracy"]] + [rbm["accuracy_vs_snr"][_snr_key(s)] for s in ge20]
@@ -242,6 +249,8 @@ def evaluate_rbm(model: RBMClassifier, bench: BenchmarkSet, run_dir: str | Path,
         "class_names": list(bench.meta.get("class_names", ["non_cv", "cv"])),
         "model_config": model.config.to_dict(),
         "eval_config": {**asdict(config), "snr_levels": list(config.snr_levels)},
+        "data_path": "raw test spectra -> runtime pipeline (the server's) -> model; noise and "
+                     "perturbations on the raw flux",
         "snr_levels": [_snr_key(s) for s in config.snr_levels],
         "rbm": rbm,
         "baselines": baseline_reports,

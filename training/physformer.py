@@ -113,13 +113,15 @@ class PhysFormerConfig:
     augment_snr_min: float = 5.0
     augment_snr_max: float = 200.0
     augment_fraction: float = 0.5
-    augment_shift: int = 0
-    """The encoder sees each training spectrum shifted by a random whole number of pixels in
-    [-augment_shift, augment_shift] (1 pixel = 69 km/s): robustness to radial-velocity residuals.
-    The reconstruction is still scored against the unshifted spectrum."""
-    augment_tilt: float = 0.0
-    """The encoder sees each training spectrum times a random linear tilt ``1 + a (x - 1/2)`` over the grid,
-    ``|a| <= augment_tilt``: robustness to continuum-normalisation errors (scored unshifted, untilted)."""
+    augment_rv: float = 3.0
+    """Raw-level augmentation (:class:`specserve.training.perturb.Augmentation`): a radial-velocity
+    residual N(0, augment_rv) km/s on half the augmented spectra, a flux-calibration tilt with
+    |a| <= augment_tilt on half, masked pixel runs over up to augment_mask of the pixels on 30 %,
+    and noise (constant or photon) at the S/N above; all on the raw spectrum, before the pipeline."""
+    augment_tilt: float = 0.1
+    augment_mask: float = 0.03
+    augment_pool: int = 8
+    """Augmented versions of the training set made once and reused in turn (epoch e: e % pool)."""
     mc_samples: int = 32
     mc_samples_max: int = 256
     seed: int = 0

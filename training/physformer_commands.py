@@ -66,7 +66,7 @@ def quick_indices(bench, seed: int) -> np.ndarray:
 def qso_inputs(cache: Path | None) -> dict[str, np.ndarray]:
     """The QSO-template spectra of the ``cv`` set (same grid as ``stars``) as non-stellar inputs."""
     from .commands import load_set
-    from .evaluate import model_inputs
+    from .inputs import model_inputs
 
     cv = load_set("cv", cache)
     idx = np.flatnonzero(cv.arrays["source"] == "qso_template")

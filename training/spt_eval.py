@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from .benchsets import BenchmarkSet
-from .evaluate import REPORT_JSON, REPORT_PNG, model_inputs
+from .evaluate import REPORT_JSON, REPORT_PNG
+from .inputs import model_inputs
 from .spt import TARGET_NAMES, TARGET_UNITS, SpectralTransformer
 from .spt_train import coverage, mape, mc_predict
 

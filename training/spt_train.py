@@ -4,7 +4,8 @@
 Training: AdamW with a linear warm-up and a cosine decay of the learning rate (per step), gradient
 clipping at 1, the loss of :meth:`SpectralTransformer.loss` on log targets (age in Gyr, mass in
 Msun) and, as an auxiliary task, the four atmospheric labels. Every epoch, a fraction of the
-training spectra gets fresh Gaussian noise (``augment_*``). The kept epoch is the one with the
+training spectra is augmented at the raw level (noise, radial-velocity residual, tilt, masks) and
+goes through the serving pipeline (``augment_*``, :func:`specserve.training.inputs.training_pool`). The kept epoch is the one with the
 lowest validation MAPE (mean of age and mass, from the MC mean of 16 samples).
 
 Calibration: MC dropout spreads measure the network's own uncertainty only, not the scatter of
@@ -25,7 +26,7 @@ import torch
 
 from specserve.runtime.errors import SpecserveError
 
-from .evaluate import augmented_inputs, model_inputs
+from .inputs import model_inputs, training_pool
 from .spt import SPTConfig, SpectralTransformer
 
 if TYPE_CHECKING:
@@ -116,10 +117,10 @@ def train_spt(config: SPTConfig, run_dir: str | Path, bench: BenchmarkSet, *,
     with torch.no_grad():
         model.set_standardisation(y_train, aux_train)
     data_rng = np.random.default_rng([cfg.seed, 2])
+    pool = training_pool(cfg, bench, train, np.random.default_rng([cfg.seed, 3]))
 
     def batches(epoch: int):
-        x = torch.from_numpy(augmented_inputs(bench, train, data_rng, cfg.augment_snr_min,
-                                              cfg.augment_snr_max, cfg.augment_fraction))
+        x = torch.from_numpy(pool.epoch(epoch).model_flux())
         order = torch.from_numpy(data_rng.permutation(train.size))
         for lo in range(0, train.size, cfg.batch_size):
             j = order[lo:lo + cfg.batch_size]
