@@ -24,6 +24,7 @@ from specserve.runtime.preprocess import OPTICAL_PREPROCESSING, Preprocessing
 
 from .onnx_export import ExportReport, export_model, load_run
 from .repository import write_model
+from .served import check_rbm, rewrite_metadata
 
 ATOL = 1e-3
 RTOL = 1e-5
@@ -42,11 +43,15 @@ def rbm_card(checkpoint: dict[str, Any], report: dict[str, Any] | None) -> Model
     recipe = data.get("preprocessing")  # the benchmark set's recipe, recorded at training time
     metrics: dict[str, Any] = {}
     if report:
-        keep = ("accuracy", "cv_recall", "cv_precision", "fpr_real_non_cv", "accuracy_vs_snr")
+        keep = ("accuracy", "cv_recall", "cv_precision", "fpr_real_non_cv", "accuracy_vs_snr",
+                "accuracy_vs_snr_photon", "fpr_real_non_cv_vs_snr")
+        headline = report.get("served", report["rbm"])
         metrics = {
             "split": report["benchmark"]["split"],
             "n_test": report["benchmark"]["n_test"],
-            "rbm": {k: report["rbm"][k] for k in keep if k in report["rbm"]},
+            "path": "served" if "served" in report else "torch",
+            "rbm": {k: headline[k] for k in keep if k in headline},
+            "torch_path": {k: report["rbm"][k] for k in keep if k in report["rbm"]},
             "baselines": {name: {k: m[k] for k in keep if k in m} for name, m in report["baselines"].items()},
             "target": report["target"],
         }
@@ -67,8 +72,12 @@ def next_version(repository: str | Path, name: str) -> int:
 
 
 def export_rbm(run_dir: str | Path, repository: str | Path, *, name: str = "rbm",
-               version: int | None = None) -> tuple[Path, ExportReport]:
-    """Export ``run_dir``'s checkpoint into ``repository/name/version``; returns (version folder, report)."""
+               version: int | None = None, served_check: bool = True) -> tuple[Path, ExportReport]:
+    """Export ``run_dir``'s checkpoint into ``repository/name/version``; returns (version folder, report).
+
+    With an evaluated run (``report.json``) and ``served_check``, the report's rows are measured
+    again through the exported graph and the runtime (:mod:`specserve.export.served`); the card
+    carries the served numbers, and a skew beyond tolerance fails the export."""
     from specserve.training.rbm import RBMClassifier
 
     run_dir = Path(run_dir)
@@ -79,5 +88,9 @@ def export_rbm(run_dir: str | Path, repository: str | Path, *, name: str = "rbm"
         raise ExportError(f"the checkpoint has {model.config.n_pixels} pixels, its grid {card.dims['n_pixels']}")
     result = export_model(model, card, run_dir / "onnx" / "model.onnx", atol=ATOL, rtol=RTOL,
                           allowed_ops=ALLOWED_OPS)
+    if report is not None and served_check:  # the report's rows again on the served path
+        report = check_rbm(result.path, run_dir, report)
+        card = rbm_card(checkpoint, report)
+        rewrite_metadata(result.path, card)
     version = next_version(repository, name) if version is None else version
     return write_model(repository, name, version, result.path, card), result

@@ -46,6 +46,7 @@ from specserve.runtime.preprocess import Preprocessing
 from .onnx_export import ExportReport, export_model, load_run, op_types
 from .rbm import next_version
 from .repository import write_model
+from .served import check_spt, rewrite_metadata
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,13 @@ def spt_card(checkpoint: dict[str, Any], report: dict[str, Any] | None) -> Model
         raise ExportError("the checkpoint records no preprocessing recipe (train it with 'specserve train spt')")
     metrics: dict[str, Any] = {}
     if report:
-        keep = ("mape_age", "mape_mass", "coverage_1sigma", "coverage_2sigma", "raw_coverage_1sigma")
+        keep = ("mape_age", "mape_mass", "coverage_1sigma", "coverage_2sigma", "raw_coverage_1sigma", "vs_snr",
+                "vs_snr_photon")
         metrics = {
             "split": report["set"]["split"], "n_test": report["set"]["n_test"],
-            "spt": {k: report["spt"][k] for k in keep if k in report["spt"]},
+            "path": "served" if "served" in report else "torch",
+            "spt": {k: report.get("served", report["spt"])[k] for k in keep if k in report.get("served", report["spt"])},
+            "torch_path": {k: report["spt"][k] for k in keep if k in report["spt"]},
             "baselines": {n: {k: r[k] for k in keep if k in r} for n, r in report["baselines"].items()},
             "target": {"met": report["target"]["met"], "oracle_ratio": report["target"]["oracle_ratio"]},
         }
@@ -237,8 +241,10 @@ def export_spt_model(model: torch.nn.Module, card: ModelCard, out_dir: str | Pat
 
 
 def export_spt(run_dir: str | Path, repository: str | Path, *, name: str = "spt",
-               version: int | None = None) -> tuple[Path, ExportReport, MCCheck]:
-    """Export ``run_dir``'s checkpoint into ``repository/name/version``; returns (folder, report, MC check)."""
+               version: int | None = None, served_check: bool = True) -> tuple[Path, ExportReport, MCCheck]:
+    """Export ``run_dir``'s checkpoint into ``repository/name/version``; returns (folder, report, MC check).
+    With an evaluated run and ``served_check``, the report's rows are measured again on the served
+    path and the card carries them (:mod:`specserve.export.served`; a skew fails the export)."""
     from specserve.training.spt import SpectralTransformer
 
     run_dir = Path(run_dir)
@@ -248,5 +254,9 @@ def export_spt(run_dir: str | Path, repository: str | Path, *, name: str = "spt"
     if card.dims["n_pixels"] != model.config.n_pixels:
         raise ExportError(f"the checkpoint has {model.config.n_pixels} pixels, its grid {card.dims['n_pixels']}")
     result, check = export_spt_model(model, card, run_dir / "onnx")
+    if report is not None and served_check:  # the report's rows again on the served path
+        report = check_spt(result.path, run_dir, report)
+        card = spt_card(checkpoint, report)
+        rewrite_metadata(result.path, card)
     version = next_version(repository, name) if version is None else version
     return write_model(repository, name, version, result.path, card), result, check

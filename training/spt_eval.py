@@ -17,6 +17,13 @@ the same 288 test spectra, all predicting log age and log mass and reported in G
 - ``label_oracle``: gradient boosting on the true Teff, seismic logg, [Fe/H] and [alpha/Fe]: what
   the labels behind these spectra can tell about age and mass (the information limit).
 
+Every network row starts from the raw test spectra (The Payne's flux on its native pixels with
+its own noise) and goes through the runtime's pipeline, as a served spectrum does. The SPT is also
+scored at S/N ``snr_levels`` (noise added to the raw flux, constant-sigma and photon-like) and
+under each raw-level perturbation of :data:`specserve.training.inputs.PERTURBATIONS`
+(``spt.vs_snr``, ``spt.vs_snr_photon``, ``spt.perturbations``); :func:`summarise` makes those rows
+from predictions, for this torch path and for the served path (:mod:`specserve.export.served`).
+
 Target (issue 4): SPT beats every non-oracle row on both targets, stays within 1.2x of the
 oracle, and its 1-sigma coverage is between 60 % and 76 %.
 """
@@ -26,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +42,8 @@ import numpy as np
 
 from .benchsets import BenchmarkSet
 from .evaluate import REPORT_JSON, REPORT_PNG
-from .inputs import model_inputs
+from .inputs import evaluation_variants, model_inputs, torch_inputs, variant_key
+from .perturb import NOISE_MODELS
 from .spt import TARGET_NAMES, TARGET_UNITS, SpectralTransformer
 from .spt_train import coverage, mape, mc_predict
 
@@ -55,6 +63,8 @@ class SPTEvalConfig:
     pca_components: int = 50
     boosting_iter: int = 300
     boosting_lr: float = 0.05
+    snr_levels: tuple[float, ...] = (100.0, 50.0, 20.0)
+    noise_seed: int = 20240601
 
 
 def _row(truth: np.ndarray, mean: np.ndarray, std: np.ndarray | None = None,
@@ -78,6 +88,42 @@ def network_row(model: SpectralTransformer, flux: np.ndarray, truth: np.ndarray,
     mean, std = mc_predict(model, flux, config.mc_samples, seed=config.seed)
     scale = model.std_scale.numpy().copy()
     return _row(truth, mean, std, std / np.maximum(scale, 1e-12)), mean, std
+
+
+def _short(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("mape_age", "mape_mass", "coverage_1sigma") if k in row}
+
+
+def summarise(truth: np.ndarray, predictions: Mapping[str, tuple[np.ndarray, np.ndarray]],
+              snr_levels: Sequence[float]) -> dict[str, Any]:
+    """The SPT rows from (mean, std) per evaluation variant (NaN rows: the model did not apply):
+    the native row (MAPE, coverage, z-scores, over the spectra it applies to), ``vs_snr``,
+    ``vs_snr_photon`` and ``perturbations`` (MAPE and 1-sigma coverage)."""
+    rows = {}
+    for key, (mean, std) in predictions.items():
+        ok = np.isfinite(mean).all(axis=1) & np.isfinite(std).all(axis=1)
+        rows[key] = _row(truth[ok], mean[ok], std[ok]) if ok.any() else {}
+        rows[key]["n_not_applicable"] = int((~ok).sum())
+    out = dict(rows["native"])
+    for noise in NOISE_MODELS:
+        name = "vs_snr" if noise == "constant" else f"vs_snr_{noise}"
+        out[name] = {f"{s:g}": _short(rows[variant_key(noise, s)]) for s in snr_levels if variant_key(noise, s) in rows}
+    out["perturbations"] = {k[len("perturb_"):]: _short(r) for k, r in rows.items() if k.startswith("perturb_")}
+    return out
+
+
+def torch_predictions(model: SpectralTransformer, bench: BenchmarkSet, variants: Mapping[str, list],
+                      config: SPTEvalConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(mean, std) per variant on the torch path: raw spectra -> the runtime's pipeline -> the torch
+    SPT (MC mean of ``mc_samples``); NaN rows where the model does not apply."""
+    out = {}
+    for key, raws in variants.items():
+        prepared, ok = torch_inputs(bench, raws)
+        mean, std = mc_predict(model, prepared.model_flux(), config.mc_samples, seed=config.seed)
+        mean, std = mean.astype(np.float64), std.astype(np.float64)
+        mean[~ok], std[~ok] = np.nan, np.nan
+        out[key] = (mean, std)
+    return out
 
 
 def fit_baselines(bench: BenchmarkSet, train: np.ndarray, config: SPTEvalConfig) -> dict[str, dict[str, Any]]:
@@ -151,7 +197,12 @@ def evaluate_spt(model: SpectralTransformer, bench: BenchmarkSet, run_dir: str |
     flux, truth = model_inputs(bench, test), a["targets"][test]
 
     t0 = time.perf_counter()
-    spt, mean, std = network_row(model, flux, truth, config)
+    variants = evaluation_variants(bench, test, config.snr_levels, config.noise_seed)
+    predictions = torch_predictions(model, bench, variants, config)
+    spt = summarise(truth, predictions, config.snr_levels)
+    mean, std = predictions["native"]
+    scale = model.std_scale.numpy().astype(np.float64)
+    spt["raw_coverage_1sigma"] = dict(zip(TARGET_NAMES, map(float, coverage(truth, mean, std / np.maximum(scale, 1e-12)))))
     spt["seconds_predict"] = round(time.perf_counter() - t0, 2)
     rows = fit_baselines(bench, train, config)
     missing_ablations = []
@@ -166,6 +217,8 @@ def evaluate_spt(model: SpectralTransformer, bench: BenchmarkSet, run_dir: str |
                 "n_test": int(test.size), "n_train": int(train.size)},
         "units": dict(zip(TARGET_NAMES, TARGET_UNITS)),
         "eval_config": asdict(config),
+        "data_path": "raw test spectra (native pixels, own noise) -> runtime pipeline (the server's) -> model; "
+                     "noise and perturbations on the raw flux",
         "spt": spt,
         "baselines": rows,
         "ablations_not_trained": missing_ablations,
