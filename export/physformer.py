@@ -29,6 +29,7 @@ from specserve.runtime.preprocess import Preprocessing
 from .onnx_export import ExportReport, export_model, load_run
 from .rbm import next_version
 from .repository import write_model
+from .served import check_physformer, rewrite_metadata
 from .spt import ALLOWED_OPS as SPT_OPS
 from .spt import MCCheck, check_mc
 
@@ -64,9 +65,15 @@ def physformer_cards(checkpoint: dict[str, Any], report: dict[str, Any] | None) 
     mc = PhysFormerConfig(**checkpoint["model_config"])
     metrics: dict[str, Any] = {}
     if report:
+        served = report.get("served")
         metrics = {"split": report["set"]["split"], "n_test": report["set"]["n_test"],
+                   "path": "served" if served else "torch",
                    "fgk_mae": {k: r["native"]["fgk"]["mae"] for k, r in report["rows"].items()},
                    "target_met": report["target"]["met"]}
+        if served:
+            metrics["fgk_mae"]["physformer"] = served["native"]["fgk"]["mae"]
+            metrics["fgk_teff_mae_vs_snr"] = {s: r["fgk"]["mae"]["teff"] for s, r in served["snr"].items()}
+            metrics["torch_path_fgk_mae"] = report["rows"]["physformer"]["native"]["fgk"]["mae"]
     common = dict(preprocessing=Preprocessing.from_dict(recipe), label_names=PARAMETER_NAMES,
                   label_units=PARAMETER_UNITS, bounds=mc.bounds,
                   training_fingerprint=f"{data.get('benchmark', 'stars')}:sha256:{data.get('content_hash', 'unknown')}",
@@ -103,8 +110,11 @@ def export_physformer_models(model: torch.nn.Module, cards: tuple[ModelCard, Mod
 
 
 def export_physformer(run_dir: str | Path, repository: str | Path, *, name: str = "physformer",
-                      version: int | None = None) -> tuple[list[Path], ExportReport, MCCheck, ExportReport]:
-    """Export ``run_dir`` into ``repository/name`` and ``repository/name-generate``."""
+                      version: int | None = None, served_check: bool = True
+                      ) -> tuple[list[Path], ExportReport, MCCheck, ExportReport]:
+    """Export ``run_dir`` into ``repository/name`` and ``repository/name-generate``. With an
+    evaluated run and ``served_check``, the report's rows are measured again on the served path and
+    the cards carry them (:mod:`specserve.export.served`; a skew fails the export)."""
     from specserve.training.physformer import PhysFormer
 
     run_dir = Path(run_dir)
@@ -112,6 +122,11 @@ def export_physformer(run_dir: str | Path, repository: str | Path, *, name: str 
     model = PhysFormer.from_checkpoint(checkpoint)
     cards = physformer_cards(checkpoint, report)
     inference, check, generate = export_physformer_models(model, cards, run_dir / "onnx")
+    if report is not None and served_check:  # the report's rows again on the served path
+        report = check_physformer(inference.path, run_dir, report)
+        cards = physformer_cards(checkpoint, report)
+        rewrite_metadata(inference.path, cards[0])
+        rewrite_metadata(generate.path, cards[1])
     folders = []
     for model_name, result, card in ((name, inference, cards[0]), (name + GENERATE_SUFFIX, generate, cards[1])):
         v = next_version(repository, model_name) if version is None else version

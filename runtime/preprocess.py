@@ -255,10 +255,9 @@ def _gap_positions(x: NDArray[np.float64], min_width: float) -> tuple[NDArray[np
     d = np.diff(x)
     if d.size < 3 or d.max() <= max(GAP_FACTOR * d.min(), min_width):
         return np.zeros(0, np.intp), np.zeros(0, np.intp)
-    candidates = np.flatnonzero(d > min_width)
-    lo = np.maximum(candidates - _GAP_WINDOW, 0)
-    local = np.array([np.median(np.delete(d[a:k + _GAP_WINDOW + 1], k - a)) if d.size > 1 else d[k]
-                      for a, k in zip(lo, candidates)])
+    candidates = np.flatnonzero(d > max(min_width, GAP_FACTOR * d.min()))
+    windows = np.lib.stride_tricks.sliding_window_view(np.pad(d, _GAP_WINDOW, mode="edge"), 2 * _GAP_WINDOW + 1)
+    local = np.median(np.delete(windows[candidates], _GAP_WINDOW, axis=1), axis=1)  # the ten neighbours
     gap = d[candidates] > GAP_FACTOR * local
     k, local = candidates[gap], local[gap]
     return k, np.maximum(np.rint(d[k] / local).astype(np.intp) - 1, 1)

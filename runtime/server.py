@@ -40,6 +40,7 @@ from specserve.protos import specserve_pb2_grpc as pb_grpc
 
 from . import dtypes, metrics
 from .analysis import Analyzer, ModelResult, SpectrumInput, SpectrumOutcome
+from .domain_codec import spectrum_from_proto
 from .contract import DYNAMIC_DIMS
 from .errors import (
     ContractError,
@@ -524,46 +525,6 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
 
 
 # ------------------------------------------------------------------ specserve.v1
-
-
-def _as_array(values, name: str, n: int | None, dtype=np.float64) -> np.ndarray | None:
-    if len(values) == 0:
-        return None
-    array = np.fromiter(values, dtype, len(values))
-    if n is not None and array.size != n:
-        raise InvalidSpectrumError(f"{name} has {array.size} values but flux has {n}")
-    return array
-
-
-def spectrum_from_proto(message: pb.Spectrum) -> SpectrumInput:
-    flux = np.fromiter(message.flux, np.float64, len(message.flux))
-    if flux.size == 0:
-        raise InvalidSpectrumError(f"spectrum {message.id!r}: empty flux")
-    which = message.WhichOneof("wavelengths")
-    if which == "wavelength":
-        wave = np.fromiter(message.wavelength.values, np.float64, len(message.wavelength.values))
-    elif which == "grid":
-        grid = message.grid
-        if grid.length != flux.size:
-            raise InvalidSpectrumError(f"spectrum {message.id!r}: grid length {grid.length} but flux has {flux.size} values")
-        if not (np.isfinite(grid.start) and np.isfinite(grid.step) and grid.step > 0):
-            raise InvalidSpectrumError(f"spectrum {message.id!r}: log-linear grid needs finite start and step > 0")
-        wave = 10.0 ** (grid.start + grid.step * np.arange(grid.length))
-    else:
-        raise InvalidSpectrumError(f"spectrum {message.id!r}: no wavelengths (set wavelength or grid)")
-    if wave.size != flux.size:
-        raise InvalidSpectrumError(f"spectrum {message.id!r}: {wave.size} wavelengths but {flux.size} flux values")
-    return SpectrumInput(
-        id=message.id,
-        wavelength=wave,
-        flux=flux,
-        ivar=_as_array(message.ivar, "ivar", flux.size),
-        mask=_as_array(message.mask, "mask", flux.size, bool),
-        redshift=message.redshift if message.HasField("redshift") else None,
-        metadata=dict(message.metadata),
-        source_fwhm=message.source_fwhm if message.HasField("source_fwhm") else None,
-        source_resolution=message.source_resolution if message.HasField("source_resolution") else None,
-    )
 
 
 def _result_to_proto(result: ModelResult, model_spectrum: bool = False) -> pb.ModelResult:

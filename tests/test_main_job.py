@@ -25,6 +25,7 @@ from astropy.table import Table
 
 from specserve.runtime.client import Client
 from specserve.training import commands
+from specserve.training.benchsets import raw_spectra
 
 SPECSERVE = str(Path(sys.executable).with_name("specserve"))
 
@@ -65,6 +66,7 @@ def test_models_build_reports_and_exports_the_default_rbm(built):
     assert (repo / "rbm" / "1" / "model.onnx").is_file() and (repo / "rbm" / "config.pbtxt").is_file()
     run_dir = Path(out.split("training the RBM on 'cv' (")[1].split(" into ")[1].splitlines()[0])
     report = json.loads((run_dir / "report.json").read_text())
+    assert report["served_vs_torch"]["failures"] == []
     # The issue's target is accuracy >= 0.99 at S/N >= 20 with <= 1 % false positives on real
     # non-CV spectra; the default seed meets it on this machine (numbers in the issue note). One
     # error in 399 test spectra is 0.25 %, so these looser bounds allow a few more errors from
@@ -81,7 +83,8 @@ def test_models_build_reports_and_exports_the_default_spt(built):
     assert (repo / "spt" / "1" / "model.onnx").is_file()
     run_dir = Path(out.split("training the SPT on 'giants' (")[1].split(" into ")[1].splitlines()[0])
     report = json.loads((run_dir / "report.json").read_text())
-    spt, oracle = report["spt"], report["baselines"]["label_oracle"]
+    assert report["served_vs_torch"]["failures"] == []
+    spt, oracle = report["served"], report["baselines"]["label_oracle"]
     # The issue's targets (beat ridge and boosting, <= 1.2x the oracle, 1-sigma coverage 60-76 %)
     # are met by the default seed on this machine (numbers in the issue note); training on another
     # CPU differs in float rounding, so this checks a margin around them rather than the exact run.
@@ -103,44 +106,43 @@ def test_models_build_exports_both_physformer_graphs(built):
     assert set(report["rows"]) >= {"physformer", "ridge", "knn", "cannon_quadratic"}
 
 
+def _report(out: str, marker: str) -> dict:
+    run_dir = Path(out.split(marker)[1].split(" into ")[1].splitlines()[0])
+    return json.loads((run_dir / "report.json").read_text())
+
+
 @pytest.mark.slow
-def test_served_default_spt_estimates_test_giants(server):
+def test_served_default_spt_reproduces_its_report_on_raw_giants(built, server):
+    """Raw test giants (The Payne's native pixels, their own noise) sent to the server: the ages
+    and masses a user gets are the report's served numbers, within MC noise."""
+    served = _report(built[1], "training the SPT on 'giants' (")["served"]
     bench = commands.load_set("giants")
     test = bench.split_indices("test")
-    wave = bench.preprocessing.grid.wavelength
-    a = bench.arrays
-    items = [(f"g{i}", wave, a["flux"][i], a["ivar"][i]) for i in test]
     with Client(server) as client:
-        rows = client.analyze(items, models=["spt"])
+        rows = client.analyze(raw_spectra(bench, test), models=["spt"])
     age = np.array([r.values["age"] for r in rows])
     mass = np.array([r.values["mass"] for r in rows])
-    truth = a["targets"][test]
+    truth = bench.arrays["targets"][test]
     mape_age = 100 * np.mean(np.abs(age - truth[:, 0]) / truth[:, 0])
     mape_mass = 100 * np.mean(np.abs(mass - truth[:, 1]) / truth[:, 1])
-    # through the server (its own resampling and renormalisation, masks from ivar) the estimates
-    # stay close to the report's (about 18 % and 5 %)
-    assert mape_age < 25 and mape_mass < 7, (mape_age, mape_mass)
+    assert mape_age == pytest.approx(served["mape_age"], rel=0.03)
+    assert mape_mass == pytest.approx(served["mape_mass"], rel=0.03)
     err = np.array([r.values["age_err"] for r in rows])
-    assert np.all(err > 0) and 0.5 < np.mean(np.abs(age - truth[:, 0]) <= err) < 0.85
+    coverage = np.mean(np.abs(age - truth[:, 0]) <= err)
+    assert np.all(err > 0) and abs(coverage - served["coverage_1sigma"]["age"]) < 0.05
 
 
 @pytest.mark.slow
-def test_served_default_model_classifies_the_cv_test_split(server):
+def test_served_default_rbm_reproduces_its_report_on_raw_cv_spectra(built, server):
+    served = _report(built[1], "training the RBM on 'cv' (")["served"]
     bench = commands.load_cv()
     test = bench.split_indices("test")
-    wave = bench.preprocessing.grid.wavelength
-    items = [(f"t{i}", wave, bench.arrays["flux"][i]) for i in test]  # normalised spectra, sent as they are
     with Client(server) as client:
-        rows = client.analyze(items, models=["rbm"])
-    assert [r.id for r in rows] == [f"t{i}" for i in test]
-    applicable = np.array(["p_cv" in r.values for r in rows])
-    assert applicable.mean() > 0.95
+        rows = client.analyze(raw_spectra(bench, test), models=["rbm"])
     p_cv = np.array([r.values.get("p_cv", np.nan) for r in rows])
     labels = bench.arrays["label"][test]
-    accuracy = np.mean((p_cv[applicable] > 0.5) == (labels[applicable] == 1))
-    # the server renormalises the already normalised flux and masks nothing, so a few spectra may
-    # move; accuracy well above chance (0.5) and near the report's (>= 0.99) shows the whole path works
-    assert accuracy >= 0.97, accuracy
+    accuracy = np.mean((p_cv > 0.5) == (labels == 1))
+    assert accuracy == pytest.approx(served["accuracy"], abs=0.005) and accuracy >= 0.97
 
 
 @pytest.mark.slow

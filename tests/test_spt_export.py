@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import onnx
@@ -41,7 +42,11 @@ def test_export_writes_a_self_describing_model_with_random_ops(exported, spt_run
     assert card.preprocessing == bench.preprocessing
     assert card.normalisation["mc_samples"] == {"default": model.config.mc_samples, "max": model.config.mc_samples_max}
     np.testing.assert_allclose(card.normalisation["std_scale"], model.std_scale.numpy(), rtol=1e-6)
-    assert card.metrics["spt"]["mape_age"] == report["spt"]["mape_age"]
+    # the card's headline is the served path's number (the report's rows rerun through the file)
+    saved = json.loads((run_dir / "report.json").read_text())
+    assert card.metrics["path"] == "served" and saved["served_vs_torch"]["failures"] == []
+    assert card.metrics["spt"]["mape_age"] == saved["served"]["mape_age"]
+    assert card.metrics["torch_path"]["mape_age"] == report["spt"]["mape_age"]
 
 
 def test_exported_model_draws_new_masks_every_run_and_honours_n_samples(exported, spt_run):

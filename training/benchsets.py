@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from astropy.io import fits
 from astropy.table import Table
 from astropy.utils.exceptions import AstropyWarning
 

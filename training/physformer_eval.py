@@ -3,10 +3,13 @@
 :func:`evaluate_physformer` writes ``report.json`` and ``report.png`` into the run folder:
 
 - for PhysFormer (the MC mean of ``mc_samples`` encoder samples) and every baseline, at native S/N
-  and at injected S/N 100, 50, 20, 10, 5 (noise from :func:`~specserve.runtime.preprocess.add_noise`
-  with a fixed seed, the same noisy spectra for every row): MAE and bias of Teff, logg, [Fe/H] over
-  all test stars and over FGK stars (catalogue Teff < 7000 K), and the fraction of outputs inside
-  the physical box;
+  and at S/N 100, 50, 20, 10, 5, with noise added to the raw test spectra in flux units before the
+  runtime's pipeline normalises them (``snr``: constant sigma; ``snr_photon``: sigma proportional to
+  sqrt(flux); fixed seeds, the same noisy spectra for every row), and under each raw-level
+  perturbation of :data:`specserve.training.inputs.PERTURBATIONS` (``perturbations``): MAE and bias
+  of Teff, logg, [Fe/H] over all test stars and over FGK stars (catalogue Teff < 7000 K), and the
+  fraction of outputs inside the physical box. :func:`summarise` makes these rows from predictions,
+  for this torch path and for the served path (:mod:`specserve.export.served`);
 - the box fraction also for inputs that are not stars: pure noise, an all-ones flux, and the
   QSO-template spectra of the ``cv`` set;
 - the reduced chi-square of PhysFormer's reconstruction (percentiles) at native S/N;
@@ -28,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,8 @@ import torch
 from .benchsets import BenchmarkSet
 from .evaluate import REPORT_JSON, REPORT_PNG
 from .physformer import PARAMETER_NAMES, PhysFormer, reduced_chi2
+from .inputs import evaluation_variants, torch_inputs, variant_key
+from .perturb import NOISE_MODELS
 from .physformer_train import inputs
 
 log = logging.getLogger(__name__)
@@ -180,14 +185,32 @@ def in_box(params: np.ndarray, bounds: Mapping[str, list[float]]) -> np.ndarray:
 
 
 def label_metrics(truth: np.ndarray, pred: np.ndarray, bounds: Mapping[str, list[float]]) -> dict[str, Any]:
+    """Box fraction, MAE and bias over the spectra with a prediction (NaN rows: not applicable)."""
+    applies = np.isfinite(pred).all(axis=1)
+    truth, pred = truth[applies], pred[applies]
     fgk = truth[:, 0] < FGK_TEFF_MAX
-    out: dict[str, Any] = {"in_box_fraction": float(in_box(pred, bounds).mean())}
+    out: dict[str, Any] = {"in_box_fraction": float(in_box(pred, bounds).mean()) if len(pred) else 0.0,
+                           "n_not_applicable": int((~applies).sum())}
     for group, sel in (("all", np.ones(len(truth), bool)), ("fgk", fgk)):
         err = pred[sel] - truth[sel]
         out[group] = {"n": int(sel.sum()),
                       "mae": dict(zip(PARAMETER_NAMES, map(float, np.abs(err).mean(0)))),
                       "bias": dict(zip(PARAMETER_NAMES, map(float, err.mean(0))))}
     return out
+
+
+def summarise(truth: np.ndarray, predictions: Mapping[str, np.ndarray], bounds: Mapping[str, list[float]],
+              snr_levels: Sequence[float]) -> dict[str, Any]:
+    """A row from parameters (n, 3) per evaluation variant: ``native``, ``snr`` (constant noise),
+    ``snr_photon`` and ``perturbations``, each the :func:`label_metrics`."""
+    row: dict[str, Any] = {"native": label_metrics(truth, predictions["native"], bounds)}
+    for noise in NOISE_MODELS:
+        name = "snr" if noise == "constant" else f"snr_{noise}"
+        row[name] = {f"{s:g}": label_metrics(truth, predictions[variant_key(noise, s)], bounds)
+                     for s in snr_levels if variant_key(noise, s) in predictions}
+    row["perturbations"] = {k[len("perturb_"):]: label_metrics(truth, p, bounds)
+                            for k, p in predictions.items() if k.startswith("perturb_")}
+    return row
 
 
 def check_target(rows: Mapping[str, Mapping[str, Any]], levels: list[str], extra_box: Mapping[str, float]) -> dict:
@@ -240,26 +263,24 @@ def evaluate_physformer(model: PhysFormer, bench: BenchmarkSet, run_dir: str | P
         predictors["plain_decoder"] = pf_predictor(ablation)
     fit_seconds = time.perf_counter() - t0
 
-    # the same noisy test spectra for every row
-    variants = {"native": inputs(bench, test)}
-    for snr in config.snr_levels:
-        rng = np.random.default_rng([config.noise_seed, int(snr)])
-        variants[f"{snr:g}"] = inputs(bench, test, snr, rng)
+    # the same raw test spectra for every row, through the runtime's pipeline
+    variants = {}
+    for key, raws in evaluation_variants(bench, test, config.snr_levels, config.noise_seed).items():
+        prepared, ok = torch_inputs(bench, raws)
+        variants[key] = (prepared.model_flux(), prepared.model_ivar(), ok)
     rows: dict[str, dict[str, Any]] = {}
     for name, predict in predictors.items():
-        row: dict[str, Any] = {"snr": {}}
-        for key, (f, iv) in variants.items():
-            metrics = label_metrics(truth, predict(f, iv), bounds)
-            if key == "native":
-                row["native"] = metrics
-            else:
-                row["snr"][key] = metrics
-        rows[name] = row
+        predictions = {}
+        for key, (f, iv, ok) in variants.items():
+            params = predict(f, iv).astype(np.float64)
+            params[~ok] = np.nan
+            predictions[key] = params
+        rows[name] = summarise(truth, predictions, bounds, config.snr_levels)
     rows["ridge"].update(ridge_info)
     rows["knn"].update(knn_info)
 
     # physformer: uncertainties, reconstruction chi-square, non-stellar inputs
-    f, iv = variants["native"]
+    f, iv, _ = variants["native"]
     mean, std, latent, recon = physformer_predict(model, f, config.mc_samples, config.seed, config.batch_size)
     chi2 = reduced_chi2(torch.from_numpy(recon), torch.from_numpy(f), torch.from_numpy(iv)).numpy()
     rng = np.random.default_rng(config.seed)
@@ -287,6 +308,8 @@ def evaluate_physformer(model: PhysFormer, bench: BenchmarkSet, run_dir: str | P
                 "n_test": int(test.size), "n_train": int(train.size),
                 "n_fgk": int((truth[:, 0] < FGK_TEFF_MAX).sum())},
         "bounds": bounds, "snr_levels": levels, "eval_config": asdict(config),
+        "data_path": "raw test spectra (the kit's files) -> runtime pipeline (the server's) -> model; "
+                     "noise and perturbations on the raw flux",
         "rows": rows,
         "in_box_non_stellar": box_extra,
         "generation": {"median_residual_rms": float(np.median(rms)), "p90_residual_rms": float(np.percentile(rms, 90)),

@@ -3,11 +3,12 @@
 AdamW with warm-up and cosine decay, gradient clipping at 1, the loss of
 :meth:`~specserve.training.physformer.PhysFormer.loss` (reduced chi-square of the reconstruction
 from the encoded parameters and from the catalogue parameters, plus the MSE of the standardised
-parameters). Every epoch a fraction of the training spectra gets fresh noise at S/N
-``augment_snr_min``-``augment_snr_max`` (their ivar lowered to match), so the encoder learns to
-stay put as S/N drops; optionally (``augment_shift``, ``augment_tilt``) the encoder also sees
-them shifted by whole pixels and tilted (:func:`perturb`), while the reconstructions are scored
-against the unperturbed spectra. The kept epoch has the lowest validation parameter loss.
+parameters). Every epoch a fraction of the training spectra is augmented on the raw spectrum
+(noise at S/N ``augment_snr_min``-``augment_snr_max``, constant or photon-like, a radial-velocity
+residual, a flux-calibration tilt, masked pixel runs) and goes through the serving pipeline
+(:func:`specserve.training.inputs.training_pool`), so the encoder learns what a served noisy
+spectrum looks like after normalisation; the reconstruction is scored against that spectrum with
+its own ivar. The kept epoch has the lowest validation parameter loss.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from specserve.runtime.contract import fill_masked
 from specserve.runtime.errors import SpecserveError
-from specserve.runtime.preprocess import add_noise
 
+from .inputs import observed, training_pool
 from .physformer import PhysFormer, PhysFormerConfig
 
 if TYPE_CHECKING:
@@ -30,34 +30,10 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 
-def inputs(bench: BenchmarkSet, idx: np.ndarray, snr: float | np.ndarray | None = None,
-           rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Model input flux (masked pixels 1.0) and ivar (masked 0) of spectra ``idx``, optionally noised."""
-    a = bench.arrays
-    flux, ivar, mask = a["flux"][idx], a["ivar"][idx], a["mask"][idx]
-    if snr is not None:
-        flux, ivar = add_noise(flux, ivar, snr, rng, mask=mask)
-    return fill_masked(flux, mask), np.where(mask, 0.0, ivar).astype(np.float32)
-
-
-def perturb(flux: np.ndarray, shift: int, tilt: float, rng: np.random.Generator) -> np.ndarray:
-    """What the encoder sees in training: each spectrum shifted by a random whole number of pixels in
-    [-shift, shift] (the pixels shifted in are 1.0, the masked value) and times ``1 + a (x - 1/2)``,
-    ``x`` in [0, 1] across the grid, ``a`` uniform in [-tilt, tilt]. A copy; ``flux`` is untouched."""
-    out = np.array(flux, dtype=np.float32, copy=True)
-    n, p = out.shape
-    if shift:
-        for i, k in enumerate(rng.integers(-shift, shift + 1, n)):
-            if k:
-                out[i] = np.roll(out[i], k)
-                if k > 0:
-                    out[i, :k] = 1.0
-                else:
-                    out[i, k:] = 1.0
-    if tilt:
-        slope = rng.uniform(-tilt, tilt, (n, 1)).astype(np.float32)
-        out *= 1.0 + slope * (np.linspace(0.0, 1.0, p, dtype=np.float32) - 0.5)
-    return out
+def inputs(bench: BenchmarkSet, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Model input flux (masked pixels filled) and ivar (masked 0) of spectra ``idx`` as built."""
+    prepared = observed(bench, idx)
+    return prepared.model_flux(), prepared.model_ivar()
 
 
 def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: BenchmarkSet, *,
@@ -84,18 +60,15 @@ def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: Bench
     with torch.no_grad():
         model.set_standardisation(labels[train])
     rng = np.random.default_rng([cfg.seed, 2])
+    pool = training_pool(cfg, bench, train, np.random.default_rng([cfg.seed, 3]))
 
     def batches(epoch: int):
-        snr = None
-        if cfg.augment_snr_max:
-            snr = np.exp(rng.uniform(np.log(cfg.augment_snr_min), np.log(cfg.augment_snr_max), train.size))
-            snr[rng.uniform(size=train.size) >= cfg.augment_fraction] = 1e9  # as observed
-        x, iv = (torch.from_numpy(v) for v in inputs(bench, train, snr, rng))
-        seen = torch.from_numpy(perturb(x.numpy(), cfg.augment_shift, cfg.augment_tilt, rng))
+        prepared = pool.epoch(epoch)
+        x, iv = torch.from_numpy(prepared.model_flux()), torch.from_numpy(prepared.model_ivar())
         order = torch.from_numpy(rng.permutation(train.size))
         for lo in range(0, train.size, cfg.batch_size):
             j = order[lo:lo + cfg.batch_size]
-            yield x[j], iv[j], labels[train][j], seen[j]
+            yield x[j], iv[j], labels[train][j], x[j]
 
     def validate(m: PhysFormer) -> dict[str, float]:
         out: dict[str, float] = {}
