@@ -2,7 +2,9 @@
 
 - ``specserve export rbm --run RUN_DIR [--repository DIR] [--name rbm] [--version N]``: export a
   trained run to ONNX, validate it (checker, operator set, contract, metadata, torch-vs-ORT
-  parity at batch 1, 3 and 64) and copy it into the repository. Exit 1 when validation fails.
+  parity at batch 1, 3 and 64), measure the run's report again on the served path
+  (:mod:`specserve.export.served`; ``--no-served-check`` skips it) and copy it into the
+  repository. Exit 1 when validation or the served check fails.
 - ``specserve export spt --run RUN_DIR [--repository DIR] [--name spt] [--version N]``: the same
   for an SPT run, with the MC-dropout checks of :mod:`specserve.export.spt`.
 - ``specserve models build [--repository DIR] [--cache DIR] [--if-missing] [--models rbm,spt,physformer]
@@ -39,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         cmd.add_argument("--repository", type=Path, help="model repository (default <cache>/models)")
         cmd.add_argument("--name", default=kind, help=f"model name in the repository (default {kind})")
         cmd.add_argument("--version", type=int, help="version number (default: one above the newest)")
+        cmd.add_argument("--no-served-check", dest="served_check", action="store_false",
+                         help="skip measuring the report's rows again through the exported file and the runtime")
         cmd.set_defaults(handler=handler)
 
     models = subparsers.add_parser("models", help="the default model repository")
@@ -68,7 +72,8 @@ def cmd_export_rbm(args: argparse.Namespace) -> int:
     from .rbm import export_rbm
 
     repository = args.repository or models_dir()
-    folder, report = export_rbm(args.run, repository, name=args.name, version=args.version)
+    folder, report = export_rbm(args.run, repository, name=args.name, version=args.version,
+                                served_check=args.served_check)
     print(report.summary())
     print(f"exported to {folder}")
     return 0
@@ -81,7 +86,8 @@ def cmd_export_spt(args: argparse.Namespace) -> int:
     from .spt import export_spt
 
     repository = args.repository or models_dir()
-    folder, report, check = export_spt(args.run, repository, name=args.name, version=args.version)
+    folder, report, check = export_spt(args.run, repository, name=args.name, version=args.version,
+                                       served_check=args.served_check)
     print(report.summary())
     print(check.summary())
     t = check.timing
@@ -98,12 +104,25 @@ def cmd_export_physformer(args: argparse.Namespace) -> int:
     from .physformer import export_physformer
 
     repository = args.repository or models_dir()
-    folders, report, check, generate = export_physformer(args.run, repository, name=args.name, version=args.version)
+    folders, report, check, generate = export_physformer(args.run, repository, name=args.name, version=args.version,
+                                                         served_check=args.served_check)
     print(report.summary())
     print(check.summary())
     print(generate.summary())
     print("exported to " + ", ".join(str(f) for f in folders))
     return 0
+
+
+def _report(run_dir: Path) -> dict:
+    import json
+
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def served_summary(report: dict) -> str:
+    from .served import summary
+
+    return summary(report)
 
 
 def _build_rbm(repository: Path, cache: Path | None, quick: bool = False) -> None:
@@ -121,6 +140,7 @@ def _build_rbm(repository: Path, cache: Path | None, quick: bool = False) -> Non
     print(headline(evaluate_rbm(model, bench, run_dir)), flush=True)
     folder, export = export_rbm(run_dir, repository)
     print(export.summary())
+    print(served_summary(_report(run_dir)))
     print(f"exported to {folder}", flush=True)
 
 
@@ -143,6 +163,7 @@ def _build_spt(repository: Path, cache: Path | None, quick: bool = False) -> Non
     folder, export, check = export_spt(run_dir, repository)
     print(export.summary())
     print(check.summary())
+    print(served_summary(_report(run_dir)))
     print(f"exported to {folder}", flush=True)
 
 
@@ -172,6 +193,7 @@ def _build_physformer(repository: Path, cache: Path | None, quick: bool = False)
     print(export.summary())
     print(check.summary())
     print(generate.summary())
+    print(served_summary(_report(run_dir)))
     print("exported to " + ", ".join(str(f) for f in folders), flush=True)
 
 
@@ -197,7 +219,7 @@ def cmd_models_build(args: argparse.Namespace) -> int:
     from specserve.training.commands import require_training_extra
 
     require_training_extra(args.threads)
-    print(f"building {', '.join(todo)} into {repository} (first run: a few minutes)", flush=True)
+    print(f"building {', '.join(todo)} into {repository} (all three: about 30 minutes on 2 cores)", flush=True)
     t0 = time.perf_counter()
     for name in todo:
         BUILDERS[name](repository, args.cache, quick=name in quick)

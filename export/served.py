@@ -230,3 +230,18 @@ def rewrite_metadata(path: Path, card: ModelCard) -> None:
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(model, str(path))
+
+
+def summary(report: Mapping[str, Any]) -> str:
+    """One line on the served check of a report: how many numbers, and the worst difference."""
+    check = report.get("served_vs_torch")
+    if not check:
+        return "served path: not measured"
+    rows = check["rows"]
+    worst = max(rows, key=lambda p: abs(rows[p]["diff"]) / (abs(rows[p]["torch"]) + 1e-12), default=None)
+    text = (f"served path (the exported graph behind the runtime, raw test spectra): {len(rows)} numbers, "
+            f"{len(check['failures'])} outside tolerance")
+    if worst is not None:
+        w = rows[worst]
+        text += f"; largest relative difference {worst}: torch {w['torch']:.4g}, served {w['served']:.4g}"
+    return text

@@ -133,7 +133,7 @@ def test_mc_outputs_are_split_along_their_own_batch_axis(spt_run, tmp_path):
     from specserve.training.evaluate import model_inputs
 
     bench, run_dir, _, _ = spt_run
-    folder, _, _ = export_spt(run_dir, tmp_path)
+    folder, _, _ = export_spt(run_dir, tmp_path, served_check=False)
     (folder.parent / "config.pbtxt").write_text(
         (folder.parent / "config.pbtxt").read_text().replace("max_queue_delay_microseconds: 0",
                                                               "max_queue_delay_microseconds: 300000"))

@@ -23,7 +23,7 @@ SPECSERVE = str(Path(sys.executable).with_name("specserve"))
 
 def test_io_binding_gives_the_same_outputs_as_session_run(cv_run, tmp_path):
     _, run_dir, _, _ = cv_run
-    folder, _ = export_rbm(run_dir, tmp_path / "repo")
+    folder, _ = export_rbm(run_dir, tmp_path / "repo", served_check=False)
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     card = ModelCard.from_metadata_props(session.get_modelmeta().custom_metadata_map)
     feed = card.contract.dummy_inputs(card.dims, batch=5, seed=2)
@@ -36,8 +36,8 @@ def test_io_binding_gives_the_same_outputs_as_session_run(cv_run, tmp_path):
 
 
 def test_gpu_check_parity_code_on_the_cpu(cv_run, spt_run, tmp_path):
-    export_rbm(cv_run[1], tmp_path / "repo")
-    export_spt(spt_run[1], tmp_path / "repo")
+    export_rbm(cv_run[1], tmp_path / "repo", served_check=False)
+    export_spt(spt_run[1], tmp_path / "repo", served_check=False)
     checks = {c.name: c for c in parity_checks(tmp_path / "repo", Device("cpu"))}
     assert set(checks) == {"rbm: session on cpu", "rbm: outputs match the CPU", "spt: session on cpu",
                            "spt: MC samples random on cpu", "spt: MC statistics match the CPU"}
@@ -48,7 +48,7 @@ def test_gpu_check_parity_code_on_the_cpu(cv_run, spt_run, tmp_path):
 
 def test_bench_all_quick_writes_every_section(cv_run, tmp_path):
     _, run_dir, _, _ = cv_run
-    export_rbm(run_dir, tmp_path / "repo")
+    export_rbm(run_dir, tmp_path / "repo", served_check=False)
     out = tmp_path / "BENCHMARKS.md"
     # in a subprocess: the benchmark speaks KServe with our protos, which cannot share this
     # process with tritonclient's (see protos/README.md)
@@ -81,7 +81,7 @@ def test_bench_all_quick_writes_every_section(cv_run, tmp_path):
 def test_gpu_check_script_runs_end_to_end_on_the_cpu(cv_run, tmp_path):
     """``specserve bench gpu`` is meant for a CUDA machine; with --device cpu the same code runs
     here, so the script is known to work before a GPU is lent. It rewrites only the CUDA section."""
-    export_rbm(cv_run[1], tmp_path / "repo")
+    export_rbm(cv_run[1], tmp_path / "repo", served_check=False)
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# specserve benchmarks\n\n## CPU\n\nthe CPU table\n")
     result = subprocess.run([SPECSERVE, "bench", "gpu", "--device", "cpu", "--quick", "--repository",

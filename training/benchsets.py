@@ -1,7 +1,9 @@
 """The named benchmark sets ``giants``, ``stars`` and ``cv``, built from the data kit.
 
 Each set is built by one deterministic function (fixed seed, no clock, no dict-order dependence)
-through the runtime's own preprocessing, and written to ``<cache>/<name>/``:
+from raw spectra as an instrument delivers them, through the serving pipeline
+(:func:`specserve.runtime.pipeline.prepare_raw`, the code the server's Analyzer runs), and written
+to ``<cache>/<name>/``; :func:`raw_spectra` regenerates the raw spectra of any rows:
 
 - one ``.npy`` file per array (``flux``, ``ivar``, ``mask`` (N, n_pix); labels; ids; ``split``);
 - ``meta.json``: grid and preprocessing recipe, label names/units, statistics, split sizes,
@@ -14,8 +16,9 @@ through the runtime's own preprocessing, and written to ``<cache>/<name>/``:
 Sets:
 
 ``giants``  Miglio et al. 2021 x APOKASC-3 red giants joined on KIC; spectra from The Payne's
-            Kurucz emulator at (Teff, seismic logg, [Fe/H], [alpha/Fe]) on the APOGEE log-linear
-            grid (gaps masked), Gaussian noise at S/N log-uniform in [50, 300] per star,
+            Kurucz emulator at (Teff, seismic logg, [Fe/H], [alpha/Fe]) on its 7,214 native
+            pixels (its unreliable ones masked), Gaussian noise at S/N log-uniform in [50, 300]
+            per star, then resampled onto the APOGEE log-linear grid (gaps masked) and
             continuum-normalised. Targets: age (Gyr), mass (Msun). Split 70/15/15 at random.
 ``stars``   real MILES and LAMOST DR1 spectra with catalogue Teff, logg, [Fe/H], moved to the
             rest frame, resampled onto 3700-7400 A (log10 step 1e-4, R 1800), broadened to R 1800
@@ -23,7 +26,8 @@ Sets:
 ``cv``      label 1: cataclysmic-variable spectra synthesised from the real-data CV eigenspectra
             (SDSS ``spEigenCVstar`` and the DESI redrock CV basis): random eigen-coefficients, a
             smooth continuum tilt, optionally a K/M donor star from the BOSS templates, a radial
-            velocity, noise at S/N log-uniform in [10, 100]. Label 0: every real spectrum of the
+            velocity, observed on LAMOST DR1's sampling with noise at S/N log-uniform in [10, 100]
+            per native pixel. Label 0: every real spectrum of the
             other folders that covers the grid (LAMOST, MILES, STELIB, SDSS, BOSS templates, SDSS
             stellar templates incl. white dwarfs) plus low-redshift QSO-template spectra. Same grid
             as ``stars``. Split 70/15/15 within each source.
@@ -51,7 +55,7 @@ from astropy.utils.exceptions import AstropyWarning
 from specserve.runtime.datakit import cache_dir, data_dir
 from specserve.runtime.errors import DatasetError, SpectrumReadError
 from specserve.runtime.io import read_spectra
-from specserve.runtime.pipeline import MIN_COVERAGE, Prepared, prepare_raw
+from specserve.runtime.pipeline import MIN_COVERAGE, prepare_raw
 from specserve.runtime.preprocess import (
     LAMOST_LIKE_GRID,
     OPTICAL_PREPROCESSING,
@@ -139,11 +143,6 @@ def _stats(values: np.ndarray, split: np.ndarray, names: tuple[str, ...]) -> dic
     return out
 
 
-def _prepared(recipe: Preprocessing, raws: list[SpectrumInput]) -> Prepared:
-    """Raw spectra through the serving pipeline (:func:`specserve.runtime.pipeline.prepare_raw`)."""
-    return prepare_raw(recipe, raws)
-
-
 # ---------------------------------------------------------------- giants
 
 
@@ -193,7 +192,7 @@ def build_giants(root: Path, seed: int = DEFAULT_SEED) -> BenchmarkSet:
 
     rng = np.random.default_rng(seed)
     snr = np.exp(rng.uniform(math.log(50.0), math.log(300.0), size=n))
-    norm = _prepared(APOGEE_PREPROCESSING, giants_raw(payne, labels_arr, kic_arr, snr, seed))
+    norm = prepare_raw(APOGEE_PREPROCESSING, giants_raw(payne, labels_arr, kic_arr, snr, seed))
     split = split_labels(np.zeros(n, dtype=np.int8), seed)
     arrays = {
         "flux": norm.flux, "ivar": norm.ivar, "mask": norm.mask,
@@ -267,7 +266,7 @@ def build_stars(root: Path, seed: int = DEFAULT_SEED) -> BenchmarkSet:
             lab.append(values)
             src.append(source)
             files.append(f"{folder}/fits/{fname}")
-    prepared = _prepared(OPTICAL_PREPROCESSING, raws)
+    prepared = prepare_raw(OPTICAL_PREPROCESSING, raws)
     keep = prepared.coverage >= MIN_GRID_COVERAGE
     for i in np.flatnonzero(~keep):
         log.warning("stars: %s does not cover the grid; left out", files[i])
@@ -429,7 +428,7 @@ def _synthetic_raw(bench: BenchmarkSet, i: int, noisy: bool) -> SpectrumInput:
 def build_cv(root: Path, seed: int = DEFAULT_SEED) -> BenchmarkSet:
     rng = np.random.default_rng(seed)
     raws, sources, files, file_index = _real_negatives(root)
-    real = _prepared(OPTICAL_PREPROCESSING, raws)
+    real = prepare_raw(OPTICAL_PREPROCESSING, raws)
     covered = real.coverage >= MIN_GRID_COVERAGE
     for i in np.flatnonzero(~covered):
         log.info("cv: %s (%s) covers too little of the grid; left out", files[i], raws[i].id)
@@ -462,7 +461,7 @@ def build_cv(root: Path, seed: int = DEFAULT_SEED) -> BenchmarkSet:
         "file_index": np.asarray(file_index + [0] * n_syn, dtype=np.int16), "split": split,
     }
     bench = BenchmarkSet("cv", arrays, {"seed": seed})
-    synthetic = _prepared(OPTICAL_PREPROCESSING, [_synthetic_raw(bench, i, noisy=True)
+    synthetic = prepare_raw(OPTICAL_PREPROCESSING, [_synthetic_raw(bench, i, noisy=True)
                                                   for i in range(n_real, len(ids))])
     if (synthetic.coverage < MIN_GRID_COVERAGE).any():
         raise DatasetError("cv: a synthetic spectrum does not cover the grid")

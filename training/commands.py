@@ -151,7 +151,7 @@ def train_rbm(config: RBMConfig, run_dir: str | Path, bench: BenchmarkSet, *,
 
     from .inputs import model_inputs, training_pool
     from .rbm import RBMClassifier
-    from .trainer import Phase, Trainer, run_config
+    from .trainer import Phase, Trainer, run_config, seed_everything
 
     cfg = config
     a = bench.arrays
@@ -170,6 +170,7 @@ def train_rbm(config: RBMConfig, run_dir: str | Path, bench: BenchmarkSet, *,
     x_val_t, y_val_t = torch.from_numpy(x_val), torch.from_numpy(y_val)
 
     config_json = run_config("rbm", cfg.to_dict(), bench, train, val.size, train_indices is not None, run_info)
+    seed_everything(cfg.seed)  # the initial weights depend on the seed only, not on what ran before
     model = RBMClassifier(cfg)
     trainer = Trainer(model, run_dir, config_json, model_kind="rbm", model_config=cfg.to_dict(), seed=cfg.seed,
                       log_every=5, progress=progress)

@@ -120,8 +120,9 @@ class Augmentation:
     """Random raw-level perturbations for training: each spectrum drawn for augmentation gets
     noise at an S/N log-uniform in [snr_min, snr_max] (constant or photon noise, half each), and
     with the given probabilities a radial-velocity residual N(0, rv_sigma) km/s, a calibration
-    tilt (a ~ U(-tilt, tilt)), and masked runs over up to ``mask_fraction`` of the pixels.
-    ``snr_max = 0`` turns the noise off."""
+    tilt (a ~ U(-tilt, tilt)), masked runs over up to ``mask_fraction`` of the pixels, and a
+    different native sampling (log-linear, 1-1.5 times coarser: another instrument's pixels,
+    resampled by the runtime). ``snr_max = 0`` turns the noise off."""
 
     snr_min: float = 10.0
     snr_max: float = 200.0
@@ -131,6 +132,7 @@ class Augmentation:
     p_tilt: float = 0.5
     mask_fraction: float = 0.03
     p_mask: float = 0.3
+    p_resample: float = 0.2
 
     def __call__(self, spectrum: SpectrumInput, rng: np.random.Generator) -> SpectrumInput:
         out = spectrum
@@ -140,6 +142,8 @@ class Augmentation:
             out = tilt(out, rng.uniform(-self.tilt, self.tilt))
         if self.p_mask and rng.uniform() < self.p_mask:
             out = mask_runs(out, rng.uniform(0.0, self.mask_fraction), rng)
+        if self.p_resample and rng.uniform() < self.p_resample:
+            out = resample_native(out, rng.uniform(1.0, 1.5))
         if self.snr_max:
             snr = math.exp(rng.uniform(math.log(self.snr_min), math.log(self.snr_max)))
             out = degrade(out, snr, rng, NOISE_MODELS[int(rng.integers(2))])

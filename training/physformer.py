@@ -117,7 +117,8 @@ class PhysFormerConfig:
     """Raw-level augmentation (:class:`specserve.training.perturb.Augmentation`): a radial-velocity
     residual N(0, augment_rv) km/s on half the augmented spectra, a flux-calibration tilt with
     |a| <= augment_tilt on half, masked pixel runs over up to augment_mask of the pixels on 30 %,
-    and noise (constant or photon) at the S/N above; all on the raw spectrum, before the pipeline."""
+    another native sampling (1-1.5x coarser) on 20 %, and noise (constant or photon) at the S/N
+    above; all on the raw spectrum, before the pipeline."""
     augment_tilt: float = 0.1
     augment_mask: float = 0.03
     augment_pool: int = 8

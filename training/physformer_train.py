@@ -39,7 +39,7 @@ def inputs(bench: BenchmarkSet, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: BenchmarkSet, *,
                      train_indices: np.ndarray | None = None, progress: bool | None = None,
                      run_info: Mapping[str, Any] | None = None) -> tuple[PhysFormer, Trainer]:
-    from .trainer import Phase, Trainer, run_config, update_checkpoint, warmup_cosine
+    from .trainer import Phase, Trainer, run_config, seed_everything, update_checkpoint, warmup_cosine
 
     cfg = config
     a = bench.arrays
@@ -54,6 +54,7 @@ def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: Bench
     x_val, iv_val = (torch.from_numpy(v) for v in inputs(bench, val))
     y_val = labels[val]
     config_json = run_config("physformer", cfg.to_dict(), bench, train, val.size, train_indices is not None, run_info)
+    seed_everything(cfg.seed)  # the initial weights depend on the seed only, not on what ran before
     model = PhysFormer(cfg)
     trainer = Trainer(model, run_dir, config_json, model_kind="physformer", model_config=cfg.to_dict(),
                       seed=cfg.seed, log_every=5, progress=progress)

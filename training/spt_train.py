@@ -95,7 +95,7 @@ def train_spt(config: SPTConfig, run_dir: str | Path, bench: BenchmarkSet, *,
 
     ``train_indices`` restricts training to some spectra of the train split.
     """
-    from .trainer import Phase, Trainer, run_config, update_checkpoint, warmup_cosine
+    from .trainer import Phase, Trainer, run_config, seed_everything, update_checkpoint, warmup_cosine
 
     cfg = config
     a = bench.arrays
@@ -111,6 +111,7 @@ def train_spt(config: SPTConfig, run_dir: str | Path, bench: BenchmarkSet, *,
     truth_val = a["targets"][val]
 
     config_json = run_config("spt", cfg.to_dict(), bench, train, val.size, train_indices is not None, run_info)
+    seed_everything(cfg.seed)  # the initial weights depend on the seed only, not on what ran before
     model = SpectralTransformer(cfg)
     trainer = Trainer(model, run_dir, config_json, model_kind="spt", model_config=cfg.to_dict(), seed=cfg.seed,
                       log_every=10, progress=progress)
