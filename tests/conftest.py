@@ -3,6 +3,12 @@ RBM run trained on the real ``cv`` set (shared by the training and export tests)
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,3 +72,20 @@ def physformer_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("physformer-run") / "run"
     assert main(["train", "physformer", "--quick", "--no-ablation", "--out", str(run_dir)]) == 0
     return run_dir
+
+
+@contextlib.contextmanager
+def serving(repo: Path) -> Iterator[str]:
+    """A real ``specserve serve`` process on port 0 over ``repo``: yields its address; on exit
+    SIGTERM, and the server must stop cleanly."""
+    specserve = str(Path(sys.executable).with_name("specserve"))
+    proc = subprocess.Popen([specserve, "serve", "--repository", str(repo), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+    line = proc.stdout.readline()
+    assert "serving" in line, proc.stderr.read()
+    try:
+        yield line.strip().rsplit(" on ", 1)[1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

@@ -3,11 +3,6 @@ reduced chi-square and model spectra through the domain API; physformer-generate
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -16,15 +11,13 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
 
-from specserve.protos import specserve_pb2 as pb
-from specserve.protos import specserve_pb2_grpc as pb_grpc
 from specserve.runtime.analysis import SpectrumInput
 from specserve.runtime.cli import main
-from specserve.runtime.client import Client, to_proto
+from conftest import serving
+from specserve.runtime.client import Client
 from specserve.runtime.contract import ModelCard
 from specserve.training.commands import load_set
 
-SPECSERVE = str(Path(sys.executable).with_name("specserve"))
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +29,8 @@ def repo(physformer_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repo):
-    proc = subprocess.Popen([SPECSERVE, "serve", "--repository", str(repo), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
-    line = proc.stdout.readline()
-    assert "serving" in line, proc.stderr.read()
-    yield line.strip().rsplit(" on ", 1)[1]
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    with serving(repo) as address:
+        yield address
 
 
 def test_both_graphs_are_standard_onnx_with_the_flux_layer(repo):

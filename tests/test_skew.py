@@ -8,16 +8,13 @@ the served check (so their reports carry served numbers beside the torch ones)."
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import serving
 from specserve.runtime.client import Client
 from specserve.runtime.contract import ModelCard
 from specserve.runtime.errors import ExportError
@@ -29,7 +26,6 @@ from specserve.training.trainer import CHECKPOINT_NAME, load_checkpoint
 
 pytestmark = pytest.mark.slow
 
-SPECSERVE = str(Path(sys.executable).with_name("specserve"))
 N_SPECTRA = 24
 MC_SAMPLES = 128
 
@@ -44,14 +40,8 @@ def served(cv_run, spt_run, physformer_run, tmp_path_factory):
     export_rbm(cv_run[1], repo)
     export_spt(spt_run[1], repo)
     export_physformer(physformer_run, repo)
-    proc = subprocess.Popen([SPECSERVE, "serve", "--repository", str(repo), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
-    line = proc.stdout.readline()
-    assert "serving" in line, proc.stderr.read()
-    yield line.strip().rsplit(" on ", 1)[1], repo
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    with serving(repo) as address:
+        yield address, repo
 
 
 def _sample(name: str):

@@ -3,11 +3,6 @@ and through KServe v2 (tritonclient), MC samples per request, bounds refused."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -16,12 +11,12 @@ import tritonclient.grpc as triton
 
 from specserve.protos import specserve_pb2 as pb
 from specserve.protos import specserve_pb2_grpc as pb_grpc
+from conftest import serving
 from specserve.runtime.client import Client, to_proto
 from specserve.runtime.analysis import SpectrumInput
 from specserve.runtime.repository import load_model_file
 from specserve.training.evaluate import model_inputs
 
-SPECSERVE = str(Path(sys.executable).with_name("specserve"))
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +26,8 @@ def spt_server(spt_run, tmp_path_factory):
     _, run_dir, _, _ = spt_run
     repo = tmp_path_factory.mktemp("spt-serve")
     export_spt(run_dir, repo, served_check=False)  # serving only: the skew tests check the served metrics
-    proc = subprocess.Popen([SPECSERVE, "serve", "--repository", str(repo), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
-    line = proc.stdout.readline()
-    assert "serving" in line, proc.stderr.read()
-    yield line.strip().rsplit(" on ", 1)[1], repo
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    with serving(repo) as address:
+        yield address, repo
 
 
 def _giants(bench, n: int) -> list[SpectrumInput]:
