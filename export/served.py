@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -157,67 +157,73 @@ def _finish(run_dir: Path, report: dict[str, Any], torch_rows: Mapping[str, Any]
     return report
 
 
+@dataclass
+class _Setup:
+    """What every served check starts from: the report's eval config, its set and test rows, the
+    exported model behind an Analyzer, and the raw spectra of every report row."""
+
+    config: Any
+    bench: Any
+    test: np.ndarray
+    analyzer: Analyzer
+    model: LoadedModel
+    variants: dict[str, list[SpectrumInput]]
+
+    def values(self, keys: Sequence[str], mc_samples: int = 0) -> dict[str, np.ndarray]:
+        """(n, len(keys)) served values per report row (NaN: not applicable)."""
+        return {k: served_values(self.analyzer, self.model.name, raws, keys, mc_samples)
+                for k, raws in self.variants.items()}
+
+
+def _setup(model_path: Path, name: str, report: Mapping[str, Any], config_cls, set_name: str) -> _Setup:
+    from specserve.training.inputs import evaluation_variants
+
+    config = _config(config_cls, report["eval_config"])
+    bench = _load_set(set_name)
+    test = bench.split_indices("test")
+    analyzer, model = _analyzer(model_path, name)
+    variants = evaluation_variants(bench, test, config.snr_levels, config.noise_seed)
+    return _Setup(config, bench, test, analyzer, model, variants)
+
+
 def check_rbm(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
     """Served RBM rows (see the module docstring); returns the updated report."""
     from specserve.training.evaluate import TEMPLATE_SOURCES, EvalConfig, check_target, summarise
-    from specserve.training.inputs import evaluation_variants
 
-    config = _config(EvalConfig, report["eval_config"])
-    bench = _load_set(report["benchmark"]["name"])
-    test = bench.split_indices("test")
-    a = bench.arrays
-    y = a["label"][test].astype(int)
-    real = (y == 0) & ~np.isin(a["source"][test], sorted(TEMPLATE_SOURCES))
-    analyzer, model = _analyzer(model_path, "rbm")
-    keys = [f"p_{c}" for c in model.card.class_names]
-    variants = evaluation_variants(bench, test, config.snr_levels, config.noise_seed)
-    probs = {k: served_values(analyzer, "rbm", raws, keys) for k, raws in variants.items()}
-    served = summarise(y, real, probs, config.snr_levels)
-    report["target_served"] = check_target(served, config.snr_levels)
+    run = _setup(model_path, "rbm", report, EvalConfig, report["benchmark"]["name"])
+    a = run.bench.arrays
+    y = a["label"][run.test].astype(int)
+    real = (y == 0) & ~np.isin(a["source"][run.test], sorted(TEMPLATE_SOURCES))
+    probs = run.values([f"p_{c}" for c in run.model.card.class_names])
+    served = summarise(y, real, probs, run.config.snr_levels)
+    report["target_served"] = check_target(served, run.config.snr_levels)
     return _finish(run_dir, report, report["rbm"], served, "rbm")
 
 
 def check_spt(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
     """Served SPT rows (MC with the report's ``mc_samples``); returns the updated report."""
-    from specserve.training.inputs import evaluation_variants
     from specserve.training.spt_eval import SPTEvalConfig, check_target, summarise
 
-    config = _config(SPTEvalConfig, report["eval_config"])
-    bench = _load_set(report["set"]["name"])
-    test = bench.split_indices("test")
-    truth = bench.arrays["targets"][test]
-    analyzer, model = _analyzer(model_path, "spt")
-    names = list(model.card.label_names)
-    keys = names + [f"{n}_err" for n in names]
-    variants = evaluation_variants(bench, test, config.snr_levels, config.noise_seed)
-    predictions = {}
-    for k, raws in variants.items():
-        values = served_values(analyzer, "spt", raws, keys, config.mc_samples)
-        predictions[k] = (values[:, :len(names)], values[:, len(names):])
-    served = summarise(truth, predictions, config.snr_levels)
+    run = _setup(model_path, "spt", report, SPTEvalConfig, report["set"]["name"])
+    names = list(run.model.card.label_names)
+    values = run.values(names + [f"{n}_err" for n in names], run.config.mc_samples)
+    predictions = {k: (v[:, :len(names)], v[:, len(names):]) for k, v in values.items()}
+    served = summarise(run.bench.arrays["targets"][run.test], predictions, run.config.snr_levels)
     torch_rows = {k: v for k, v in report["spt"].items() if k != "raw_coverage_1sigma"}
     report["target_served"] = check_target(served, report["baselines"])
-    return _finish(run_dir, report, torch_rows, served, "spt", config.mc_samples)
+    return _finish(run_dir, report, torch_rows, served, "spt", run.config.mc_samples)
 
 
 def check_physformer(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
     """Served PhysFormer rows (MC with the report's ``mc_samples``); returns the updated report."""
-    from specserve.training.inputs import evaluation_variants
     from specserve.training.physformer_eval import PhysFormerEvalConfig, check_target, summarise
 
-    config = _config(PhysFormerEvalConfig, report["eval_config"])
-    bench = _load_set(report["set"]["name"])
-    test = bench.split_indices("test")
-    truth = bench.arrays["labels"][test]
-    analyzer, model = _analyzer(model_path, "physformer")
-    keys = list(model.card.label_names)
-    variants = evaluation_variants(bench, test, config.snr_levels, config.noise_seed)
-    predictions = {k: served_values(analyzer, "physformer", raws, keys, config.mc_samples)
-                   for k, raws in variants.items()}
-    served = summarise(truth, predictions, report["bounds"], config.snr_levels)
+    run = _setup(model_path, "physformer", report, PhysFormerEvalConfig, report["set"]["name"])
+    predictions = run.values(list(run.model.card.label_names), run.config.mc_samples)
+    served = summarise(run.bench.arrays["labels"][run.test], predictions, report["bounds"], run.config.snr_levels)
     rows = {**report["rows"], "physformer": {**report["rows"]["physformer"], **served}}
     report["target_served"] = check_target(rows, report["snr_levels"], report["in_box_non_stellar"])
-    return _finish(run_dir, report, report["rows"]["physformer"], served, "physformer", config.mc_samples)
+    return _finish(run_dir, report, report["rows"]["physformer"], served, "physformer", run.config.mc_samples)
 
 
 def rewrite_metadata(path: Path, card: ModelCard) -> None:

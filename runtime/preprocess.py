@@ -217,8 +217,6 @@ def resample(wavelength: ArrayLike, flux: ArrayLike, ivar: ArrayLike | None = No
     if f.shape[1] < 2:
         raise InvalidSpectrumError(f"need at least 2 pixels to resample, got {f.shape[1]}")
     wave = wave.reshape(-1, f.shape[1])
-    if not shared and wave.shape[0] > 1 and np.array_equal(wave, np.broadcast_to(wave[:1], wave.shape)):
-        wave, shared = wave[:1], True  # one wavelength array for every row: the cheaper path
     x = _log_wavelength(wave) if shared else None
     if shared:
         x, f, good, var = _close_gaps(x, f, good, var, 4.0 * grid.step)

@@ -57,7 +57,6 @@ from specserve.runtime.errors import DatasetError, SpectrumReadError
 from specserve.runtime.io import read_spectra
 from specserve.runtime.pipeline import MIN_COVERAGE, prepare_raw
 from specserve.runtime.preprocess import (
-    LAMOST_LIKE_GRID,
     OPTICAL_PREPROCESSING,
     LogLinearGrid,
     Preprocessing,
@@ -66,10 +65,10 @@ from specserve.runtime.preprocess import (
 from specserve.runtime.spectrum import Spectrum, SpectrumInput
 
 from .payne import APOGEE_GRID, PayneEmulator
+from .perturb import degrade
 
 log = logging.getLogger(__name__)
 
-OPTICAL_GRID = LAMOST_LIKE_GRID
 APOGEE_PREPROCESSING = Preprocessing(grid=APOGEE_GRID, knot_spacing=0.01)
 SPLIT_NAMES = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
@@ -224,8 +223,6 @@ def giants_raw(payne: PayneEmulator, labels: np.ndarray, kic: np.ndarray, snr: n
     """The raw giants as the emulator delivers them: flux on its own 7,214 wavelengths, The
     Payne's unreliable pixels masked; with ``snr`` (per star) Gaussian noise of constant sigma at
     that S/N from a generator seeded with (seed, KIC), without it noiseless (ivar None)."""
-    from .perturb import degrade
-
     model = payne(labels).astype(np.float32)  # (n, 7214)
     wave, mask = payne.wavelength, payne.bad_pixels
     raws = []
@@ -418,8 +415,6 @@ def _synthetic_raw(bench: BenchmarkSet, i: int, noisy: bool) -> SpectrumInput:
     raw = SpectrumInput(str(a["object_id"][i]), LAMOST_INSTRUMENT.wavelength, a["raw_clean"][row], None,
                         a["raw_mask"][row], source_resolution=LAMOST_INSTRUMENT.resolution)
     if noisy:
-        from .perturb import degrade
-
         seed = int(bench.meta.get("seed", DEFAULT_SEED))
         raw = degrade(raw, float(a["snr"][i]), np.random.default_rng([seed, 1, row]))
     return raw

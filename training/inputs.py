@@ -113,7 +113,12 @@ class AugmentedPool:
 
 
 def augmentation(config) -> Augmentation:
-    """The raw-level augmentation a model config asks for (its ``augment_*`` fields)."""
+    """The raw-level augmentation a model config asks for (its ``augment_*`` fields): noise at an
+    S/N log-uniform in [augment_snr_min, augment_snr_max] (constant or photon, half each), a
+    radial-velocity residual N(0, augment_rv) km/s on half the augmented spectra, a calibration
+    tilt |a| <= augment_tilt on half, masked runs over up to augment_mask of the pixels on 30 %,
+    another native sampling on 20 %; all on the raw spectrum, before the pipeline. The training
+    set gets ``augment_pool`` augmented versions, used in turn (:class:`AugmentedPool`)."""
     return Augmentation(snr_min=config.augment_snr_min, snr_max=config.augment_snr_max,
                         rv_sigma=config.augment_rv, p_shift=0.5 if config.augment_rv else 0.0,
                         tilt=config.augment_tilt, p_tilt=0.5 if config.augment_tilt else 0.0,

@@ -114,15 +114,10 @@ class PhysFormerConfig:
     augment_snr_max: float = 200.0
     augment_fraction: float = 0.5
     augment_rv: float = 3.0
-    """Raw-level augmentation (:class:`specserve.training.perturb.Augmentation`): a radial-velocity
-    residual N(0, augment_rv) km/s on half the augmented spectra, a flux-calibration tilt with
-    |a| <= augment_tilt on half, masked pixel runs over up to augment_mask of the pixels on 30 %,
-    another native sampling (1-1.5x coarser) on 20 %, and noise (constant or photon) at the S/N
-    above; all on the raw spectrum, before the pipeline."""
+    """Raw-level augmentation, described in :func:`specserve.training.inputs.augmentation`."""
     augment_tilt: float = 0.1
     augment_mask: float = 0.03
     augment_pool: int = 8
-    """Augmented versions of the training set made once and reused in turn (epoch e: e % pool)."""
     mc_samples: int = 32
     mc_samples_max: int = 256
     seed: int = 0
