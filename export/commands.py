@@ -66,10 +66,10 @@ def _present(repository: Path, name: str) -> bool:
 
 
 def cmd_export_rbm(args: argparse.Namespace) -> int:
-    from specserve.training.commands import require_training_extra
+    from specserve.training.common import require_training_extra
 
     require_training_extra(2)
-    from .rbm import export_rbm
+    from specserve.export.rbm import export_rbm
 
     repository = args.repository or models_dir()
     folder, report = export_rbm(args.run, repository, name=args.name, version=args.version,
@@ -80,10 +80,10 @@ def cmd_export_rbm(args: argparse.Namespace) -> int:
 
 
 def cmd_export_spt(args: argparse.Namespace) -> int:
-    from specserve.training.commands import require_training_extra
+    from specserve.training.common import require_training_extra
 
     require_training_extra(2)
-    from .spt import export_spt
+    from specserve.export.spt import export_spt
 
     repository = args.repository or models_dir()
     folder, report, check = export_spt(args.run, repository, name=args.name, version=args.version,
@@ -98,10 +98,10 @@ def cmd_export_spt(args: argparse.Namespace) -> int:
 
 
 def cmd_export_physformer(args: argparse.Namespace) -> int:
-    from specserve.training.commands import require_training_extra
+    from specserve.training.common import require_training_extra
 
     require_training_extra(2)
-    from .physformer import export_physformer
+    from specserve.export.physformer import export_physformer
 
     repository = args.repository or models_dir()
     folders, report, check, generate = export_physformer(args.run, repository, name=args.name, version=args.version,
@@ -120,17 +120,18 @@ def _report(run_dir: Path) -> dict:
 
 
 def served_summary(report: dict) -> str:
-    from .served import summary
+    from specserve.export.served import summary
 
     return summary(report)
 
 
 def _build_rbm(repository: Path, cache: Path | None, quick: bool = False) -> None:
-    from specserve.training.commands import headline, load_set, train_rbm
-    from specserve.training.evaluate import evaluate_rbm
-    from specserve.training.rbm import RBMConfig
-
-    from .rbm import export_rbm
+    from specserve.export.rbm import export_rbm
+    from specserve.training.common import load_set
+    from specserve.training.rbm.commands import headline
+    from specserve.training.rbm.evaluate import evaluate_rbm
+    from specserve.training.rbm.model import RBMConfig
+    from specserve.training.rbm.train import train_rbm
 
     bench = load_set("cv", cache)
     run_dir = cache_dir(cache) / "runs" / f"rbm-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -145,13 +146,12 @@ def _build_rbm(repository: Path, cache: Path | None, quick: bool = False) -> Non
 
 
 def _build_spt(repository: Path, cache: Path | None, quick: bool = False) -> None:
-    from specserve.training.commands import load_set
-    from specserve.training.spt import SPTConfig
-    from specserve.training.spt_commands import headline
-    from specserve.training.spt_eval import SPTEvalConfig, evaluate_spt
-    from specserve.training.spt_train import train_spt
-
-    from .spt import export_spt
+    from specserve.export.spt import export_spt
+    from specserve.training.common import load_set
+    from specserve.training.spt.commands import headline
+    from specserve.training.spt.evaluate import SPTEvalConfig, evaluate_spt
+    from specserve.training.spt.model import SPTConfig
+    from specserve.training.spt.train import train_spt
 
     bench = load_set("giants", cache)
     run_dir = cache_dir(cache) / "runs" / f"spt-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -168,13 +168,12 @@ def _build_spt(repository: Path, cache: Path | None, quick: bool = False) -> Non
 
 
 def _build_physformer(repository: Path, cache: Path | None, quick: bool = False) -> None:
-    from specserve.training.commands import load_set
-    from specserve.training.physformer import PhysFormerConfig
-    from specserve.training.physformer_commands import headline, qso_inputs, quick_config, quick_indices
-    from specserve.training.physformer_eval import PhysFormerEvalConfig, evaluate_physformer
-    from specserve.training.physformer_train import train_physformer
-
-    from .physformer import export_physformer
+    from specserve.export.physformer import export_physformer
+    from specserve.training.common import load_set
+    from specserve.training.physformer.commands import headline, qso_inputs, quick_config, quick_indices
+    from specserve.training.physformer.evaluate import PhysFormerEvalConfig, evaluate_physformer
+    from specserve.training.physformer.model import PhysFormerConfig
+    from specserve.training.physformer.train import train_physformer
 
     bench = load_set("stars", cache)
     run_dir = cache_dir(cache) / "runs" / f"physformer-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -216,7 +215,7 @@ def cmd_models_build(args: argparse.Namespace) -> int:
     if not todo:
         print(f"model repository {repository} is ready ({', '.join(names)})")
         return 0
-    from specserve.training.commands import require_training_extra
+    from specserve.training.common import require_training_extra
 
     require_training_extra(args.threads)
     print(f"building {', '.join(todo)} into {repository} (all three: about 30 minutes on 2 cores)", flush=True)

@@ -22,16 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from specserve.export.onnx_export import ExportReport, export_model, load_run
+from specserve.export.rbm import next_version
+from specserve.export.repository import write_model
+from specserve.export.served import check_physformer, rewrite_metadata
+from specserve.export.spt import ALLOWED_OPS as SPT_OPS
+from specserve.export.spt import MCCheck, check_mc
 from specserve.runtime.contract import ModelCard
 from specserve.runtime.errors import ExportError
 from specserve.runtime.preprocess import Preprocessing
-
-from .onnx_export import ExportReport, export_model, load_run
-from .rbm import next_version
-from .repository import write_model
-from .served import check_physformer, rewrite_metadata
-from .spt import ALLOWED_OPS as SPT_OPS
-from .spt import MCCheck, check_mc
 
 ATOL = 1e-4
 RTOL = 1e-3
@@ -55,7 +54,7 @@ def _log10_first(samples: np.ndarray) -> np.ndarray:
 
 
 def physformer_cards(checkpoint: dict[str, Any], report: dict[str, Any] | None) -> tuple[ModelCard, ModelCard]:
-    from specserve.training.physformer import PARAMETER_NAMES, PARAMETER_UNITS, PhysFormerConfig
+    from specserve.training.physformer.model import PARAMETER_NAMES, PARAMETER_UNITS, PhysFormerConfig
 
     config = checkpoint.get("config", {})
     data = config.get("data", {})
@@ -91,8 +90,8 @@ def physformer_cards(checkpoint: dict[str, Any], report: dict[str, Any] | None) 
 
 def export_physformer_models(model: torch.nn.Module, cards: tuple[ModelCard, ModelCard], out_dir: str | Path
                              ) -> tuple[ExportReport, MCCheck, ExportReport]:
-    from specserve.training.physformer import PhysFormerGenerator, PhysFormerInference
-    from specserve.training.spt import deterministic
+    from specserve.training.layers import deterministic
+    from specserve.training.physformer.model import PhysFormerGenerator, PhysFormerInference
 
     out_dir = Path(out_dir)
     inference = PhysFormerInference(model).eval()
@@ -115,7 +114,7 @@ def export_physformer(run_dir: str | Path, repository: str | Path, *, name: str 
     """Export ``run_dir`` into ``repository/name`` and ``repository/name-generate``. With an
     evaluated run and ``served_check``, the report's rows are measured again on the served path and
     the cards carry them (:mod:`specserve.export.served`; a skew fails the export)."""
-    from specserve.training.physformer import PhysFormer
+    from specserve.training.physformer.model import PhysFormer
 
     run_dir = Path(run_dir)
     checkpoint, report = load_run(run_dir, "physformer", "a PhysFormer")

@@ -18,13 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from specserve.export.onnx_export import ExportReport, export_model, load_run
+from specserve.export.repository import write_model
+from specserve.export.served import check_rbm, rewrite_metadata
 from specserve.runtime.contract import ModelCard
 from specserve.runtime.errors import ExportError
 from specserve.runtime.preprocess import OPTICAL_PREPROCESSING, Preprocessing
-
-from .onnx_export import ExportReport, export_model, load_run
-from .repository import write_model
-from .served import check_rbm, rewrite_metadata
 
 ATOL = 1e-3
 RTOL = 1e-5
@@ -78,7 +77,7 @@ def export_rbm(run_dir: str | Path, repository: str | Path, *, name: str = "rbm"
     With an evaluated run (``report.json``) and ``served_check``, the report's rows are measured
     again through the exported graph and the runtime (:mod:`specserve.export.served`); the card
     carries the served numbers, and a skew beyond tolerance fails the export."""
-    from specserve.training.rbm import RBMClassifier
+    from specserve.training.rbm.model import RBMClassifier
 
     run_dir = Path(run_dir)
     checkpoint, report = load_run(run_dir, "rbm", "an RBM")

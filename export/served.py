@@ -1,7 +1,7 @@
 """Served metrics: every evaluation row measured again on the path a user takes.
 
-The exported ``model.onnx`` is loaded by the runtime (:func:`~specserve.runtime.repository.load_model_file`)
-and run behind its in-process :class:`~specserve.runtime.analysis.Analyzer` on the very raw test
+The exported ``model.onnx`` is loaded by the runtime (:func:`~specserve.runtime.engine.repository.load_model_file`)
+and run behind its in-process :class:`~specserve.runtime.engine.analysis.Analyzer` on the very raw test
 spectra of the torch-path report (:func:`specserve.training.inputs.evaluation_variants`, same
 seeds): raw spectrum -> the server's checks and preprocessing -> the ONNX graph -> the values a
 client reads. The rows are summarised by the same function as the torch path's, written beside
@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from specserve.runtime.analysis import Analyzer
 from specserve.runtime.contract import ModelCard
+from specserve.runtime.engine.analysis import Analyzer
+from specserve.runtime.engine.repository import LoadedModel, load_model_file
 from specserve.runtime.errors import ExportError
-from specserve.runtime.repository import LoadedModel, load_model_file
 from specserve.runtime.spectrum import SpectrumInput
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def _config(cls, stored: Mapping[str, Any]):
 
 
 def _load_set(name: str):
-    from specserve.training.commands import load_set
+    from specserve.training.common import load_set
 
     return load_set(name)
 
@@ -188,7 +188,7 @@ def _setup(model_path: Path, name: str, report: Mapping[str, Any], config_cls, s
 
 def check_rbm(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
     """Served RBM rows (see the module docstring); returns the updated report."""
-    from specserve.training.evaluate import TEMPLATE_SOURCES, EvalConfig, check_target, summarise
+    from specserve.training.rbm.evaluate import TEMPLATE_SOURCES, EvalConfig, check_target, summarise
 
     run = _setup(model_path, "rbm", report, EvalConfig, report["benchmark"]["name"])
     a = run.bench.arrays
@@ -202,7 +202,7 @@ def check_rbm(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[s
 
 def check_spt(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
     """Served SPT rows (MC with the report's ``mc_samples``); returns the updated report."""
-    from specserve.training.spt_eval import SPTEvalConfig, check_target, summarise
+    from specserve.training.spt.evaluate import SPTEvalConfig, check_target, summarise
 
     run = _setup(model_path, "spt", report, SPTEvalConfig, report["set"]["name"])
     names = list(run.model.card.label_names)
@@ -216,7 +216,7 @@ def check_spt(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[s
 
 def check_physformer(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
     """Served PhysFormer rows (MC with the report's ``mc_samples``); returns the updated report."""
-    from specserve.training.physformer_eval import PhysFormerEvalConfig, check_target, summarise
+    from specserve.training.physformer.evaluate import PhysFormerEvalConfig, check_target, summarise
 
     run = _setup(model_path, "physformer", report, PhysFormerEvalConfig, report["set"]["name"])
     predictions = run.values(list(run.model.card.label_names), run.config.mc_samples)

@@ -3,7 +3,7 @@
 One ONNX run draws ``n_samples`` (T) samples: the deterministic body runs once per spectrum, the
 pooled features are tiled T times (ONNX ``Tile``) and the stochastic head runs on all T x B rows;
 its dropout masks come from ``RandomUniformLike`` shifted by the ``seed`` input (see
-:mod:`specserve.training.spt`). There is no ``Dropout`` node, so ONNX Runtime's EliminateDropout
+:mod:`specserve.training.spt.model`). There is no ``Dropout`` node, so ONNX Runtime's EliminateDropout
 pass has nothing to remove, and the exporter cannot constant-fold draws shaped like activations.
 
 Validation (any failure raises :class:`~specserve.runtime.errors.ExportError` and writes nothing
@@ -39,14 +39,13 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from specserve.export.onnx_export import ExportReport, export_model, load_run, op_types
+from specserve.export.rbm import next_version
+from specserve.export.repository import write_model
+from specserve.export.served import check_spt, rewrite_metadata
 from specserve.runtime.contract import ModelCard
 from specserve.runtime.errors import ExportError
 from specserve.runtime.preprocess import Preprocessing
-
-from .onnx_export import ExportReport, export_model, load_run, op_types
-from .rbm import next_version
-from .repository import write_model
-from .served import check_spt, rewrite_metadata
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ class MCCheck:
 
 def spt_card(checkpoint: dict[str, Any], report: dict[str, Any] | None) -> ModelCard:
     """The model card for an SPT checkpoint (and its evaluation report, when there is one)."""
-    from specserve.training.spt import TARGET_NAMES, TARGET_UNITS
+    from specserve.training.spt.model import TARGET_NAMES, TARGET_UNITS
 
     config = checkpoint.get("config", {})
     data = config.get("data", {})
@@ -222,7 +221,7 @@ def export_spt_model(model: torch.nn.Module, card: ModelCard, out_dir: str | Pat
 
     ``reference`` is the torch model the MC statistics are compared with (default ``model``).
     """
-    from specserve.training.spt import deterministic
+    from specserve.training.layers import deterministic
 
     out_dir = Path(out_dir)
     reference = model if reference is None else reference
@@ -245,7 +244,7 @@ def export_spt(run_dir: str | Path, repository: str | Path, *, name: str = "spt"
     """Export ``run_dir``'s checkpoint into ``repository/name/version``; returns (folder, report, MC check).
     With an evaluated run and ``served_check``, the report's rows are measured again on the served
     path and the card carries them (:mod:`specserve.export.served`; a skew fails the export)."""
-    from specserve.training.spt import SpectralTransformer
+    from specserve.training.spt.model import SpectralTransformer
 
     run_dir = Path(run_dir)
     checkpoint, report = load_run(run_dir, "spt", "an SPT")

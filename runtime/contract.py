@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from . import dtypes
-from .errors import ContractError, InvalidInputError
-from .preprocess import Preprocessing
+from specserve.runtime import dtypes
+from specserve.runtime.errors import ContractError, InvalidInputError
+from specserve.runtime.preprocess import Preprocessing
 
 CONTRACT_VERSION = "1"
 BATCH = "batch"

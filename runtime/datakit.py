@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from astropy.io import fits
 from astropy.table import Table
 from astropy.utils.exceptions import AstropyWarning
 
-from .errors import DatasetError, SpectrumReadError
-from .io import read_spectra
+from specserve.runtime.errors import DatasetError, SpectrumReadError
+from specserve.runtime.io import read_spectra
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEXT_SUFFIXES = (".txt", ".dat", ".par", ".md", ".sha256")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ContractError
+from specserve.runtime.errors import ContractError
 
 
 @dataclass(frozen=True)

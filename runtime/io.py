@@ -53,9 +53,9 @@ import numpy as np
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
 
-from .errors import InvalidSpectrumError, SpectrumReadError
-from .preprocess import air_to_vacuum, estimate_snr
-from .spectrum import Spectrum, SpectrumMeta
+from specserve.runtime.errors import InvalidSpectrumError, SpectrumReadError
+from specserve.runtime.preprocess import air_to_vacuum, estimate_snr
+from specserve.runtime.spectrum import Spectrum, SpectrumMeta
 
 log = logging.getLogger(__name__)
 

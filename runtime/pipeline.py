@@ -1,6 +1,6 @@
 """The one data path from a raw spectrum to a model's input, shared by serving and training.
 
-The server, the in-process :class:`~specserve.runtime.analysis.Analyzer`, every benchmark set
+The server, the in-process :class:`~specserve.runtime.engine.analysis.Analyzer`, every benchmark set
 builder and every evaluation call these two functions, so a spectrum sent to the server is
 treated exactly as the training and test spectra were (train as you serve):
 
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .contract import fill_masked
-from .errors import InvalidSpectrumError
-from .preprocess import Preprocessing
-from .spectrum import Spectrum, SpectrumInput, SpectrumMeta
+from specserve.runtime.contract import fill_masked
+from specserve.runtime.errors import InvalidSpectrumError
+from specserve.runtime.preprocess import Preprocessing
+from specserve.runtime.spectrum import Spectrum, SpectrumInput, SpectrumMeta
 
 MIN_COVERAGE = 0.75
 """Fraction of a model's grid that a spectrum must cover (usable pixels) for the model to apply."""

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .errors import GridError, InvalidSpectrumError
+from specserve.runtime.errors import GridError, InvalidSpectrumError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidSpectrumError
+from specserve.runtime.errors import InvalidSpectrumError
 
 
 @dataclass(frozen=True)

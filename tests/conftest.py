@@ -27,17 +27,18 @@ def cv_run(tmp_path_factory):
     import numpy as np
     import torch
 
-    from specserve.training import commands
-    from specserve.training.evaluate import EvalConfig, evaluate_rbm
-    from specserve.training.rbm import RBMConfig
+    from specserve.training import common
+    from specserve.training.rbm.evaluate import EvalConfig, evaluate_rbm
+    from specserve.training.rbm.model import RBMConfig
+    from specserve.training.rbm.train import train_rbm
 
     torch.set_num_threads(2)
-    bench = commands.load_cv()
+    bench = common.load_cv()
     rng = np.random.default_rng(0)
     train = np.sort(rng.choice(bench.split_indices("train"), 200, replace=False))
     cfg = RBMConfig(n_hidden=16, cd_epochs=2, finetune_epochs=4, batch_size=32, seed=0)
     run_dir = tmp_path_factory.mktemp("rbm-run")
-    model, trainer = commands.train_rbm(cfg, run_dir, bench, train_indices=train, progress=False)
+    model, trainer = train_rbm(cfg, run_dir, bench, train_indices=train, progress=False)
     eval_cfg = EvalConfig(bernoulli_components=16, bernoulli_iter=3)
     report = evaluate_rbm(model, bench, run_dir, eval_cfg, train_indices=train)
     return bench, run_dir, model, report
@@ -49,12 +50,13 @@ def spt_run(tmp_path_factory):
     without ablations: (bench, run_dir, model, report)."""
     import torch
 
-    from specserve.training import commands, spt_commands
-    from specserve.training.spt_eval import SPTEvalConfig, evaluate_spt
-    from specserve.training.spt_train import train_spt
+    from specserve.training import common
+    from specserve.training.spt import commands as spt_commands
+    from specserve.training.spt.evaluate import SPTEvalConfig, evaluate_spt
+    from specserve.training.spt.train import train_spt
 
     torch.set_num_threads(2)
-    bench = commands.load_set("giants")
+    bench = common.load_set("giants")
     cfg = spt_commands.quick_config()
     train = spt_commands.quick_indices(bench, cfg.seed)
     run_dir = tmp_path_factory.mktemp("spt-run")
@@ -67,7 +69,7 @@ def spt_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def physformer_run(tmp_path_factory):
     """A tiny PhysFormer (quick config, no ablation) trained and evaluated on the stars set: run_dir."""
-    from specserve.runtime.cli import main
+    from specserve.export.cli import main
 
     run_dir = tmp_path_factory.mktemp("physformer-run") / "run"
     assert main(["train", "physformer", "--quick", "--no-ablation", "--out", str(run_dir)]) == 0

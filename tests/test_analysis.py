@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_contract_export import ToyFreeEnergy
 
 from specserve.export.onnx_export import export_model
 from specserve.export.repository import write_model
-from specserve.runtime.analysis import Analyzer, SpectrumInput
 from specserve.runtime.contract import ModelCard, fill_masked
+from specserve.runtime.engine.analysis import Analyzer, SpectrumInput
+from specserve.runtime.engine.repository import load_repository
 from specserve.runtime.errors import InvalidSpectrumError, ModelNotFoundError, ModelNotReadyError
 from specserve.runtime.io import read_spectra
 from specserve.runtime.preprocess import OPTICAL_PREPROCESSING
-from specserve.runtime.repository import load_repository
-
-from test_contract_export import ToyFreeEnergy
 
 
 @pytest.fixture(scope="module")

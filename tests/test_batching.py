@@ -18,16 +18,15 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
 from prometheus_client.parser import text_string_to_metric_families
+from test_contract_export import ToyFreeEnergy, card
 from tritonclient.utils import InferenceServerException
 
 from specserve.export.onnx_export import export_model
 from specserve.export.repository import config_pbtxt, write_model
-from specserve.runtime.batching import DEFAULT_MAX_QUEUE_SIZE, BatchingConfig
 from specserve.runtime.contract import ModelCard
+from specserve.runtime.engine.batching import DEFAULT_MAX_QUEUE_SIZE, BatchingConfig
+from specserve.runtime.engine.repository import load_model_dir
 from specserve.runtime.errors import DeadlineExceededError, QueueFullError, ShuttingDownError
-from specserve.runtime.repository import load_model_dir
-
-from test_contract_export import ToyFreeEnergy, card
 
 SPECSERVE = str(Path(sys.executable).with_name("specserve"))
 ENV = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}
@@ -130,7 +129,7 @@ def test_mc_outputs_are_split_along_their_own_batch_axis(spt_run, tmp_path):
     """SPT ``samples`` is (n_samples, batch, labels): each caller gets its rows of axis 1, and its
     mean is the geometric mean of its own samples. Different n_samples never share a run."""
     from specserve.export.spt import export_spt
-    from specserve.training.evaluate import model_inputs
+    from specserve.training.rbm.evaluate import model_inputs
 
     bench, run_dir, _, _ = spt_run
     folder, _, _ = export_spt(run_dir, tmp_path, served_check=False)

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from specserve.export.bench import NO_CUDA, parity_checks
+from specserve.export.bench.suite import NO_CUDA, parity_checks
 from specserve.export.rbm import export_rbm
 from specserve.export.spt import export_spt
 from specserve.runtime.contract import ModelCard
-from specserve.runtime.providers import Device, run_bound
+from specserve.runtime.engine.providers import Device, run_bound
 
 SPECSERVE = str(Path(sys.executable).with_name("specserve"))
 
@@ -72,7 +72,7 @@ def test_bench_all_quick_writes_every_section(cv_run, tmp_path):
     assert NO_CUDA in text
     # a second run keeps a CUDA section written by the GPU check
     out.write_text(text.replace(NO_CUDA, "CUDA numbers from a GPU machine"))
-    from specserve.export.bench import write_report
+    from specserve.export.bench.suite import write_report
 
     write_report(out, "# specserve benchmarks\n\nnew body")
     assert "CUDA numbers from a GPU machine" in out.read_text() and "new body" in out.read_text()

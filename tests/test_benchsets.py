@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from specserve.runtime.cli import main
+from specserve.export.cli import main
 from specserve.runtime.errors import DatasetError
 from specserve.training import benchsets
 from specserve.training.payne import APOGEE_GRID, PayneEmulator
@@ -74,7 +74,7 @@ def test_giants_contents(built):
     stats = bench.meta["statistics"]["targets"]["age"]["all"]
     assert stats["n"] == bench.size and stats["min"] == pytest.approx(float(age.min()))
     # Measured noise of continuum-normalised pixels follows the injected S/N.
-    flux, ivar = bench.arrays["flux"], bench.arrays["ivar"]
+    ivar = bench.arrays["ivar"]
     ratio = np.median(np.sqrt(ivar[ivar > 0]))
     assert 30 < ratio < 400
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from specserve.runtime.client import to_proto
 from specserve.runtime.pipeline import checked, prepare, prepare_raw
-from specserve.runtime.domain_codec import spectrum_from_proto
 from specserve.runtime.spectrum import SpectrumInput
-from specserve.training import commands
+from specserve.runtime.wire import spectrum_from_proto, to_proto
+from specserve.training import common
 from specserve.training.benchsets import raw_spectra
 from specserve.training.inputs import PERTURBATIONS, RawInputs, evaluation_variants
 from specserve.training.perturb import degrade, resample_native, shift
@@ -25,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module", params=["giants", "stars", "cv"])
 def sample(request):
-    bench = commands.load_set(request.param)
+    bench = common.load_set(request.param)
     rng = np.random.default_rng(11)
     idx = np.sort(rng.choice(bench.size, 16, replace=False))
     return bench, idx, raw_spectra(bench, idx)
@@ -115,7 +114,7 @@ def test_degrade_keeps_noise_that_is_already_larger():
 def test_noise_before_normalisation_differs_from_noise_after():
     """The upper-envelope continuum fit moves with raw noise: the noisy normalised spectrum is
     biased against the noiseless one, which noise added after normalisation would not show."""
-    bench = commands.load_set("stars")
+    bench = common.load_set("stars")
     recipe = bench.preprocessing
     raw = RawInputs(bench, bench.split_indices("test")[:24])
     clean = raw.prepare(raw.raws)

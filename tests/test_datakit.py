@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from specserve.runtime.cli import main
+from specserve.export.cli import main
 from specserve.runtime.datakit import inspect_kit
 
 SPECTRAL_FOLDERS = ("lamost_dr1/fits", "lamost_dr6_formats", "miles/fits", "stelib", "sdss_dr12",
@@ -67,10 +67,10 @@ def test_runtime_does_not_import_torch():
     code = (
         "import sys\n"
         "import specserve.runtime, specserve.runtime.io, specserve.runtime.preprocess\n"
-        "import specserve.runtime.cli, specserve.runtime.datakit, specserve.runtime.benchmarks\n"
-        "import specserve.runtime.contract, specserve.runtime.dtypes, specserve.runtime.repository\n"
-        "import specserve.runtime.analysis, specserve.runtime.server, specserve.runtime.client\n"
-        "specserve.runtime.cli._parser()  # builds every subcommand, train/export/models included\n"
+        "import specserve.export.cli, specserve.runtime.datakit, specserve.export.bench.engine\n"
+        "import specserve.runtime.contract, specserve.runtime.dtypes, specserve.runtime.engine.repository\n"
+        "import specserve.runtime.engine.analysis, specserve.runtime.serving.server, specserve.runtime.client\n"
+        "specserve.export.cli._parser()  # builds every subcommand, train/export/models included\n"
         "bad = sorted(m for m in ('torch', 'onnx', 'matplotlib', 'sklearn') if m in sys.modules)\n"
         "print(','.join(bad))\n"
         "sys.exit(1 if bad else 0)\n"

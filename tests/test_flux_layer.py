@@ -12,7 +12,7 @@ import torch
 from astropy import units as u
 from astropy.modeling.physical_models import BlackBody
 
-from specserve.training import flux_layer as fl
+from specserve.training.physformer import flux_layer as fl
 
 torch.set_default_dtype(torch.float32)
 

@@ -15,14 +15,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_contract_export import ToyFreeEnergy, card
 from tritonclient.utils import InferenceServerException
 
 from specserve.export.onnx_export import export_model
 from specserve.export.repository import write_model
-
-from test_contract_export import ToyFreeEnergy, card
 
 SPECSERVE = str(Path(sys.executable).with_name("specserve"))
 

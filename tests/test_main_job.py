@@ -24,7 +24,7 @@ import pytest
 from astropy.table import Table
 
 from specserve.runtime.client import Client
-from specserve.training import commands
+from specserve.training import common
 from specserve.training.benchsets import raw_spectra
 
 SPECSERVE = str(Path(sys.executable).with_name("specserve"))
@@ -38,9 +38,9 @@ pytestmark = pytest.mark.timeout(1500)
 def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("main-job")
     repo = tmp / "models"
-    commands.load_cv()  # the sets from the shared cache (built there if missing)
-    commands.load_set("giants")
-    commands.load_set("stars")
+    common.load_cv()  # the sets from the shared cache (built there if missing)
+    common.load_set("giants")
+    common.load_set("stars")
     result = subprocess.run([SPECSERVE, "models", "build", "--repository", str(repo), "--if-missing",
                              "--quick", "physformer"],
                             capture_output=True, text=True, timeout=1500)
@@ -116,7 +116,7 @@ def test_served_default_spt_reproduces_its_report_on_raw_giants(built, server):
     """Raw test giants (The Payne's native pixels, their own noise) sent to the server: the ages
     and masses a user gets are the report's served numbers, within MC noise."""
     served = _report(built[1], "training the SPT on 'giants' (")["served"]
-    bench = commands.load_set("giants")
+    bench = common.load_set("giants")
     test = bench.split_indices("test")
     with Client(server) as client:
         rows = client.analyze(raw_spectra(bench, test), models=["spt"])
@@ -135,7 +135,7 @@ def test_served_default_spt_reproduces_its_report_on_raw_giants(built, server):
 @pytest.mark.slow
 def test_served_default_rbm_reproduces_its_report_on_raw_cv_spectra(built, server):
     served = _report(built[1], "training the RBM on 'cv' (")["served"]
-    bench = commands.load_cv()
+    bench = common.load_cv()
     test = bench.split_indices("test")
     with Client(server) as client:
         rows = client.analyze(raw_spectra(bench, test), models=["rbm"])

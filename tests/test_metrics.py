@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from prometheus_client.parser import text_string_to_metric_families
-from tritonclient.utils import InferenceServerException
-
 from test_hot_reload import repo  # noqa: F401 - the toy-RBM repository
+from tritonclient.utils import InferenceServerException
 
 SPECSERVE = str(Path(sys.executable).with_name("specserve"))
 ENV = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}
@@ -73,8 +72,8 @@ def test_busy_metrics_port_asked_for_is_an_error(repo):  # noqa: F811
 
 
 def test_request_log_has_one_line_per_request_with_its_id(repo, tmp_path):  # noqa: F811
-    from specserve.runtime.analysis import SpectrumInput
     from specserve.runtime.client import Client
+    from specserve.runtime.engine.analysis import SpectrumInput
 
     root, _, c = repo
     n = c.dims["n_pixels"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from specserve.training.physformer import PhysFormer, PhysFormerConfig, reduced_chi2
+from specserve.training.physformer.model import PhysFormer, PhysFormerConfig, reduced_chi2
 
 
 def _tiny(decoder: str = "physics") -> PhysFormer:
@@ -75,7 +75,7 @@ def test_loss_trains_both_paths_and_mc_dropout_moves_the_parameters():
 def test_quick_training_writes_a_report_with_every_row(tmp_path, capsys):
     import json
 
-    from specserve.runtime.cli import main
+    from specserve.export.cli import main
 
     run = tmp_path / "run"
     assert main(["train", "physformer", "--quick", "--out", str(run)]) == 0
@@ -117,11 +117,11 @@ def test_quick_training_writes_a_report_with_every_row(tmp_path, capsys):
 def test_training_augmentation_is_raw_level_through_the_pipeline():
     """The pool's augmented spectra are raw spectra perturbed, then normalised by the serving
     pipeline: on the model grid, continuum near 1, noisier than observed, reused in turn."""
-    from specserve.training import commands
+    from specserve.training import common
     from specserve.training.inputs import training_pool
-    from specserve.training.physformer import PhysFormerConfig
+    from specserve.training.physformer.model import PhysFormerConfig
 
-    bench = commands.load_set("stars")
+    bench = common.load_set("stars")
     idx = bench.split_indices("train")[:40]
     cfg = PhysFormerConfig(augment_fraction=1.0, augment_snr_min=5.0, augment_snr_max=10.0, augment_pool=2)
     pool = training_pool(cfg, bench, idx, np.random.default_rng(0))

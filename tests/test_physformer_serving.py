@@ -3,21 +3,19 @@ reduced chi-square and model spectra through the domain API; physformer-generate
 
 from __future__ import annotations
 
-
 import grpc
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
-
-from specserve.runtime.analysis import SpectrumInput
-from specserve.runtime.cli import main
 from conftest import serving
+
+from specserve.export.cli import main
 from specserve.runtime.client import Client
 from specserve.runtime.contract import ModelCard
-from specserve.training.commands import load_set
-
+from specserve.runtime.engine.analysis import SpectrumInput
+from specserve.training.common import load_set
 
 
 @pytest.fixture(scope="module")

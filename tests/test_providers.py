@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from specserve.runtime import providers
-from specserve.runtime.errors import SpecserveError
-from specserve.runtime.providers import Device, cuda_unavailable, parse_device, resolve_device
-from specserve.runtime.repository import load_repository
-
 from test_repository import repo  # noqa: F401 - the toy RBM repository fixture
+
+from specserve.runtime.engine import providers
+from specserve.runtime.engine.providers import Device, cuda_unavailable, parse_device, resolve_device
+from specserve.runtime.engine.repository import load_repository
+from specserve.runtime.errors import SpecserveError
 
 SPECSERVE = str(Path(sys.executable).with_name("specserve"))
 

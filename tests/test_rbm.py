@@ -14,9 +14,10 @@ import torch
 from specserve.runtime.contract import ModelCard
 from specserve.runtime.errors import SpecserveError
 from specserve.runtime.preprocess import LogLinearGrid, Preprocessing
-from specserve.training import commands
-from specserve.training.evaluate import REPORT_JSON, REPORT_PNG, EvalConfig, evaluate_rbm
-from specserve.training.rbm import Binarise, RBMClassifier, RBMConfig, fill_masked
+from specserve.training import commands, common
+from specserve.training.common import REPORT_JSON, REPORT_PNG
+from specserve.training.rbm import commands as rbm_commands
+from specserve.training.rbm.model import Binarise, RBMClassifier, RBMConfig, fill_masked
 from specserve.training.trainer import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, Phase, Trainer, load_checkpoint
 
 SERVED_KEYS = ("served", "served_vs_torch", "target_served")
@@ -237,19 +238,19 @@ def test_register_parses_train_and_eval_and_overrides():
     parser = argparse.ArgumentParser()
     commands.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["train", "rbm", "--quick", "--set", "n_hidden=8", "--set", "threshold=0.2"])
-    assert args.handler is commands.cmd_train_rbm and args.quick and args.out is None
-    cfg = commands.config_with_overrides(args.overrides)
+    assert args.handler is rbm_commands.cmd_train_rbm and args.quick and args.out is None
+    cfg = common.config_with_overrides(args.overrides, RBMConfig())
     assert cfg.n_hidden == 8 and cfg.threshold == 0.2
     args = parser.parse_args(["eval", "rbm", "--run", "runs/x"])
-    assert args.handler is commands.cmd_eval_rbm and str(args.run) == "runs/x"
+    assert args.handler is rbm_commands.cmd_eval_rbm and str(args.run) == "runs/x"
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "rbm", "--set", "no-equals-sign"])
     with pytest.raises(SpecserveError, match="unknown RBM setting"):
-        commands.config_with_overrides([("n_hiden", "8")])
+        common.config_with_overrides([("n_hiden", "8")], RBMConfig())
     with pytest.raises(SpecserveError, match="not a valid int"):
-        commands.config_with_overrides([("n_hidden", "eight")])
+        common.config_with_overrides([("n_hidden", "eight")], RBMConfig())
     with pytest.raises(SpecserveError, match="invalid RBM settings"):
-        commands.config_with_overrides([("threshold", "1.5")])
+        common.config_with_overrides([("threshold", "1.5")], RBMConfig())
 
 
 # ---------------------------------------------------------------- the cv report

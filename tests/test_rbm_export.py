@@ -9,11 +9,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from specserve.export.cli import main
 from specserve.export.rbm import ATOL, RTOL
-from specserve.runtime.cli import main
 from specserve.runtime.contract import ModelCard
-from specserve.training.evaluate import REPORT_JSON, model_inputs
-from specserve.training.rbm import RBMClassifier
+from specserve.training.common import REPORT_JSON
+from specserve.training.inputs import model_inputs
+from specserve.training.rbm.model import RBMClassifier
 
 
 def _export(run_dir, repo) -> int:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_contract_export import ToyFreeEnergy, card
 
 from specserve.export.onnx_export import export_model
 from specserve.export.repository import config_pbtxt, write_model
+from specserve.runtime.engine.repository import load_repository
 from specserve.runtime.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
-from specserve.runtime.repository import load_repository
-
-from test_contract_export import ToyFreeEnergy, card
 
 
 @pytest.fixture

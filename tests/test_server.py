@@ -12,7 +12,6 @@ import queue
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -22,17 +21,17 @@ import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from test_contract_export import ToyFreeEnergy
 
 from specserve.export.onnx_export import export_model
 from specserve.export.repository import write_model
 from specserve.protos import specserve_pb2 as pb
 from specserve.protos import specserve_pb2_grpc as pb_grpc
-from specserve.runtime.client import Client, StreamError, to_proto
+from specserve.runtime.client import Client
 from specserve.runtime.contract import ModelCard, fill_masked
 from specserve.runtime.io import read_spectra
 from specserve.runtime.preprocess import OPTICAL_PREPROCESSING
-
-from test_contract_export import ToyFreeEnergy
+from specserve.runtime.wire import to_proto
 
 SPECSERVE = str(Path(sys.executable).with_name("specserve"))
 

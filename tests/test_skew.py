@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import serving
+
 from specserve.runtime.client import Client
 from specserve.runtime.contract import ModelCard
+from specserve.runtime.engine.repository import load_model_file
 from specserve.runtime.errors import ExportError
-from specserve.runtime.repository import load_model_file
-from specserve.training import commands
+from specserve.training import common
 from specserve.training.benchsets import raw_spectra
 from specserve.training.inputs import torch_inputs
 from specserve.training.trainer import CHECKPOINT_NAME, load_checkpoint
@@ -45,7 +45,7 @@ def served(cv_run, spt_run, physformer_run, tmp_path_factory):
 
 
 def _sample(name: str):
-    bench = commands.load_set(name)
+    bench = common.load_set(name)
     idx = bench.split_indices("test")[:N_SPECTRA]
     return bench, raw_spectra(bench, idx)
 
@@ -77,7 +77,7 @@ def test_rbm_served_equals_the_evaluation_path(served, cv_run):
 
 
 def test_spt_served_equals_the_evaluation_path_within_mc_noise(served, spt_run):
-    from specserve.training.spt_train import mc_predict
+    from specserve.training.spt.train import mc_predict
 
     address, _ = served
     _, _, model, _ = spt_run
@@ -96,8 +96,8 @@ def test_spt_served_equals_the_evaluation_path_within_mc_noise(served, spt_run):
 
 
 def test_physformer_served_equals_the_evaluation_path_within_mc_noise(served, physformer_run):
-    from specserve.training.physformer import PhysFormer
-    from specserve.training.physformer_eval import physformer_predict
+    from specserve.training.physformer.model import PhysFormer
+    from specserve.training.physformer.train import physformer_predict
 
     address, _ = served
     model = PhysFormer.from_checkpoint(load_checkpoint(physformer_run / CHECKPOINT_NAME))

@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from specserve.training.spt import (
-    DotProductAttention, HadamardAttention, MCDropout, SPTConfig, SpectralTransformer, deterministic,
-    mahalanobis_loss,
-)
+from specserve.training.layers import DotProductAttention, HadamardAttention, MCDropout, deterministic
+from specserve.training.spt.model import SpectralTransformer, SPTConfig, mahalanobis_loss
 
 
 def _identity_attention(cls, d_model: int, n_heads: int):
@@ -181,7 +179,7 @@ def test_calibration_is_in_the_checkpoint(spt_run):
 
 
 def test_target_check_needs_every_row_beaten_and_coverage_in_range():
-    from specserve.training.spt_eval import check_target
+    from specserve.training.spt.evaluate import check_target
 
     def row(age, mass):
         return {"mape_age": age, "mape_mass": mass}

@@ -10,12 +10,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from specserve.export.cli import main
 from specserve.export.spt import check_mc, export_spt_model, spt_card
-from specserve.runtime.cli import main
 from specserve.runtime.contract import ModelCard
+from specserve.runtime.engine.repository import load_model_file
 from specserve.runtime.errors import ExportError
-from specserve.runtime.repository import load_model_file
-from specserve.training.evaluate import model_inputs
+from specserve.training.rbm.evaluate import model_inputs
 from specserve.training.trainer import CHECKPOINT_NAME, load_checkpoint
 
 

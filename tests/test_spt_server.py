@@ -3,20 +3,19 @@ and through KServe v2 (tritonclient), MC samples per request, bounds refused."""
 
 from __future__ import annotations
 
-
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from conftest import serving
 
 from specserve.protos import specserve_pb2 as pb
 from specserve.protos import specserve_pb2_grpc as pb_grpc
-from conftest import serving
-from specserve.runtime.client import Client, to_proto
-from specserve.runtime.analysis import SpectrumInput
-from specserve.runtime.repository import load_model_file
-from specserve.training.evaluate import model_inputs
-
+from specserve.runtime.client import Client
+from specserve.runtime.engine.analysis import SpectrumInput
+from specserve.runtime.engine.repository import load_model_file
+from specserve.runtime.wire import to_proto
+from specserve.training.rbm.evaluate import model_inputs
 
 
 @pytest.fixture(scope="module")

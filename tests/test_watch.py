@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.table import Table
-
-from specserve.runtime.errors import SpecserveError
-from specserve.runtime.watch import WatchState
-
 from test_server import repo, server  # noqa: F401 - the toy-RBM repository and its served port
+
+from specserve.runtime.client.watch import WatchState
+from specserve.runtime.errors import SpecserveError
 
 SPECSERVE = str(Path(sys.executable).with_name("specserve"))
 ENV = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}

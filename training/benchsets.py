@@ -63,9 +63,8 @@ from specserve.runtime.preprocess import (
     redshift_from_rv,
 )
 from specserve.runtime.spectrum import Spectrum, SpectrumInput
-
-from .payne import APOGEE_GRID, PayneEmulator
-from .perturb import degrade
+from specserve.training.payne import APOGEE_GRID, PayneEmulator
+from specserve.training.perturb import degrade
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,8 @@ import numpy as np
 
 from specserve.runtime.pipeline import MIN_COVERAGE, Prepared, prepare_raw
 from specserve.runtime.spectrum import SpectrumInput
-
-from .benchsets import BenchmarkSet, raw_spectra
-from .perturb import NOISE_MODELS, Augmentation, degrade, mask_runs, resample_native, shift, tilt
+from specserve.training.benchsets import BenchmarkSet, raw_spectra
+from specserve.training.perturb import NOISE_MODELS, Augmentation, degrade, mask_runs, resample_native, shift, tilt
 
 
 def observed(bench: BenchmarkSet, idx: np.ndarray) -> Prepared:

@@ -1,0 +1,314 @@
+"""The ``specserve`` command line: ``main(argv) -> exit code`` over the Python API.
+
+Subcommands:
+
+- ``specserve data inspect [PATH...]``: read every file of the data kit (or the given files) and
+  list its detected format; exit 1 if any file cannot be read.
+- ``specserve data build NAME...``: build benchmark sets (``giants``, ``stars``, ``cv``) into the
+  cache and print their sizes and content hashes.
+- ``specserve bench preprocess``: time resampling + normalisation of 4,000 LAMOST spectra.
+- ``specserve bench mc [--repository DIR] [--model spt]``: one in-graph MC run of T = 64 samples
+  against 64 separate runs, on the same input batch.
+- ``specserve bench all [--out BENCHMARKS.md]``: every serving benchmark (ORT vs torch, MC,
+  transport ceiling, serving overhead, latency under load, one exposure), written to a report.
+- ``specserve bench gpu [--device cuda]``: CUDA parity checks and benchmarks; rewrites the report's
+  CUDA section.
+- ``specserve serve [--repository DIR] [--host H] [--port N] [--device auto|cpu|cuda[:N]] [--threads N]``:
+  serve a model repository over gRPC
+  (default ``<cache>/models``, port 8001).
+- ``specserve analyze [--server HOST:PORT] [--out CATALOGUE] FILE...``: stream spectrum files to a
+  server, print a table and write a catalogue (CSV, or FITS by extension).
+- ``specserve watch DIR --out CATALOGUE [--server HOST:PORT] [--once]``: stream every spectrum file
+  that appears in DIR to a server, appending to the catalogue; resumes after a restart
+  (:mod:`specserve.runtime.client.watch`).
+- ``specserve train ...`` / ``specserve eval ...``: training and evaluation (the ``train`` extra).
+- ``specserve export rbm ...`` / ``specserve models build``: ONNX export into a model repository
+  and the default repository that ``make serve`` serves (the ``train`` extra).
+
+Exit codes: 0 success, 1 a domain error (message on stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from specserve.runtime.errors import SpecserveError
+
+log = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specserve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="the data kit and the benchmark sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    inspect = data_sub.add_parser("inspect", help="read every kit file and list its format")
+    inspect.add_argument("paths", nargs="*", type=Path, help="files to read (default: the whole kit)")
+    inspect.add_argument("--data", type=Path, help="data kit folder (default: $SPECSERVE_DATA or ../shared/data)")
+    build = data_sub.add_parser("build", help="build benchmark sets into the cache")
+    build.add_argument("names", nargs="+", choices=("giants", "stars", "cv"))
+    build.add_argument("--data", type=Path, help="data kit folder")
+    build.add_argument("--cache", type=Path, help="cache folder (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
+    build.add_argument("--seed", type=int, default=None, help="random seed (default: the documented one)")
+    build.add_argument("--no-plot", action="store_true", help="skip examples.png")
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    pre = bench_sub.add_parser("preprocess", help="resample + normalise 4,000 LAMOST spectra")
+    pre.add_argument("--n", type=int, default=4000)
+    pre.add_argument("--data", type=Path)
+    mc = bench_sub.add_parser("mc", help="MC dropout: one in-graph run of T samples vs T separate runs")
+    mc.add_argument("--repository", type=Path, help="model repository (default <cache>/models)")
+    mc.add_argument("--model", default="spt", help="model name (default spt)")
+    mc.add_argument("--batch", type=int, default=64)
+    mc.add_argument("--samples", type=int, default=64)
+    mc.add_argument("--threads", type=int, default=2)
+    every = bench_sub.add_parser("all", help="every serving benchmark, written to BENCHMARKS.md (`make bench`)")
+    every.add_argument("--repository", type=Path, help="model repository (default <cache>/models)")
+    every.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report (default BENCHMARKS.md)")
+    every.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for the report)")
+    every.add_argument("--runs", type=Path, help="training runs, for the torch side (default <cache>/runs)")
+    every.set_defaults(handler=_cmd_bench_all)
+    gpu = bench_sub.add_parser("gpu", help="CUDA parity checks and benchmarks on a GPU (`make gpu-check`)")
+    gpu.add_argument("--repository", type=Path, help="model repository (default <cache>/models)")
+    gpu.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"),
+                     help="report whose CUDA section is rewritten (default BENCHMARKS.md)")
+    gpu.add_argument("--device", default="cuda", help="cuda[:N] (cpu runs the same code on the CPU)")
+    gpu.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for the report)")
+    gpu.set_defaults(handler=_cmd_bench_gpu)
+    srv = sub.add_parser("serve", help="serve a model repository over gRPC")
+    srv.add_argument("--repository", type=Path,
+                     help="model repository in Triton's layout (default: <cache>/models, see `specserve models build`)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8001)
+    srv.add_argument("--device", default="auto",
+                     help="auto (CUDA when it can run here, else the CPU), cpu, cuda or cuda:N (default auto)")
+    srv.add_argument("--log-requests", action="store_true",
+                     help="log one line per inference request on stderr: id, model(s), rows, status, milliseconds")
+    srv.add_argument("--metrics-port", type=int, default=None,
+                     help="Prometheus metrics on http://HOST:PORT/metrics (default 8002, skipped with a warning "
+                          "when busy; 0: any free port; -1: off)")
+    srv.add_argument("--poll-repository", type=float, default=2.0,
+                     help="seconds between scans of the repository for changed models (0: never; default 2)")
+    srv.add_argument("--threads", type=int, default=0,
+                     help="CPU threads per model session (default: the cores shared among the models, 1-4 each)")
+
+    ana = sub.add_parser("analyze", help="analyse spectrum files on a running server")
+    ana.add_argument("files", nargs="+", type=Path)
+    ana.add_argument("--server", default="localhost:8001", help="HOST:PORT (default localhost:8001)")
+    ana.add_argument("--out", type=Path, help="catalogue to write (.csv, or .fits/.fit for a FITS table)")
+    ana.add_argument("--models", default="", help="comma-separated model names (default: every applicable model)")
+    ana.add_argument("--batch", type=int, default=64, help="spectra per stream message")
+    ana.add_argument("--mc-samples", type=int, default=0,
+                     help="Monte Carlo samples for models that draw them (default 0: each model's default)")
+
+    wat = sub.add_parser("watch", help="stream every spectrum file that appears in a folder to a server")
+    wat.add_argument("folder", type=Path)
+    wat.add_argument("--out", type=Path, required=True,
+                     help="catalogue to append to (.fits/.fit for a FITS table, else CSV); read back to resume")
+    wat.add_argument("--server", default="localhost:8001", help="HOST:PORT (default localhost:8001)")
+    wat.add_argument("--rejects", type=Path, help="unreadable files and why (default CATALOGUE.rejects.tsv)")
+    wat.add_argument("--pattern", default="*", help="file name pattern in the folder (default *)")
+    wat.add_argument("--models", default="", help="comma-separated model names (default: every applicable model)")
+    wat.add_argument("--poll", type=float, default=1.0, help="seconds between folder scans (default 1)")
+    wat.add_argument("--mc-samples", type=int, default=0, help="Monte Carlo samples (default: each model's)")
+    wat.add_argument("--once", action="store_true", help="handle the files there now, then exit")
+
+    from specserve.export.commands import register as register_export
+    from specserve.training.commands import register as register_training
+
+    register_training(sub)
+    register_export(sub)
+    return parser
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from specserve.runtime.datakit import models_dir
+    from specserve.runtime.engine.providers import resolve_device
+    from specserve.runtime.serving.server import serve
+
+    repository = args.repository or models_dir()
+    if args.log_requests:
+        logging.getLogger("specserve.requests").setLevel(logging.INFO)
+    device = resolve_device(args.device, args.threads)
+    print(f"specserve: device {device.name}" + (f" ({device.note})" if device.note else ""), file=sys.stderr, flush=True)
+    metrics_port = 8002 if args.metrics_port is None else None if args.metrics_port < 0 else args.metrics_port
+    on_metrics = lambda port: print(f"specserve: metrics on http://{args.host}:{port}/metrics",  # noqa: E731
+                                    file=sys.stderr, flush=True)
+    asyncio.run(serve(repository, args.host, args.port, device=device, poll_repository=args.poll_repository,
+                      metrics_port=metrics_port, on_metrics=on_metrics, metrics_required=args.metrics_port is not None,
+                      on_started=lambda port: print(f"specserve: serving {repository} on {args.host}:{port}", flush=True)))
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    import grpc
+
+    from specserve.runtime.client import Client, StreamError
+    from specserve.runtime.client.catalogue import write_catalogue
+    from specserve.runtime.errors import SpectrumReadError
+    from specserve.runtime.io import read_spectra
+
+    failed = 0
+    sent_files: list[str] = []
+
+    def spectra():
+        nonlocal failed
+        for path in args.files:
+            try:
+                items = read_spectra(path)
+            except SpectrumReadError as exc:
+                failed += 1
+                print(f"specserve: skipped {path}: {exc.reason}", file=sys.stderr)
+                continue
+            for spectrum in items:
+                sent_files.append(str(path))
+                yield spectrum
+
+    models = [m for m in args.models.split(",") if m]
+    rows = []
+    with Client(args.server) as client:
+        try:
+            for row in client.stream(spectra(), models=models, batch_size=args.batch, mc_samples=args.mc_samples):
+                rows.append((sent_files[len(rows)], row))
+        except StreamError as exc:
+            print(f"specserve: error: {exc}", file=sys.stderr)
+            return 1
+        except grpc.RpcError as exc:
+            print(f"specserve: error: server {args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    # the headline value of each model on the terminal (the catalogue has every column)
+    present = {k for _, r in rows for k in r.values}
+    columns = [c for c in TERMINAL_COLUMNS if c in present][:6]
+    print("  ".join(["file".ljust(40), "id".ljust(28)] + [c.rjust(14) for c in columns]))
+    for path, row in rows:
+        cells = [f"{row.values[c]:14.5g}" if c in row.values else " " * 14 for c in columns]
+        note = row.error or "; ".join(row.notes)
+        print("  ".join([Path(path).name[:40].ljust(40), row.id[:28].ljust(28)] + cells) + (f"  {note}" if note else ""))
+    errors = sum(1 for _, r in rows if not r.ok)
+    print(f"{len(rows)} spectra analysed, {errors} rejected, {failed} files unreadable")
+    if args.out:
+        write_catalogue(args.out, rows)
+        print(f"catalogue written to {args.out}")
+    return 1 if failed or errors else 0
+
+
+TERMINAL_COLUMNS = ("p_cv", "teff", "logg", "feh", "age", "mass", "reduced_chi2", "teff_err", "age_err", "mass_err")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from specserve.runtime.datakit import data_dir, inspect_file, inspect_kit
+
+    if args.paths:
+        entries = [inspect_file(p.resolve(), p.resolve().parent) for p in args.paths]
+    else:
+        root = data_dir(args.data)
+        print(f"data kit: {root}")
+        entries = inspect_kit(root)
+    failed = 0
+    for e in entries:
+        if e.ok:
+            waves = f"{e.wave_min:8.1f}-{e.wave_max:8.1f} A" if e.wave_min is not None else ""
+            count = f"{e.n_spectra:4d} spectra" if e.kind == "spectrum" else ""
+            print(f"ok    {e.path:60s} {e.kind:10s} {e.detail:22s} {count:12s} {waves}")
+        else:
+            failed += 1
+            print(f"FAIL  {e.path:60s} {e.error}")
+    n_spectra = sum(e.n_spectra for e in entries)
+    print(f"{len(entries)} files, {n_spectra} spectra, {failed} unreadable")
+    return 1 if failed else 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from specserve.training import benchsets
+
+    for name in args.names:
+        seed = benchsets.DEFAULT_SEED if args.seed is None else args.seed
+        bench, folder = benchsets.build(name, data=args.data, cache=args.cache, seed=seed, plot=not args.no_plot)
+        splits = ", ".join(f"{k} {v}" for k, v in bench.meta["split_sizes"].items())
+        print(f"{name}: {bench.size} spectra x {bench.arrays['flux'].shape[1]} px ({splits})")
+        print(f"  sha256 {bench.meta['content_hash']}")
+        print(f"  written to {folder}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from specserve.export.bench.engine import run_preprocess
+    from specserve.runtime.datakit import data_dir
+
+    print(run_preprocess(data_dir(args.data), n=args.n).report())
+    return 0
+
+
+def _cmd_bench_mc(args: argparse.Namespace) -> int:
+    from specserve.export.bench.engine import run_mc
+    from specserve.runtime.datakit import models_dir
+    from specserve.runtime.errors import ModelNotFoundError
+
+    folder = (args.repository or models_dir()) / args.model
+    versions = sorted((int(p.name) for p in folder.glob("[0-9]*") if (p / "model.onnx").is_file()), reverse=True)
+    if not versions:
+        raise ModelNotFoundError(f"no model.onnx under {folder} (`specserve models build` builds the default models)")
+    print(run_mc(folder / str(versions[0]) / "model.onnx", args.batch, args.samples, threads=args.threads).report())
+    return 0
+
+
+def _cmd_bench_all(args: argparse.Namespace) -> int:
+    from specserve.training.common import require_training_extra
+
+    require_training_extra(0)  # the ORT-vs-torch rows need torch
+    from specserve.export.bench.suite import run_all
+    from specserve.runtime.datakit import models_dir
+
+    run_all(args.repository or models_dir(), args.out, quick=args.quick, runs=args.runs)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from specserve.training.common import require_training_extra
+
+    require_training_extra(0)
+    from specserve.export.bench.suite import gpu_check
+    from specserve.runtime.datakit import models_dir
+
+    return 0 if gpu_check(args.repository or models_dir(), args.out, args.device, quick=args.quick) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handlers = {"data": {"inspect": _cmd_inspect, "build": _cmd_build}, "bench": {"preprocess": _cmd_bench, "mc": _cmd_bench_mc}}
+    try:
+        if args.command == "serve":
+            return _cmd_serve(args)
+        if args.command == "analyze":
+            return _cmd_analyze(args)
+        if args.command == "watch":
+            from specserve.runtime.client.watch import watch
+
+            return watch(args.folder, args.out, args.server, rejects=args.rejects, once=args.once,
+                         models=[m for m in args.models.split(",") if m], pattern=args.pattern,
+                         poll=args.poll, mc_samples=args.mc_samples)
+        if hasattr(args, "handler"):
+            return args.handler(args)
+        return handlers[args.command][getattr(args, f"{args.command}_command")](args)
+    except SpecserveError as exc:
+        print(f"specserve: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

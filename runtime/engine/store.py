@@ -1,0 +1,136 @@
+"""The model store: the loaded repository, every ready model behind its batcher, reloads and
+unloads, and the analyzer over it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from specserve.runtime.engine.analysis import Analyzer
+from specserve.runtime.engine.layout import folder_signature, model_folders
+from specserve.runtime.engine.providers import Device
+from specserve.runtime.engine.repository import LoadedModel, load_model_dir, load_repository
+from specserve.runtime.errors import (
+    ModelNotFoundError,
+    ModelNotReadyError,
+)
+
+log = logging.getLogger(__name__)
+
+
+
+log = logging.getLogger(__name__)
+
+class ModelStore:
+    """The loaded repository and the analyzer over it. Every ready model has a batcher
+    (:mod:`.batching`); a replaced or unloaded version's batcher answers what it holds, then
+    stops."""
+
+    def __init__(self, repository: str | Path, device: Device | None = None):
+        self.repository = Path(repository)
+        self.device = device or Device()
+        self.models: dict[str, LoadedModel] = load_repository(self.repository, self.device)
+        for model in self.models.values():
+            model.start_batching()
+        self.failures: dict[str, tuple[str, str]] = {
+            name: m.newer_failure for name, m in self.models.items() if m.newer_failure}
+        """Model name -> (version, reason) of a newer version that failed to load while an older one serves."""
+        self.signatures = {name: folder_signature(self.repository / name) for name in self.models}
+        self._lock = threading.Lock()
+        self.analyzer = Analyzer(self.models)
+        ready = [n for n, m in self.models.items() if m.ready]
+        log.info("repository %s: %d models, ready: %s", self.repository, len(self.models), ", ".join(ready) or "none")
+
+    def reload(self, name: str) -> LoadedModel:
+        """Load model ``name`` again from the repository (its newest version that loads). If
+        nothing loads, a model already serving keeps serving; the failure is kept with its reason."""
+        folder = self.repository / name
+        if name.startswith(".") or "/" in name or not folder.is_dir():
+            raise ModelNotFoundError(f"no model folder {name!r} in {self.repository}")
+        with self._lock:
+            signature = folder_signature(folder)
+            n_models = max(1, len(model_folders(self.repository)))
+            candidate = load_model_dir(folder, self.device, n_models)
+            current = self.models.get(name)
+            if candidate.ready or current is None or not current.ready:
+                self._install(name, candidate)
+                failure = candidate.newer_failure
+                if candidate.ready:
+                    log.info("model %s: serving version %s", name, candidate.version)
+            else:  # nothing loads: the newest version's failure is the candidate's reason
+                failure = (candidate.version, candidate.reason)
+                log.warning("model %s: reload failed (version %s keeps serving): %s", name, current.version,
+                            candidate.reason)
+            if failure:
+                self.failures[name] = failure
+            else:
+                self.failures.pop(name, None)
+            self.signatures[name] = signature
+            return self.models[name]
+
+    def unload(self, name: str) -> None:
+        self.get(name)
+        with self._lock:
+            self._install(name, LoadedModel(name, "", None, reason="unloaded (RepositoryModelUnload)"))
+            self.failures.pop(name, None)
+            log.info("model %s unloaded", name)
+
+    def _install(self, name: str, model: LoadedModel) -> None:
+        old = self.models.get(name)
+        model.start_batching()
+        self.models[name] = model
+        if old is not None and old is not model and old.batcher is not None:
+            old.batcher.close(wait=False)  # its worker answers what it holds, then exits
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop every batcher after it has answered what it holds."""
+        for model in list(self.models.values()):
+            model.stop_batching(timeout)
+
+    def changed(self) -> list[str]:
+        """Model folders added, changed or removed since they were last loaded."""
+        on_disk = {d.name: folder_signature(d) for d in model_folders(self.repository)} if self.repository.is_dir() else {}
+        names = {n for n, sig in on_disk.items() if self.signatures.get(n) != sig}
+        names |= {n for n in self.signatures if n not in on_disk}
+        return sorted(names)
+
+    def refresh(self) -> list[str]:
+        """Reload every changed model folder (a removed one is unloaded); the names handled."""
+        handled = self.changed()
+        for name in handled:
+            if (self.repository / name).is_dir():
+                self.reload(name)
+            else:
+                with self._lock:
+                    self._install(name, LoadedModel(name, "", None, reason="model folder removed"))
+                    self.signatures.pop(name, None)
+                    self.failures.pop(name, None)
+                log.warning("model %s: folder removed, unloaded", name)
+        return handled
+
+    def index(self) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) of every model and every failed newer version."""
+        rows = []
+        for name, model in sorted(self.models.items()):
+            rows.append((name, model.version, "READY" if model.ready else "UNAVAILABLE", model.reason))
+            if name in self.failures:
+                version, reason = self.failures[name]
+                rows.append((name, version, "UNAVAILABLE", reason))
+        return rows
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFoundError(f"unknown model {name!r} (available: {', '.join(sorted(self.models))})")
+        if version and version != model.version:
+            raise ModelNotFoundError(f"model {name!r} has no loaded version {version!r} (serving {model.version!r})")
+        return model
+
+    def ready_model(self, name: str, version: str = "") -> LoadedModel:
+        model = self.get(name, version)
+        if not model.ready:
+            raise ModelNotReadyError(f"model {name!r} is not ready: {model.reason}")
+        return model
+
+

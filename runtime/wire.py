@@ -1,0 +1,111 @@
+"""The ``specserve.v1`` ``Spectrum`` message in both directions: one module for the wire.
+
+:func:`to_proto` is how a client sends a spectrum (log-linear wavelengths as a grid, masked pixels
+as ivar 0). :func:`spectrum_from_proto` is how the server reads it back: wavelengths (explicit or
+a grid), flux, optional ivar and mask, redshift and source resolution into a
+:class:`~specserve.runtime.spectrum.SpectrumInput`, which then goes through
+:mod:`specserve.runtime.pipeline`. Both sides import only the core and the domain proto, so the
+client never loads the engine and tests can round-trip exactly as client and server do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from specserve.protos import specserve_pb2 as pb
+from specserve.runtime.errors import InvalidSpectrumError
+from specserve.runtime.spectrum import Spectrum, SpectrumInput
+
+
+def _as_array(values, name: str, n: int | None, dtype=np.float64) -> np.ndarray | None:
+    if len(values) == 0:
+        return None
+    array = np.fromiter(values, dtype, len(values))
+    if n is not None and array.size != n:
+        raise InvalidSpectrumError(f"{name} has {array.size} values but flux has {n}")
+    return array
+
+
+def spectrum_from_proto(message: pb.Spectrum) -> SpectrumInput:
+    flux = np.fromiter(message.flux, np.float64, len(message.flux))
+    if flux.size == 0:
+        raise InvalidSpectrumError(f"spectrum {message.id!r}: empty flux")
+    which = message.WhichOneof("wavelengths")
+    if which == "wavelength":
+        wave = np.fromiter(message.wavelength.values, np.float64, len(message.wavelength.values))
+    elif which == "grid":
+        grid = message.grid
+        if grid.length != flux.size:
+            raise InvalidSpectrumError(f"spectrum {message.id!r}: grid length {grid.length} but flux has {flux.size} values")
+        if not (np.isfinite(grid.start) and np.isfinite(grid.step) and grid.step > 0):
+            raise InvalidSpectrumError(f"spectrum {message.id!r}: log-linear grid needs finite start and step > 0")
+        wave = 10.0 ** (grid.start + grid.step * np.arange(grid.length))
+    else:
+        raise InvalidSpectrumError(f"spectrum {message.id!r}: no wavelengths (set wavelength or grid)")
+    if wave.size != flux.size:
+        raise InvalidSpectrumError(f"spectrum {message.id!r}: {wave.size} wavelengths but {flux.size} flux values")
+    return SpectrumInput(
+        id=message.id,
+        wavelength=wave,
+        flux=flux,
+        ivar=_as_array(message.ivar, "ivar", flux.size),
+        mask=_as_array(message.mask, "mask", flux.size, bool),
+        redshift=message.redshift if message.HasField("redshift") else None,
+        metadata=dict(message.metadata),
+        source_fwhm=message.source_fwhm if message.HasField("source_fwhm") else None,
+        source_resolution=message.source_resolution if message.HasField("source_resolution") else None,
+    )
+
+
+LOG_LINEAR_RTOL = 1e-10
+"""Wavelengths that 10 ** (start + step * i) reproduces this closely are sent as a grid."""
+
+
+def log_linear(wave: np.ndarray) -> tuple[float, float] | None:
+    """(start, step) in log10 Angstrom when ``wave`` is a log-linear grid (to LOG_LINEAR_RTOL),
+    else None."""
+    if wave.ndim != 1 or wave.size < 3 or not np.all(wave > 0) or not np.all(np.isfinite(wave)):
+        return None
+    log_wave = np.log10(wave)
+    start, step = float(log_wave[0]), float((log_wave[-1] - log_wave[0]) / (wave.size - 1))
+    if not step > 0:
+        return None
+    rebuilt = 10.0 ** (start + step * np.arange(wave.size))
+    return (start, step) if np.max(np.abs(rebuilt - wave) / wave) <= LOG_LINEAR_RTOL else None
+
+
+def to_proto(item) -> pb.Spectrum:
+    """A Spectrum, SpectrumInput or (id, wavelength, flux[, ivar]) tuple as a proto message (a
+    message already built is passed through). Sent compactly, meaning the same to the server:
+    log-linear wavelengths as a grid, masked pixels as ivar 0 when there is an ivar."""
+    if isinstance(item, pb.Spectrum):
+        return item
+    if isinstance(item, Spectrum):
+        item = SpectrumInput.from_spectrum(item)
+    if isinstance(item, tuple):
+        item = SpectrumInput(str(item[0]), *item[1:])
+    flux = np.asarray(item.flux, dtype=np.float32)
+    ivar = None if item.ivar is None else np.asarray(item.ivar, dtype=np.float32)
+    mask = None if item.mask is None or not np.any(item.mask) else np.asarray(item.mask, dtype=bool)
+    if mask is not None and ivar is not None and mask.shape == ivar.shape == flux.shape:
+        # ivar 0 marks an unusable pixel just as the mask does, and is cheaper to send and read
+        ivar, flux, mask = np.where(mask, np.float32(0), ivar), np.where(mask, np.float32(0), flux), None
+    message = pb.Spectrum(id=item.id, flux=flux.tolist())
+    wave = np.asarray(item.wavelength, dtype=np.float64)
+    grid = log_linear(wave)
+    if grid is not None:  # two numbers instead of 8 bytes per pixel, and no list to convert
+        message.grid.start, message.grid.step, message.grid.length = grid[0], grid[1], wave.size
+    else:
+        message.wavelength.values.extend(wave.tolist())
+    if ivar is not None:
+        message.ivar.extend(ivar.tolist())
+    if mask is not None:  # an all-usable mask says nothing
+        message.mask.extend(mask.tolist())
+    if item.redshift is not None:
+        message.redshift = float(item.redshift)
+    if item.source_fwhm is not None:
+        message.source_fwhm = float(item.source_fwhm)
+    elif item.source_resolution is not None:
+        message.source_resolution = float(item.source_resolution)
+    message.metadata.update({str(k): str(v) for k, v in item.metadata.items()})
+    return message

@@ -1,0 +1,160 @@
+"""Command-line glue for PhysFormer.
+
+- ``specserve train physformer [--out RUN_DIR] [--cache DIR] [--set KEY=VALUE ...] [--quick] [--no-ablation]``:
+  train PhysFormer on the ``stars`` set, the plain-decoder ablation into ``RUN_DIR/ablations/plain_decoder``
+  (unless ``--no-ablation``), evaluate (``report.json``, ``report.png``) and print the table.
+- ``specserve eval physformer --run RUN_DIR [--cache DIR]``: re-evaluate a run (with its ablation if trained).
+
+Importing this module imports neither torch nor scikit-learn; the handlers do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from specserve.runtime.errors import SpecserveError
+
+DEFAULT_THREADS = 2
+QUICK_OVERRIDES = {"epochs": 2, "depth": 1, "d_model": 16, "n_heads": 2, "ffn": 32, "encoder_hidden": 32,
+                   "decoder_hidden": 32, "n_layers": 6, "n_components": 4, "n_nodes": 3, "mc_samples": 4}
+QUICK_TRAIN_SPECTRA = 128
+ABLATION = "plain_decoder"
+
+
+def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParsersAction) -> None:
+    from specserve.training.common import key_value
+
+    cmd = train_sub.add_parser("physformer", help="train and evaluate PhysFormer on the 'stars' set")
+    cmd.add_argument("--out", type=Path, help="run folder (default runs/physformer-<timestamp>)")
+    cmd.add_argument("--cache", type=Path, help="benchmark cache (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
+    cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     type=key_value, help="override a PhysFormerConfig field (repeatable)")
+    cmd.add_argument("--quick", action="store_true",
+                     help=f"smoke run: {QUICK_TRAIN_SPECTRA} training spectra and a tiny network")
+    cmd.add_argument("--no-ablation", dest="ablation", action="store_false",
+                     help="skip the plain-decoder ablation (its report row stays empty)")
+    cmd.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (default 2)")
+    cmd.set_defaults(handler=cmd_train)
+
+    ev = eval_sub.add_parser("physformer", help="re-evaluate a PhysFormer run on the 'stars' set")
+    ev.add_argument("--run", type=Path, required=True, help="run folder holding checkpoint.pt")
+    ev.add_argument("--cache", type=Path, help="benchmark cache")
+    ev.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (default 2)")
+    ev.set_defaults(handler=cmd_eval)
+
+
+def quick_config(config: Any = None) -> Any:
+    from specserve.training.common import config_with_overrides
+    from specserve.training.physformer.model import PhysFormerConfig
+
+    return config_with_overrides({k: str(v) for k, v in QUICK_OVERRIDES.items()}, config or PhysFormerConfig())
+
+
+def quick_indices(bench, seed: int) -> np.ndarray:
+    from specserve.training.common import quick_indices as sample
+
+    return sample(bench, QUICK_TRAIN_SPECTRA, seed)
+
+
+def qso_inputs(cache: Path | None) -> dict[str, np.ndarray]:
+    """The QSO-template spectra of the ``cv`` set (same grid as ``stars``) as non-stellar inputs."""
+    from specserve.training.common import load_set
+    from specserve.training.inputs import model_inputs
+
+    cv = load_set("cv", cache)
+    idx = np.flatnonzero(cv.arrays["source"] == "qso_template")
+    return {"qso_template": model_inputs(cv, idx)} if idx.size else {}
+
+
+def headline(report: Mapping[str, Any]) -> str:
+    levels = report["snr_levels"]
+    lines = [f"{'model':18s} {'FGK MAE Teff K':>14s} {'logg':>6s} {'[Fe/H]':>6s} {'all: Teff':>9s} {'logg':>6s} "
+             f"{'[Fe/H]':>6s}  in box  FGK Teff MAE at S/N {'/'.join(levels)}"]
+    for name, row in report["rows"].items():
+        f, a = row["native"]["fgk"]["mae"], row["native"]["all"]["mae"]
+        by_snr = "/".join(f"{row['snr'][s]['fgk']['mae']['teff']:.0f}" for s in levels)
+        lines.append(f"{name:18s} {f['teff']:14.0f} {f['logg']:6.3f} {f['feh']:6.3f} {a['teff']:9.0f} {a['logg']:6.3f} "
+                     f"{a['feh']:6.3f}  {row['native']['in_box_fraction']:6.3f}  {by_snr}")
+    pf = report["rows"]["physformer"]
+    lines.append("physformer in box at S/N " + ", ".join(f"{s}: {pf['snr'][s]['in_box_fraction']:.3f}" for s in levels)
+                 + "; non-stellar inputs: " + ", ".join(f"{k} {v:.3f}" for k, v in report["in_box_non_stellar"].items()))
+    chi2 = pf["reduced_chi2"]
+    lines.append(f"reduced chi-square p10/p50/p90: {chi2['p10']:.2f}/{chi2['p50']:.2f}/{chi2['p90']:.2f}; generation "
+                 f"median residual rms {report['generation']['median_residual_rms']:.4f}")
+    t = report["target"]
+    lines.append(f"target (FGK MAE <= 110 K / 0.25 / 0.15, beat every baseline, S/N 10 <= 2x native, 100 % in box): "
+                 f"{'met' if t['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def _load(run_dir: Path):
+    from specserve.training.physformer.model import PhysFormer
+    from specserve.training.trainer import CHECKPOINT_NAME, load_checkpoint
+
+    path = run_dir / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("model_kind") != "physformer":
+        raise SpecserveError(f"{path} holds a {checkpoint.get('model_kind')!r} model, not a PhysFormer")
+    return PhysFormer.from_checkpoint(checkpoint), checkpoint
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from specserve.training.common import config_with_overrides, load_set, require_training_extra
+
+    require_training_extra(args.threads)
+    from specserve.training.physformer.evaluate import PhysFormerEvalConfig, evaluate_physformer
+    from specserve.training.physformer.model import PhysFormerConfig
+    from specserve.training.physformer.train import train_physformer
+
+    base = quick_config() if args.quick else PhysFormerConfig()
+    config = config_with_overrides(dict(args.overrides), base)
+    run_dir = Path(args.out) if args.out is not None else Path("runs") / f"physformer-{time.strftime('%Y%m%d-%H%M%S')}"
+    bench = load_set("stars", args.cache)
+    train_indices = quick_indices(bench, config.seed) if args.quick else None
+    info = {"quick": bool(args.quick)}
+    t0 = time.perf_counter()
+    model, trainer = train_physformer(config, run_dir, bench, train_indices=train_indices, run_info=info)
+    train_s = time.perf_counter() - t0
+    print(f"PhysFormer trained in {train_s:.0f} s ({trainer.step} steps)", flush=True)
+    ablation = None
+    if args.ablation:
+        t1 = time.perf_counter()
+        ablation, _ = train_physformer(dataclasses.replace(config, decoder="plain"), run_dir / "ablations" / ABLATION,
+                                       bench, train_indices=train_indices, run_info={**info, "ablation": ABLATION})
+        print(f"ablation {ABLATION} trained in {time.perf_counter() - t1:.0f} s", flush=True)
+    report = evaluate_physformer(model, bench, run_dir, PhysFormerEvalConfig(mc_samples=config.mc_samples),
+                                 train_indices=train_indices, ablation=ablation, others=qso_inputs(args.cache),
+                                 extra={"training": {"wall_s": round(train_s, 2), "steps": trainer.step}})
+    print(f"run folder: {run_dir}; report: {run_dir / 'report.json'}")
+    print(headline(report))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from specserve.training.common import load_set, require_training_extra
+
+    require_training_extra(args.threads)
+    from specserve.training.physformer.evaluate import PhysFormerEvalConfig, evaluate_physformer
+
+    loaded = _load(Path(args.run))
+    if loaded is None:
+        raise SpecserveError(f"no checkpoint.pt in {args.run}")
+    model, checkpoint = loaded
+    ablation = _load(Path(args.run) / "ablations" / ABLATION)
+    bench = load_set("stars", args.cache)
+    indices = checkpoint.get("config", {}).get("data", {}).get("train_indices")
+    report = evaluate_physformer(model, bench, args.run, PhysFormerEvalConfig(mc_samples=model.config.mc_samples),
+                                 train_indices=None if indices is None else np.asarray(indices),
+                                 ablation=None if ablation is None else ablation[0], others=qso_inputs(args.cache))
+    print(f"run folder: {args.run}; report: {Path(args.run) / 'report.json'}")
+    print(headline(report))
+    return 0

@@ -1,0 +1,129 @@
+"""The PhysFormer training recipe on the ``stars`` set: :func:`train_physformer`.
+
+AdamW with warm-up and cosine decay, gradient clipping at 1, the loss of
+:meth:`~specserve.training.physformer.model.PhysFormer.loss` (reduced chi-square of the reconstruction
+from the encoded parameters and from the catalogue parameters, plus the MSE of the standardised
+parameters). Every epoch a fraction of the training spectra is augmented on the raw spectrum
+(noise at S/N ``augment_snr_min``-``augment_snr_max``, constant or photon-like, a radial-velocity
+residual, a flux-calibration tilt, masked pixel runs) and goes through the serving pipeline
+(:func:`specserve.training.inputs.training_pool`), so the encoder learns what a served noisy
+spectrum looks like after normalisation; the reconstruction is scored against that spectrum with
+its own ivar. The kept epoch has the lowest validation parameter loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from specserve.runtime.errors import SpecserveError
+from specserve.training.inputs import observed, training_pool
+from specserve.training.physformer.model import PhysFormer, PhysFormerConfig
+
+if TYPE_CHECKING:
+    from specserve.training.benchsets import BenchmarkSet
+    from specserve.training.trainer import Trainer
+
+
+def inputs(bench: BenchmarkSet, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Model input flux (masked pixels filled) and ivar (masked 0) of spectra ``idx`` as built."""
+    prepared = observed(bench, idx)
+    return prepared.model_flux(), prepared.model_ivar()
+
+
+def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: BenchmarkSet, *,
+                     train_indices: np.ndarray | None = None, progress: bool | None = None,
+                     run_info: Mapping[str, Any] | None = None) -> tuple[PhysFormer, Trainer]:
+    from specserve.training.trainer import Phase, Trainer, run_config, seed_everything, update_checkpoint, warmup_cosine
+
+    cfg = config
+    a = bench.arrays
+    if a["flux"].shape[1] != cfg.n_pixels:
+        raise SpecserveError(f"set {bench.name!r} has {a['flux'].shape[1]} pixels, the config {cfg.n_pixels}")
+    grid = bench.preprocessing.grid
+    if abs(grid.start - cfg.log10_start) > 1e-9 or abs(grid.step - cfg.log10_step) > 1e-12:
+        raise SpecserveError("the config's wavelength grid is not the set's")
+    train = bench.split_indices("train") if train_indices is None else np.asarray(train_indices)
+    val = bench.split_indices("validation")
+    labels = torch.from_numpy(a["labels"].astype(np.float32))
+    x_val, iv_val = (torch.from_numpy(v) for v in inputs(bench, val))
+    y_val = labels[val]
+    config_json = run_config("physformer", cfg.to_dict(), bench, train, val.size, train_indices is not None, run_info)
+    seed_everything(cfg.seed)  # the initial weights depend on the seed only, not on what ran before
+    model = PhysFormer(cfg)
+    trainer = Trainer(model, run_dir, config_json, model_kind="physformer", model_config=cfg.to_dict(),
+                      seed=cfg.seed, log_every=5, progress=progress)
+    with torch.no_grad():
+        model.set_standardisation(labels[train])
+    rng = np.random.default_rng([cfg.seed, 2])
+    pool = training_pool(cfg, bench, train, np.random.default_rng([cfg.seed, 3]))
+
+    def batches(epoch: int):
+        prepared = pool.epoch(epoch)
+        x, iv = torch.from_numpy(prepared.model_flux()), torch.from_numpy(prepared.model_ivar())
+        order = torch.from_numpy(rng.permutation(train.size))
+        for lo in range(0, train.size, cfg.batch_size):
+            j = order[lo:lo + cfg.batch_size]
+            yield x[j], iv[j], labels[train][j], x[j]
+
+    def validate(m: PhysFormer) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for lo in range(0, val.size, 64):
+            _, metrics = m.loss(x_val[lo:lo + 64], iv_val[lo:lo + 64], y_val[lo:lo + 64])
+            for k, v in metrics.items():
+                out[k] = out.get(k, 0.0) + v * min(64, val.size - lo) / val.size
+        return out
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, cfg.epochs, -(-train.size // cfg.batch_size), cfg.warmup_epochs)
+    trainer.fit(Phase("train", cfg.epochs, optimizer, batches, lambda m, batch: m.loss(*batch),
+                      validate=validate, monitor="param", grad_clip=1.0, scheduler=scheduler))
+    update_checkpoint(trainer.checkpoint_path, model, calibration=calibrate(model, bench, cfg.mc_samples, cfg.seed))
+    return model, trainer
+
+
+def physformer_predict(model: PhysFormer, flux: np.ndarray, n_samples: int, seed: int = 0,
+                       batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """MC mean and std (calibrated: times ``model.std_scale``) of the parameters, the mean latent and
+    the reconstruction from the mean."""
+    model.eval()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    means, stds, latents, recon = [], [], [], []
+    try:
+        with torch.no_grad():
+            for lo in range(0, flux.shape[0], batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(flux[lo:lo + batch_size]))
+                draws = [model.encode(x, torch.zeros(())) for _ in range(n_samples)]
+                p = torch.stack([d[0] for d in draws])              # (T, b, 3)
+                z = torch.stack([d[1] for d in draws]).mean(0)
+                logt = torch.log10(p[..., :1])
+                mean = torch.cat([10 ** logt.mean(0), p[..., 1:].mean(0)], dim=1)
+                std = torch.cat([mean[:, :1] * np.log(10) * logt.std(0), p[..., 1:].std(0)], dim=1) * model.std_scale
+                means.append(mean.numpy())
+                stds.append(std.numpy())
+                latents.append(z.numpy())
+                recon.append(model.generate(mean, z).numpy())
+    finally:
+        torch.random.set_rng_state(state)
+    return np.concatenate(means), np.concatenate(stds), np.concatenate(latents), np.concatenate(recon)
+
+
+def calibrate(model: PhysFormer, bench: BenchmarkSet, n_samples: int, seed: int = 0) -> dict[str, Any]:
+    """Set ``model.std_scale`` so that on the validation split 68.27 % of the catalogue values lie
+    within one calibrated std of the MC mean (per parameter); returns the numbers."""
+    from specserve.training.common import ONE_SIGMA
+
+    val = bench.split_indices("validation")
+    truth = bench.arrays["labels"][val]
+    model.std_scale.fill_(1.0)
+    mean, std, _, _ = physformer_predict(model, inputs(bench, val)[0], n_samples, seed=seed)
+    ratio = np.abs(truth - mean) / np.maximum(std, 1e-12)
+    scale = np.quantile(ratio, ONE_SIGMA, axis=0)
+    model.std_scale.copy_(torch.from_numpy(scale.astype(np.float32)))
+    return {"std_scale": [float(v) for v in scale], "n_samples": n_samples, "split": "validation",
+            "raw_coverage_1sigma": [float(v) for v in np.mean(ratio <= 1.0, axis=0)]}
