@@ -25,6 +25,7 @@ from specserve.export.onnx_export import export_model
 from specserve.export.repository import config_pbtxt, write_model
 from specserve.runtime.contract import ModelCard
 from specserve.runtime.engine.batching import DEFAULT_MAX_QUEUE_SIZE, BatchingConfig
+from specserve.runtime.engine.layout import batching_config, parse_config, read_config, write_config
 from specserve.runtime.engine.repository import load_model_dir
 from specserve.runtime.errors import DeadlineExceededError, QueueFullError, ShuttingDownError
 
@@ -62,16 +63,16 @@ def _direct(onnx_path: Path, flux: np.ndarray) -> np.ndarray:
 def test_config_round_trip_and_defaults():
     rbm = card()
     text = config_pbtxt("rbm", rbm, max_batch_size=32, max_queue_delay_us=2500, max_queue_size=7)
-    assert BatchingConfig.from_pbtxt(text) == BatchingConfig(32, 0.0025, 7)
+    assert batching_config(parse_config(text)) == BatchingConfig(32, 0.0025, 7)
     # an MC model has max_batch_size 0 in Triton's sense; its rows come from our parameter
     spt = ModelCard(kind="spt", preprocessing=rbm.preprocessing, label_names=("age", "mass"),
                     label_units=("Gyr", "Msun"), normalisation={"mc_samples": {"default": 4, "max": 16}})
     text = config_pbtxt("spt", spt, max_batch_size=200)
-    assert "max_batch_size: 0" in text
-    assert BatchingConfig.from_pbtxt(text) == BatchingConfig(64, 0.0, DEFAULT_MAX_QUEUE_SIZE)
+    assert parse_config(text).max_batch_size == 0
+    assert batching_config(parse_config(text)) == BatchingConfig(64, 0.0, DEFAULT_MAX_QUEUE_SIZE)
     # a config written before batching had settings, or none at all: the defaults
-    assert BatchingConfig.from_pbtxt('max_batch_size: 256\ndynamic_batching { }\n') == BatchingConfig()
-    assert BatchingConfig.for_model_dir(Path("/nonexistent")) == BatchingConfig()
+    assert batching_config(parse_config('max_batch_size: 256\ndynamic_batching { }\n')) == BatchingConfig()
+    assert batching_config(None) == BatchingConfig()
 
 
 # ------------------------------------------------------------------ in-process
@@ -133,9 +134,9 @@ def test_mc_outputs_are_split_along_their_own_batch_axis(spt_run, tmp_path):
 
     bench, run_dir, _, _ = spt_run
     folder, _, _ = export_spt(run_dir, tmp_path, served_check=False)
-    (folder.parent / "config.pbtxt").write_text(
-        (folder.parent / "config.pbtxt").read_text().replace("max_queue_delay_microseconds: 0",
-                                                              "max_queue_delay_microseconds: 300000"))
+    config = read_config(folder.parent)
+    config.dynamic_batching.max_queue_delay_microseconds = 300000
+    write_config(folder.parent, config)
     model = load_model_dir(folder.parent)
     model.start_batching()
     flux = model_inputs(bench, bench.split_indices("test")[:6])

@@ -12,6 +12,7 @@ import torch
 from specserve.export.cli import main
 from specserve.export.rbm import ATOL, RTOL
 from specserve.runtime.contract import ModelCard
+from specserve.runtime.engine.layout import read_config
 from specserve.training.common import REPORT_JSON
 from specserve.training.inputs import model_inputs
 from specserve.training.rbm.model import RBMClassifier
@@ -27,8 +28,8 @@ def test_export_command_writes_a_validated_self_describing_model(cv_run, tmp_pat
     assert _export(run_dir, repo) == 0
     out = capsys.readouterr().out
     assert "torch vs ORT max |diff|" in out and f"exported to {repo / 'rbm' / '1'}" in out
-    config = (repo / "rbm" / "config.pbtxt").read_text()
-    assert 'name: "rbm"' in config and 'platform: "onnxruntime_onnx"' in config and "dims: [ 3011 ]" in config
+    config = read_config(repo / "rbm")
+    assert config.name == "rbm" and config.platform == "onnxruntime_onnx" and list(config.input[0].dims) == [3011]
     assert "Chen, Wu, Bu & Zhao 2014" in (repo / "rbm" / "README.md").read_text()
 
     session = ort.InferenceSession(str(repo / "rbm" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -13,6 +13,7 @@ import pytest
 from specserve.export.cli import main
 from specserve.export.spt import check_mc, export_spt_model, spt_card
 from specserve.runtime.contract import ModelCard
+from specserve.runtime.engine.layout import read_config
 from specserve.runtime.engine.repository import load_model_file
 from specserve.runtime.errors import ExportError
 from specserve.training.rbm.evaluate import model_inputs
@@ -34,8 +35,9 @@ def test_export_writes_a_self_describing_model_with_random_ops(exported, spt_run
     ops = {n.op_type for n in graph.graph.node}
     assert "RandomUniformLike" in ops and "Tile" in ops and "Dropout" not in ops
     assert graph.opset_import[0].version <= 21
-    config = (exported / "spt" / "config.pbtxt").read_text()
-    assert "max_batch_size: 0" in config and 'name: "n_samples"' in config and "dims: [ -1, -1, 2 ]" in config
+    config = read_config(exported / "spt")
+    assert config.max_batch_size == 0 and [t.name for t in config.input if t.optional] == ["n_samples", "seed"]
+    assert {t.name: list(t.dims) for t in config.output}["samples"] == [-1, -1, 2]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     card = ModelCard.from_metadata_props(session.get_modelmeta().custom_metadata_map)
     assert card.kind == "spt" and card.label_names == ("age", "mass") and card.label_units == ("Gyr", "Msun")
