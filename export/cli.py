@@ -152,12 +152,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     import grpc
 
     from specserve.runtime.client import Client, StreamError
-    from specserve.runtime.client.catalogue import write_catalogue
+    from specserve.runtime.client.catalogue import Sources, write_catalogue
     from specserve.runtime.errors import SpectrumReadError
     from specserve.runtime.io import read_spectra
 
     failed = 0
-    sent_files: list[str] = []
+    sources = Sources()
 
     def spectra():
         nonlocal failed
@@ -169,15 +169,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                 print(f"specserve: skipped {path}: {exc.reason}", file=sys.stderr)
                 continue
             for spectrum in items:
-                sent_files.append(str(path))
-                yield spectrum
+                yield sources.add(spectrum, path)
 
     models = [m for m in args.models.split(",") if m]
-    rows = []
     with Client(args.server) as client:
         try:
-            for row in client.stream(spectra(), models=models, batch_size=args.batch, mc_samples=args.mc_samples):
-                rows.append((sent_files[len(rows)], row))
+            rows = sources.pair(list(client.stream(spectra(), models=models, batch_size=args.batch,
+                                                   mc_samples=args.mc_samples)))
         except StreamError as exc:
             print(f"specserve: error: {exc}", file=sys.stderr)
             return 1

@@ -126,6 +126,20 @@ def prepare(recipe: Preprocessing, spectra: Sequence[SpectrumInput]) -> Prepared
     return Prepared(flux, ivar, mask, has_ivar)
 
 
+def span_coverage(recipe: Preprocessing, spectrum: SpectrumInput) -> float:
+    """The fraction of the recipe's grid inside the spectrum's rest-frame wavelength span, with one
+    input pixel of slack at each end: an upper bound of :attr:`Prepared.coverage`, known without
+    preprocessing (a spectrum below the threshold on this count is below it after preprocessing)."""
+    wave = np.asarray(spectrum.wavelength, dtype=np.float64)
+    if wave.size < 2:
+        return 1.0  # nothing to bound: the full check decides
+    lo, hi = 2 * wave[0] - wave[1], 2 * wave[-1] - wave[-2]
+    if spectrum.redshift:
+        lo, hi = lo / (1.0 + spectrum.redshift), hi / (1.0 + spectrum.redshift)
+    grid = recipe.grid.wavelength
+    return float(np.count_nonzero((grid >= lo) & (grid <= hi))) / grid.size
+
+
 def prepare_raw(recipe: Preprocessing, spectra: Sequence[SpectrumInput]) -> Prepared:
     """:func:`checked` then :func:`prepare`: raw spectra that must all be valid (the set builders
     and evaluations, whose spectra are known good; an invalid one raises)."""

@@ -148,7 +148,7 @@ class SpectrumInput:
         resolution the reader knows are passed on."""
         z = spectrum.meta.extra.get("z")
         return cls(id or spectrum.meta.object_id, spectrum.wavelength, spectrum.flux, spectrum.ivar,
-                   spectrum.mask, float(z) if z is not None else None, {"file": spectrum.meta.file},
+                   spectrum.mask, float(z) if z is not None else None,
                    source_fwhm=spectrum.meta.fwhm, source_resolution=spectrum.meta.resolution)
 
     def with_arrays(self, **changes: Any) -> "SpectrumInput":

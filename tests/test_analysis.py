@@ -76,12 +76,41 @@ def test_bad_spectra_fail_alone(analyzer):
         assert by_id[s.id].results == []
 
 
-def test_not_applicable_when_grid_not_covered(analyzer):
+def test_not_applicable_when_grid_not_covered(analyzer, monkeypatch):
+    from specserve.runtime.engine import analysis
+
     az, _ = analyzer
-    wave = np.linspace(15100, 16900, 4000)  # an APOGEE spectrum
-    (outcome,) = az.analyze([SpectrumInput("ir", wave, np.ones(4000))])
-    (result,) = outcome.results
-    assert not result.applicable and "covers 0% of the model grid" in result.reason
+    prepared = []
+    real_prepare = analysis.prepare
+
+    def counting(recipe, spectra):
+        prepared.extend(s.id for s in spectra)
+        return real_prepare(recipe, spectra)
+
+    monkeypatch.setattr(analysis, "prepare", counting)
+    half = np.linspace(3600, 5200, 2000)  # a blue arm alone: about a third of the grid
+    outcomes = az.analyze([SpectrumInput("ir", np.linspace(15100, 16900, 4000), np.ones(4000)),  # APOGEE
+                           SpectrumInput("blue", half, np.ones(2000)),
+                           SpectrumInput("full", np.linspace(3600, 7500, 3000), np.ones(3000))])
+    ir, blue, full = (o.results[0] for o in outcomes)
+    assert not ir.applicable and "covers 0% of the model grid" in ir.reason
+    assert not blue.applicable and "of the model grid" in blue.reason and full.applicable
+    # the two that cannot cover the grid were turned away before their preprocessing
+    assert prepared == ["full"]
+
+
+def test_span_coverage_bounds_the_coverage_from_above(kit):
+    from specserve.runtime.pipeline import prepare_raw, span_coverage
+
+    files = sorted((kit / "lamost_dr1/fits").glob("*.fits"))[:8] + [kit / "sdss_dr12/spec-3764-55514-0972.fits"]
+    spectra = [SpectrumInput.from_spectrum(read_spectra(f)[0]) for f in files]
+    cut = [s.with_arrays(wavelength=s.wavelength[: len(s.flux) // 3], flux=s.flux[: len(s.flux) // 3],
+                         ivar=None if s.ivar is None else s.ivar[: len(s.flux) // 3],
+                         mask=None if s.mask is None else s.mask[: len(s.flux) // 3]) for s in spectra]
+    for s in spectra + cut:
+        exact = float(prepare_raw(OPTICAL_PREPROCESSING, [s]).coverage[0])
+        assert exact <= span_coverage(OPTICAL_PREPROCESSING, s) + 1e-12, s.id
+    assert min(span_coverage(OPTICAL_PREPROCESSING, s) for s in cut) < 0.75
 
 
 def test_unknown_and_unready_models(analyzer):

@@ -1,8 +1,8 @@
 """A real server process on a real port: KServe v2 through tritonclient, the domain API through
 the specserve client and raw stubs, health, reflection, status codes, and `specserve analyze`.
 
-The server runs in a subprocess: tritonclient's compiled protocol and ours define the same
-message names, so they are not imported into one interpreter.
+The server runs in a subprocess, as users run it; the KServe servicer is built on tritonclient's
+own compiled protos, so one interpreter can also hold both (the last test does).
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ def test_triton_client_metadata_and_readiness(server):
     assert meta.name == "rbm" and list(meta.versions) == ["1"]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("flux", "FP32", [-1, 3011])]
     assert [t.name for t in meta.outputs] == ["probabilities", "free_energy"]
-    assert client.get_server_metadata().name == "specserve"
+    server_meta = client.get_server_metadata()
+    assert server_meta.name == "specserve"
+    assert {"model_configuration", "model_repository", "statistics"} <= set(server_meta.extensions)
     with pytest.raises(triton.InferenceServerException) as info:
         client.get_model_metadata("nope")
     assert "StatusCode.NOT_FOUND" in str(info.value.status())
@@ -271,3 +273,52 @@ def test_second_server_on_a_busy_port_fails_clearly(server, repo):
     missing = subprocess.run([SPECSERVE, "serve", "--repository", str(repo[0] / "nope"), "--port", "0"],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_triton_get_model_config_is_the_repositorys_config(server, repo):
+    from specserve.runtime.engine.layout import read_config
+
+    client = triton.InferenceServerClient(server)
+    config = client.get_model_config("rbm").config
+    on_disk = read_config(repo[0] / "rbm")
+    assert config.max_batch_size == on_disk.max_batch_size == 256
+    assert config == on_disk and config.platform == "onnxruntime_onnx"
+    assert [t.name for t in config.input] == ["flux"]
+    with pytest.raises(triton.InferenceServerException) as info:
+        client.get_model_config("broken")
+    assert "StatusCode.UNAVAILABLE" in str(info.value.status())
+
+
+ONE_PROCESS = """
+import asyncio, sys, threading
+import numpy as np
+import tritonclient.grpc as triton
+from specserve.runtime.client import Client
+from specserve.runtime.serving.server import create_server
+
+async def main():
+    server, port = create_server(sys.argv[1])
+    await server.start()
+    address = f"127.0.0.1:{port}"
+    def requests():
+        client = triton.InferenceServerClient(address)
+        flux = np.ones((2, 3011), np.float32)
+        inp = triton.InferInput("flux", [2, 3011], "FP32")
+        inp.set_data_from_numpy(flux)
+        probs = client.infer("rbm", [inp]).as_numpy("probabilities")
+        with Client(address) as ours:
+            (row,) = ours.analyze([("one", np.linspace(3700, 7400, 3000), np.ones(3000))])
+        print(probs.shape, client.get_model_config("rbm").config.max_batch_size, "p_cv" in row.values)
+    await asyncio.to_thread(requests)
+    await server.stop(1)
+    server.store.close()
+
+asyncio.run(main())
+"""
+
+
+def test_tritonclient_and_the_server_in_one_process(repo):
+    proc = subprocess.run([sys.executable, "-c", ONE_PROCESS, str(repo[0])], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["(2,", "2)", "256", "True"]

@@ -111,3 +111,22 @@ def test_bad_arguments_are_clear(tmp_path):
     (tmp_path / "c.fits").write_text("not a catalogue")
     with pytest.raises(SpecserveError, match="cannot read the catalogue"):
         WatchState.load(tmp_path / "c.fits")
+
+
+def test_results_find_their_files_by_id_even_when_object_ids_repeat(kit):
+    from specserve.runtime.client import Row, StreamError
+    from specserve.runtime.client.catalogue import Sources
+    from specserve.runtime.io import read_spectra
+
+    path = sorted((kit / "lamost_dr1/fits").glob("*.fits"))[0]
+    (spectrum,) = read_spectra(path)
+    sources = Sources()
+    sent = [sources.add(spectrum, f"copy-{i}.fits") for i in range(3)]  # one object in three files
+    base = spectrum.meta.object_id
+    assert [s.id for s in sent] == [base, f"{base}#2", f"{base}#3"]
+    assert all(s.metadata == {} for s in sent)  # the file name is not sent
+    answered = [Row(f"{base}#3"), Row(base), Row(f"{base}#2")]  # in any order
+    assert [(f, r.id) for f, r in sources.pair(answered)] == [
+        ("copy-2.fits", f"{base}#3"), ("copy-0.fits", base), ("copy-1.fits", f"{base}#2")]
+    with pytest.raises(StreamError, match="not sent"):
+        sources.pair([Row("someone-else")])

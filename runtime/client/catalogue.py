@@ -8,7 +8,37 @@ from pathlib import Path
 
 import numpy as np
 
-from specserve.runtime.client.client import Row
+from specserve.runtime.client.client import Row, StreamError
+from specserve.runtime.spectrum import Spectrum, SpectrumInput
+
+
+class Sources:
+    """Which file each spectrum of one stream came from, by spectrum id. Ids are made unique within
+    the stream (a repeated object id gets ``#2``, ``#3``...), so every result finds its file by its
+    own id, never by its position; the file name itself is not sent."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, str] = {}
+        self._seen: dict[str, int] = {}
+
+    def add(self, spectrum: Spectrum, path: str | Path) -> SpectrumInput:
+        """The request for ``spectrum`` read from ``path``, under an id unique in this stream."""
+        base = spectrum.meta.object_id
+        n = self._seen.get(base, 0)
+        sid = base
+        while sid in self._files:
+            n += 1
+            sid = f"{base}#{n + 1}"
+        self._seen[base] = n
+        self._files[sid] = str(path)
+        return SpectrumInput.from_spectrum(spectrum, id=sid)
+
+    def pair(self, rows: Sequence[Row]) -> list[tuple[str, Row]]:
+        """``(file, row)`` for each result, found by the result's id."""
+        try:
+            return [(self._files[row.id], row) for row in rows]
+        except KeyError as exc:
+            raise StreamError(f"the server answered for spectrum {exc.args[0]!r}, which was not sent") from None
 
 
 def catalogue_table(rows: Sequence[tuple[str, Row]]):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import grpc
 
-from specserve.runtime.client.catalogue import catalogue_format, catalogue_table
+from specserve.runtime.client.catalogue import Sources, catalogue_format, catalogue_table
 from specserve.runtime.client.client import Client, Row, StreamError
 from specserve.runtime.errors import SpecserveError, SpectrumReadError
 from specserve.runtime.io import read_spectra
@@ -173,7 +173,7 @@ class Watcher:
     def _process(self, files: list[str]) -> bool:
         """Read, send and record one batch of files; False on an error that retrying cannot fix."""
         spectra: list[SpectrumInput] = []
-        owners: list[str] = []
+        sources = Sources()
         for name in files:
             try:
                 items = read_spectra(name)
@@ -182,9 +182,7 @@ class Watcher:
                 log.warning("rejected %s: %s", name, exc.reason)
                 self.out(f"specserve watch: rejected {name}: {exc.reason}")
                 continue
-            for spectrum in items:
-                spectra.append(SpectrumInput.from_spectrum(spectrum))
-                owners.append(name)
+            spectra += [sources.add(spectrum, name) for spectrum in items]
         if not spectra:
             return True
         while not self.stop.is_set():
@@ -205,7 +203,12 @@ class Watcher:
                 return False
         else:
             return True  # stopped while waiting for the server: these files stay to do
-        self.state.append(list(zip(owners, rows)))
+        try:
+            paired = sources.pair(rows)
+        except StreamError as exc:
+            self.out(f"specserve watch: error: {exc}")
+            return False
+        self.state.append(paired)
         self._spectra += len(rows)
         rate = self._spectra / max(time.perf_counter() - self._t0, 1e-9)
         self.out(f"specserve watch: +{len(files)} files, {len(rows)} spectra; catalogue {self.state.n_rows} rows, "

@@ -21,15 +21,13 @@ from typing import Callable
 import numpy as np
 
 from specserve.runtime.contract import N_SAMPLES, ModelCard
-from specserve.runtime.engine.repository import LoadedModel
+from specserve.runtime.engine.repository import LoadedModel, lookup
 from specserve.runtime.errors import (
     InvalidInputError,
     InvalidSpectrumError,
-    ModelNotFoundError,
-    ModelNotReadyError,
     SpecserveError,
 )
-from specserve.runtime.pipeline import MIN_COVERAGE, checked, prepare
+from specserve.runtime.pipeline import MIN_COVERAGE, checked, prepare, span_coverage
 from specserve.runtime.spectrum import SpectrumInput
 
 __all__ = ["Analyzer", "ModelResult", "SpectrumInput", "SpectrumOutcome", "MIN_COVERAGE"]
@@ -107,11 +105,7 @@ class Analyzer:
             return [m for _, m in sorted(self.models.items()) if m.ready and _analyses_spectra(m)]
         chosen = []
         for name in names:
-            if name not in self.models:
-                raise ModelNotFoundError(f"unknown model {name!r} (available: {', '.join(sorted(self.models))})")
-            model = self.models[name]
-            if not model.ready:
-                raise ModelNotReadyError(f"model {name!r} is not ready: {model.reason}")
+            model = lookup(self.models, name)
             if not _analyses_spectra(model):
                 raise InvalidInputError(
                     f"model {name!r} does not analyse spectra (its inputs: "
@@ -155,19 +149,29 @@ class Analyzer:
         card = model.card
         recipe = card.preprocessing
         wants_ivar = "ivar" in card.contract.input_names
-        index = [i for i, s in enumerate(valid) if s is not None]
+        def not_covering(i: int, coverage: float) -> tuple[int, ModelResult]:
+            lo, hi = float(valid[i].wavelength[0]), float(valid[i].wavelength[-1])
+            return i, ModelResult(
+                model.name, model.version, False,
+                reason=(f"spectrum covers {coverage:.0%} of the model grid "
+                        f"({recipe.grid.wavelength[0]:.0f}-{recipe.grid.wavelength[-1]:.0f} A; "
+                        f"spectrum {lo:.0f}-{hi:.0f} A); needs {MIN_COVERAGE:.0%}"))
+
+        # a spectrum whose wavelength span cannot cover enough of the grid is turned away before
+        # its preprocessing (the span bounds the coverage from above); the rest are checked exactly
+        index = []
+        for i, s in enumerate(valid):
+            if s is None:
+                continue
+            span = span_coverage(recipe, s)
+            if span < MIN_COVERAGE:
+                found.append(not_covering(i, span))
+            else:
+                index.append(i)
         prepared = prepare(recipe, [valid[i] for i in index])
         coverage = prepared.coverage
         keep = np.flatnonzero(coverage >= MIN_COVERAGE)
-        for row in np.flatnonzero(coverage < MIN_COVERAGE):
-            i = index[row]
-            lo, hi = float(valid[i].wavelength[0]), float(valid[i].wavelength[-1])
-            found.append((i, ModelResult(
-                model.name, model.version, False,
-                reason=(f"spectrum covers {coverage[row]:.0%} of the model grid "
-                        f"({recipe.grid.wavelength[0]:.0f}-{recipe.grid.wavelength[-1]:.0f} A; "
-                        f"spectrum {lo:.0f}-{hi:.0f} A); needs {MIN_COVERAGE:.0%}"),
-            )))
+        found += [not_covering(index[row], float(coverage[row])) for row in np.flatnonzero(coverage < MIN_COVERAGE)]
         owners = [index[row] for row in keep]
         if not owners:
             return found

@@ -67,11 +67,16 @@ class LoadedModel:
     def ready(self) -> bool:
         return self.session is not None
 
+    def require_ready(self) -> "LoadedModel":
+        """This model, or ModelNotReadyError with the reason it is not ready."""
+        if not self.ready:
+            raise ModelNotReadyError(f"model {self.name!r} is not ready: {self.reason}")
+        return self
+
     def prepare(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``inputs`` with the optional ones filled in, checked against the contract (raises
         InvalidInputError naming the problem, ModelNotReadyError for a model not loaded)."""
-        if not self.ready:
-            raise ModelNotReadyError(f"model {self.name!r} is not ready: {self.reason}")
+        self.require_ready()
         return self._contract.validate_inputs(fill_defaults(self.card, inputs, _RNG), self._dims)
 
     @functools.cached_property
@@ -121,6 +126,17 @@ class LoadedModel:
         """Close the batcher: nothing new is accepted, everything queued is answered."""
         if self.batcher is not None:
             self.batcher.close(timeout=timeout)
+
+
+def lookup(models: Mapping[str, LoadedModel], name: str, version: str = "", ready: bool = True) -> LoadedModel:
+    """The one lookup of a model by name (and version, "" for the loaded one): ModelNotFoundError
+    for an unknown name or version, ModelNotReadyError (with the reason) when ``ready`` is asked."""
+    model = models.get(name)
+    if model is None:
+        raise ModelNotFoundError(f"unknown model {name!r} (available: {', '.join(sorted(models))})")
+    if version and version != model.version:
+        raise ModelNotFoundError(f"model {name!r} has no loaded version {version!r} (serving {model.version!r})")
+    return model.require_ready() if ready else model
 
 
 def session_options(intra_threads: int | None = None) -> ort.SessionOptions:

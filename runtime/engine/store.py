@@ -10,10 +10,9 @@ from pathlib import Path
 from specserve.runtime.engine.analysis import Analyzer
 from specserve.runtime.engine.layout import folder_signature, model_folders
 from specserve.runtime.engine.providers import Device
-from specserve.runtime.engine.repository import LoadedModel, load_model_dir, load_repository
+from specserve.runtime.engine.repository import LoadedModel, load_model_dir, load_repository, lookup
 from specserve.runtime.errors import (
     ModelNotFoundError,
-    ModelNotReadyError,
 )
 
 log = logging.getLogger(__name__)
@@ -120,17 +119,9 @@ class ModelStore:
         return rows
 
     def get(self, name: str, version: str = "") -> LoadedModel:
-        model = self.models.get(name)
-        if model is None:
-            raise ModelNotFoundError(f"unknown model {name!r} (available: {', '.join(sorted(self.models))})")
-        if version and version != model.version:
-            raise ModelNotFoundError(f"model {name!r} has no loaded version {version!r} (serving {model.version!r})")
-        return model
+        return lookup(self.models, name, version, ready=False)
 
     def ready_model(self, name: str, version: str = "") -> LoadedModel:
-        model = self.get(name, version)
-        if not model.ready:
-            raise ModelNotReadyError(f"model {name!r} is not ready: {model.reason}")
-        return model
+        return lookup(self.models, name, version)
 
 
