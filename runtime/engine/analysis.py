@@ -16,17 +16,17 @@ import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from specserve.runtime.contract import N_SAMPLES, ModelCard
+from specserve.runtime.contract import N_SAMPLES
 from specserve.runtime.engine.repository import LoadedModel, lookup
 from specserve.runtime.errors import (
     InvalidInputError,
     InvalidSpectrumError,
     SpecserveError,
 )
+from specserve.runtime.kinds import kind_of
 from specserve.runtime.pipeline import MIN_COVERAGE, checked, prepare, span_coverage
 from specserve.runtime.spectrum import SpectrumInput
 
@@ -56,40 +56,8 @@ class SpectrumOutcome:
     error: SpecserveError | None = None
 
 
-def _rbm_values(card: ModelCard, outputs: Mapping[str, np.ndarray], row: int) -> dict[str, float]:
-    values = {}
-    for j, name in enumerate(card.class_names):
-        values[f"p_{name}"] = float(outputs["probabilities"][row, j])
-        values[f"free_energy_{name}"] = float(outputs["free_energy"][row, j])
-    return values
-
-
-def _estimates(mean: str, std: str) -> Callable[[ModelCard, Mapping[str, np.ndarray], int], dict[str, float]]:
-    """Interpreter of MC estimates: ``<label>`` and ``<label>_err`` per label (physical units),
-    ``n_samples``, and ``reduced_chi2`` where the model reports one (NaN when the client sent no ivar)."""
-
-    def values(card: ModelCard, outputs: Mapping[str, np.ndarray], row: int) -> dict[str, float]:
-        out = {}
-        for j, name in enumerate(card.label_names):
-            out[name] = float(outputs[mean][row, j])
-            out[f"{name}_err"] = float(outputs[std][row, j])
-        if "reduced_chi2" in outputs:
-            out["reduced_chi2"] = float(outputs["reduced_chi2"][row]) if outputs["_has_ivar"][row] else float("nan")
-        out["n_samples"] = float(outputs["samples"].shape[0])
-        return out
-
-    return values
-
-
-INTERPRETERS: dict[str, Callable[[ModelCard, Mapping[str, np.ndarray], int], dict[str, float]]] = {
-    "rbm": _rbm_values,
-    "spt": _estimates("mean", "std"),
-    "physformer": _estimates("parameters", "parameters_std"),
-}
-
-
 def _analyses_spectra(model: LoadedModel) -> bool:
-    return model.card is not None and "flux" in model.card.contract.input_names
+    return model.card is not None and kind_of(model.card).analyses_spectra
 
 
 class Analyzer:
@@ -184,7 +152,7 @@ class Analyzer:
         outputs = model.run(inputs, deadline)
         if wants_ivar:
             outputs["_has_ivar"] = inputs["ivar"].any(axis=1)
-        interpret = INTERPRETERS[card.kind]
+        interpret = kind_of(card).interpret
         for row, i in enumerate(owners):
             result = ModelResult(model.name, model.version, True, values=interpret(card, outputs, row),
                                  class_names=card.class_names)

@@ -1,0 +1,72 @@
+"""One table of what each model kind is: its contract, whether it analyses spectra, and how its
+outputs become plainly named values (``p_cv``, ``age``/``age_err``, ``teff``...). The engine's
+Analyzer, the domain API and embedded callers read kinds from here only.
+
+To add a kind: its contract in :mod:`.contract`, then a row of :data:`KINDS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from specserve.runtime.contract import CONTRACTS, ModelCard, ModelContract
+from specserve.runtime.errors import ContractError
+
+Interpreter = Callable[[ModelCard, Mapping[str, np.ndarray], int], dict[str, float]]
+"""(card, the outputs of one run, a row) -> that row's named values."""
+
+
+def _rbm_values(card: ModelCard, outputs: Mapping[str, np.ndarray], row: int) -> dict[str, float]:
+    values = {}
+    for j, name in enumerate(card.class_names):
+        values[f"p_{name}"] = float(outputs["probabilities"][row, j])
+        values[f"free_energy_{name}"] = float(outputs["free_energy"][row, j])
+    return values
+
+
+def _estimates(mean: str, std: str) -> Callable[[ModelCard, Mapping[str, np.ndarray], int], dict[str, float]]:
+    """Interpreter of MC estimates: ``<label>`` and ``<label>_err`` per label (physical units),
+    ``n_samples``, and ``reduced_chi2`` where the model reports one (NaN when the client sent no ivar)."""
+
+    def values(card: ModelCard, outputs: Mapping[str, np.ndarray], row: int) -> dict[str, float]:
+        out = {}
+        for j, name in enumerate(card.label_names):
+            out[name] = float(outputs[mean][row, j])
+            out[f"{name}_err"] = float(outputs[std][row, j])
+        if "reduced_chi2" in outputs:
+            out["reduced_chi2"] = float(outputs["reduced_chi2"][row]) if outputs["_has_ivar"][row] else float("nan")
+        out["n_samples"] = float(outputs["samples"].shape[0])
+        return out
+
+    return values
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    contract: ModelContract
+    interpret: Interpreter | None
+    """None: the kind's outputs are not results of a spectrum (physformer-generate)."""
+
+    @property
+    def analyses_spectra(self) -> bool:
+        """Takes a spectrum (``flux``) and gives named results: served by the domain API."""
+        return self.interpret is not None and "flux" in self.contract.input_names
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind("rbm", CONTRACTS["rbm"], _rbm_values),
+    Kind("spt", CONTRACTS["spt"], _estimates("mean", "std")),
+    Kind("physformer", CONTRACTS["physformer"], _estimates("parameters", "parameters_std")),
+    Kind("physformer-generate", CONTRACTS["physformer-generate"], None),
+)}
+
+
+def kind_of(card: ModelCard) -> Kind:
+    try:
+        return KINDS[card.kind]
+    except KeyError:
+        raise ContractError(f"unknown model kind {card.kind!r} (known: {', '.join(KINDS)})") from None
