@@ -91,6 +91,31 @@ def load_cv(cache: Path | None = None) -> BenchmarkSet:
     return load_set("cv", cache)
 
 
+def add_train_command(train_sub: argparse._SubParsersAction, kind: str, help: str, config_name: str,
+                      quick_help: str, handler) -> argparse.ArgumentParser:
+    """``train <kind>`` with the options every kind has: --out, --cache, --set, --quick, --threads
+    (the caller adds its own, e.g. its ablations)."""
+    cmd = train_sub.add_parser(kind, help=help)
+    cmd.add_argument("--out", type=Path, help=f"run folder (default runs/{kind}-<timestamp>)")
+    cmd.add_argument("--cache", type=Path, help="benchmark cache (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
+    cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     type=key_value, help=f"override a {config_name} field (repeatable)")
+    cmd.add_argument("--quick", action="store_true", help=f"smoke run: {quick_help}")
+    cmd.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (default 2)")
+    cmd.set_defaults(handler=handler)
+    return cmd
+
+
+def add_eval_command(eval_sub: argparse._SubParsersAction, kind: str, help: str, handler) -> argparse.ArgumentParser:
+    """``eval <kind> --run RUN_DIR [--cache DIR] [--threads N]``."""
+    cmd = eval_sub.add_parser(kind, help=help)
+    cmd.add_argument("--run", type=Path, required=True, help="run folder holding checkpoint.pt")
+    cmd.add_argument("--cache", type=Path, help="benchmark cache")
+    cmd.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (default 2)")
+    cmd.set_defaults(handler=handler)
+    return cmd
+
+
 def default_run_dir(kind: str) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 

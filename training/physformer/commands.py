@@ -29,25 +29,13 @@ ABLATION = "plain_decoder"
 
 
 def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParsersAction) -> None:
-    from specserve.training.common import key_value
+    from specserve.training.common import add_eval_command, add_train_command
 
-    cmd = train_sub.add_parser("physformer", help="train and evaluate PhysFormer on the 'stars' set")
-    cmd.add_argument("--out", type=Path, help="run folder (default runs/physformer-<timestamp>)")
-    cmd.add_argument("--cache", type=Path, help="benchmark cache (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
-    cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     type=key_value, help="override a PhysFormerConfig field (repeatable)")
-    cmd.add_argument("--quick", action="store_true",
-                     help=f"smoke run: {QUICK_TRAIN_SPECTRA} training spectra and a tiny network")
+    cmd = add_train_command(train_sub, "physformer", "train and evaluate PhysFormer on the 'stars' set",
+                            "PhysFormerConfig", f"{QUICK_TRAIN_SPECTRA} training spectra and a tiny network", cmd_train)
     cmd.add_argument("--no-ablation", dest="ablation", action="store_false",
                      help="skip the plain-decoder ablation (its report row stays empty)")
-    cmd.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (default 2)")
-    cmd.set_defaults(handler=cmd_train)
-
-    ev = eval_sub.add_parser("physformer", help="re-evaluate a PhysFormer run on the 'stars' set")
-    ev.add_argument("--run", type=Path, required=True, help="run folder holding checkpoint.pt")
-    ev.add_argument("--cache", type=Path, help="benchmark cache")
-    ev.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (default 2)")
-    ev.set_defaults(handler=cmd_eval)
+    add_eval_command(eval_sub, "physformer", "re-evaluate a PhysFormer run on the 'stars' set", cmd_eval)
 
 
 def quick_config(config: Any = None) -> Any:

@@ -25,9 +25,10 @@ from specserve.runtime.errors import SpecserveError
 from specserve.training.common import (
     DEFAULT_THREADS,
     REPORT_JSON,
+    add_eval_command,
+    add_train_command,
     config_with_overrides,
     default_run_dir,
-    key_value,
     load_cv,
     quick_indices,
     require_training_extra,
@@ -41,22 +42,10 @@ QUICK_TRAIN_SPECTRA = 300
 
 def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParsersAction) -> None:
     """Add ``train rbm`` and ``eval rbm`` (handler in ``handler``)."""
-    rbm = train_sub.add_parser("rbm", help="train and evaluate the RBM CV classifier on the 'cv' set")
-    rbm.add_argument("--out", type=Path, help="run folder (default runs/rbm-<timestamp>)")
-    rbm.add_argument("--cache", type=Path, help="benchmark cache (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
-    rbm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     type=key_value, help="override an RBMConfig field (repeatable), e.g. --set n_hidden=128")
-    rbm.add_argument("--quick", action="store_true",
-                     help=f"smoke run: {QUICK_TRAIN_SPECTRA} training spectra, "
-                          + ", ".join(f"{k}={v}" for k, v in QUICK_OVERRIDES.items()))
-    rbm.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (default 2)")
-    rbm.set_defaults(handler=cmd_train_rbm)
-
-    erbm = eval_sub.add_parser("rbm", help="re-evaluate an RBM run's checkpoint on the 'cv' set")
-    erbm.add_argument("--run", type=Path, required=True, help="run folder holding checkpoint.pt")
-    erbm.add_argument("--cache", type=Path, help="benchmark cache")
-    erbm.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (default 2)")
-    erbm.set_defaults(handler=cmd_eval_rbm)
+    quick = f"{QUICK_TRAIN_SPECTRA} training spectra, " + ", ".join(f"{k}={v}" for k, v in QUICK_OVERRIDES.items())
+    add_train_command(train_sub, "rbm", "train and evaluate the RBM CV classifier on the 'cv' set", "RBMConfig",
+                      quick, cmd_train_rbm)
+    add_eval_command(eval_sub, "rbm", "re-evaluate an RBM run's checkpoint on the 'cv' set", cmd_eval_rbm)
 
 
 def headline(report: Mapping[str, Any]) -> str:

@@ -34,25 +34,13 @@ ABLATIONS_DIR = "ablations"
 
 
 def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParsersAction) -> None:
-    from specserve.training.common import key_value
+    from specserve.training.common import add_eval_command, add_train_command
 
-    spt = train_sub.add_parser("spt", help="train and evaluate the SPT (ages, masses) on the 'giants' set")
-    spt.add_argument("--out", type=Path, help="run folder (default runs/spt-<timestamp>)")
-    spt.add_argument("--cache", type=Path, help="benchmark cache (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
-    spt.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     type=key_value, help="override an SPTConfig field (repeatable), e.g. --set epochs=50")
-    spt.add_argument("--quick", action="store_true",
-                     help=f"smoke run: {QUICK_TRAIN_SPECTRA} training spectra and a tiny network")
-    spt.add_argument("--no-ablations", dest="ablations", action="store_false",
+    cmd = add_train_command(train_sub, "spt", "train and evaluate the SPT (ages, masses) on the 'giants' set",
+                            "SPTConfig", f"{QUICK_TRAIN_SPECTRA} training spectra and a tiny network", cmd_train_spt)
+    cmd.add_argument("--no-ablations", dest="ablations", action="store_false",
                      help="skip the dot-attention and MSE-loss ablations (their report rows stay empty)")
-    spt.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (default 2)")
-    spt.set_defaults(handler=cmd_train_spt)
-
-    espt = eval_sub.add_parser("spt", help="re-evaluate an SPT run on the 'giants' set")
-    espt.add_argument("--run", type=Path, required=True, help="run folder holding checkpoint.pt")
-    espt.add_argument("--cache", type=Path, help="benchmark cache")
-    espt.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (default 2)")
-    espt.set_defaults(handler=cmd_eval_spt)
+    add_eval_command(eval_sub, "spt", "re-evaluate an SPT run on the 'giants' set", cmd_eval_spt)
 
 
 def quick_config(config: Any = None) -> Any:
