@@ -8,14 +8,14 @@
 - ``specserve export spt --run RUN_DIR [--repository DIR] [--name spt] [--version N]``: the same
   for an SPT run, with the MC-dropout checks of :mod:`specserve.export.spt`.
 - ``specserve models build [--repository DIR] [--cache DIR] [--if-missing] [--models rbm,spt,physformer]
-  [--quick physformer]``: the default model repository (``<cache>/models``): for each model,
+  [--quick spt,physformer]``: the default model repository (``<cache>/models``): for each model,
   builds its benchmark set if it is missing (``cv``, ``giants``, ``stars``), trains it with the
   default configuration (progress on the terminal), evaluates it and exports it (PhysFormer as
   ``physformer`` and ``physformer-generate``). The SPT and PhysFormer are built without their
   ablations (``specserve train spt|physformer`` trains those). With ``--if-missing`` only the
-  models without a model file are built. ``--quick physformer`` builds PhysFormer with its smoke
-  configuration instead (seconds instead of about 16 minutes; for tests of the serving path, not
-  for use). ``make serve`` runs this before ``specserve serve``.
+  models without a model file are built. ``--quick spt,physformer`` builds those with their smoke
+  configurations instead (seconds instead of about 6 and 16 minutes; for tests of the serving
+  path, not for use). ``make serve`` runs this before ``specserve serve``.
 
 Importing this module imports neither torch nor onnx; the handlers do.
 """
@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--models", default="", help=f"comma-separated (default {','.join(DEFAULT_MODELS)})")
     build.add_argument("--quick", default="", metavar="MODELS",
                        help="comma-separated models to build with their smoke configuration (tests only; "
-                            "supported: physformer)")
+                            "supported: spt, physformer)")
     build.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     build.set_defaults(handler=cmd_models_build)
 
@@ -148,18 +148,23 @@ def _build_rbm(repository: Path, cache: Path | None, quick: bool = False) -> Non
 def _build_spt(repository: Path, cache: Path | None, quick: bool = False) -> None:
     from specserve.export.spt import export_spt
     from specserve.training.common import load_set
-    from specserve.training.spt.commands import headline
+    from specserve.training.spt.commands import headline, quick_config, quick_indices
     from specserve.training.spt.evaluate import SPTEvalConfig, evaluate_spt
     from specserve.training.spt.model import SPTConfig
     from specserve.training.spt.train import train_spt
 
     bench = load_set("giants", cache)
     run_dir = cache_dir(cache) / "runs" / f"spt-{time.strftime('%Y%m%d-%H%M%S')}"
-    config = SPTConfig()
-    print(f"training the SPT on '{bench.name}' ({bench.split_indices('train').size} spectra, {config.epochs} epochs; "
-          f"the ablations are left to 'specserve train spt') into {run_dir}", flush=True)
-    model, _ = train_spt(config, run_dir, bench, run_info={"built_by": "specserve models build"})
-    print(headline(evaluate_spt(model, bench, run_dir, SPTEvalConfig(mc_samples=config.mc_samples))), flush=True)
+    config = quick_config() if quick else SPTConfig()
+    train_indices = quick_indices(bench, config.seed) if quick else None
+    n_train = bench.split_indices("train").size if train_indices is None else train_indices.size
+    print(f"training the SPT on '{bench.name}' ({n_train} spectra, {config.epochs} epochs"
+          f"{', smoke configuration' if quick else ''}; the ablations are left to 'specserve train spt') "
+          f"into {run_dir}", flush=True)
+    model, _ = train_spt(config, run_dir, bench, train_indices=train_indices,
+                         run_info={"built_by": "specserve models build", "quick": quick})
+    print(headline(evaluate_spt(model, bench, run_dir, SPTEvalConfig(mc_samples=config.mc_samples),
+                                train_indices=train_indices)), flush=True)
     folder, export, check = export_spt(run_dir, repository)
     print(export.summary())
     print(check.summary())
@@ -197,7 +202,7 @@ def _build_physformer(repository: Path, cache: Path | None, quick: bool = False)
 
 
 BUILDERS = {"rbm": _build_rbm, "spt": _build_spt, "physformer": _build_physformer}
-QUICK_BUILDS = ("physformer",)
+QUICK_BUILDS = ("spt", "physformer")
 
 
 def cmd_models_build(args: argparse.Namespace) -> int:
