@@ -1,19 +1,26 @@
 # specserve developer entry points. `make test` is what CI runs (via .ci/run).
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.specserve-installed
+# the ONNX Runtime build: cpu (onnxruntime) or gpu (onnxruntime-gpu); never both in one venv
+ORT    ?= cpu
+OTHER_ORT := $(if $(filter gpu,$(ORT)),onnxruntime,onnxruntime-gpu)
+STAMP  := $(VENV)/.specserve-installed-$(ORT)
 export ORT_DISABLE_TELEMETRY := 1
 
 .PHONY: install test serve models data inspect bench gpu-check bench-preprocess bench-mc clean
 
 PORT ?= 8001
 
-# Create or reuse .venv and install the project (editable) with its train and dev extras.
+# Create or reuse .venv and install the project (editable) with the ONNX Runtime build $(ORT) and
+# the serve, train and dev extras. The other ONNX Runtime build is removed first: both provide
+# the module onnxruntime, and pip would keep both.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --editable '.[train,dev]'
+	$(BIN)/python -m pip uninstall --quiet --yes $(OTHER_ORT) 2>/dev/null || true
+	$(BIN)/python -m pip install --quiet --editable '.[$(ORT),serve,train,dev]'
 	$(BIN)/python -m pip check
+	rm -f $(VENV)/.specserve-installed-*
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -45,8 +52,9 @@ bench: $(STAMP)
 	$(BIN)/specserve models build --if-missing
 	$(BIN)/specserve bench all --out BENCHMARKS.md
 
-# On a machine with a CUDA GPU: parity on the CUDA provider (MC randomness included) and the
-# benchmarks there; rewrites the CUDA section of BENCHMARKS.md. Exit 1 if a check fails.
+# On a machine with a CUDA GPU (`make gpu-check ORT=gpu`, which installs onnxruntime-gpu in place of
+# onnxruntime): parity on the CUDA provider (MC randomness included) and the benchmarks there;
+# rewrites the CUDA section of BENCHMARKS.md. Exit 1 if a check fails.
 gpu-check: $(STAMP)
 	$(BIN)/specserve models build --if-missing
 	$(BIN)/specserve bench gpu --device cuda --out BENCHMARKS.md

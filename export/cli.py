@@ -106,6 +106,13 @@ def _parser() -> argparse.ArgumentParser:
     ana.add_argument("--batch", type=int, default=64, help="spectra per stream message")
     ana.add_argument("--mc-samples", type=int, default=0,
                      help="Monte Carlo samples for models that draw them (default 0: each model's default)")
+    ana.add_argument("--local", action="store_true",
+                     help="run the models in this process (the embedded runtime: no server, no grpc)")
+    ana.add_argument("--repository", type=Path, help="with --local: model repository (default <cache>/models)")
+    ana.add_argument("--variant", default="", help="use <model>-VARIANT (e.g. int8, fp16) wherever it exists")
+    ana.add_argument("--threads", type=int, default=1, help="with --local: ONNX Runtime threads per model (default 1)")
+    ana.add_argument("--no-arena", dest="arena", action="store_false",
+                     help="with --local: no ONNX Runtime CPU memory arena (less memory between runs)")
 
     wat = sub.add_parser("watch", help="stream every spectrum file that appears in a folder to a server")
     wat.add_argument("folder", type=Path)
@@ -131,7 +138,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from specserve.runtime.datakit import models_dir
-    from specserve.runtime.engine.providers import resolve_device
+    from specserve.runtime.embedded.providers import resolve_device
     from specserve.runtime.serving.server import serve
 
     repository = args.repository or models_dir()
@@ -148,40 +155,62 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_analyze(args: argparse.Namespace) -> int:
+def _analyze_remote(args: argparse.Namespace, models: list[str], skipped) -> list | int:
     import grpc
 
+    from specserve.runtime.catalogue import Sources
     from specserve.runtime.client import Client, StreamError
-    from specserve.runtime.client.catalogue import Sources, write_catalogue
     from specserve.runtime.errors import SpectrumReadError
     from specserve.runtime.io import read_spectra
 
-    failed = 0
     sources = Sources()
 
     def spectra():
-        nonlocal failed
         for path in args.files:
             try:
                 items = read_spectra(path)
             except SpectrumReadError as exc:
-                failed += 1
-                print(f"specserve: skipped {path}: {exc.reason}", file=sys.stderr)
+                skipped(str(path), exc.reason)
                 continue
             for spectrum in items:
                 yield sources.add(spectrum, path)
 
-    models = [m for m in args.models.split(",") if m]
     with Client(args.server) as client:
         try:
-            rows = sources.pair(list(client.stream(spectra(), models=models, batch_size=args.batch,
-                                                   mc_samples=args.mc_samples)))
+            return sources.pair(list(client.stream(spectra(), models=models, batch_size=args.batch,
+                                                   mc_samples=args.mc_samples, variant=args.variant)))
         except StreamError as exc:
             print(f"specserve: error: {exc}", file=sys.stderr)
             return 1
         except grpc.RpcError as exc:
             print(f"specserve: error: server {args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
+
+
+def _analyze_local(args: argparse.Namespace, models: list[str], skipped) -> list:
+    from specserve.runtime.datakit import models_dir
+    from specserve.runtime.embedded.local import LocalRuntime
+
+    runtime = LocalRuntime(args.repository or models_dir(), threads=args.threads, memory_arena=args.arena,
+                           variant=args.variant or None)
+    return runtime.analyze_files(args.files, models, mc_samples=args.mc_samples, batch=args.batch,
+                                 on_unreadable=skipped)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from specserve.runtime.catalogue import write_catalogue
+
+    failed = 0
+
+    def skipped(path: str, reason: str) -> None:
+        nonlocal failed
+        failed += 1
+        print(f"specserve: skipped {path}: {reason}", file=sys.stderr)
+
+    models = [m for m in args.models.split(",") if m]
+    rows = (_analyze_local if args.local else _analyze_remote)(args, models, skipped)
+    if isinstance(rows, int):
+        return rows
     # the headline value of each model on the terminal (the catalogue has every column)
     present = {k for _, r in rows for k in r.values}
     columns = [c for c in TERMINAL_COLUMNS if c in present][:6]

@@ -1,5 +1,5 @@
 """Writing an exported model into a repository: the version folder and ``config.pbtxt`` in
-Triton's layout (their format has one home, :mod:`specserve.runtime.engine.layout`) and
+Triton's layout (their format has one home, :mod:`specserve.runtime.layout`) and
 ``<repo>/<model>/README.md``, a model card for people. The same folder can be served by
 ``specserve serve`` or by Triton Inference Server.
 """
@@ -10,13 +10,18 @@ import json
 from pathlib import Path
 
 from specserve.runtime.contract import ModelCard
-from specserve.runtime.engine.batching import DEFAULT_MAX_QUEUE_SIZE
-from specserve.runtime.engine.layout import DEFAULT_MAX_BATCH_SIZE, config_text, model_config, write_version
+from specserve.runtime.layout import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE_SIZE,
+    config_text,
+    model_config,
+    write_version,
+)
 
 
 def config_pbtxt(name: str, card: ModelCard, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                  max_queue_delay_us: int = 0, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE) -> str:
-    """The text of the model's ``config.pbtxt`` (:func:`specserve.runtime.engine.layout.model_config`)."""
+    """The text of the model's ``config.pbtxt`` (:func:`specserve.runtime.layout.model_config`)."""
     return config_text(model_config(name, card, max_batch_size, max_queue_delay_us, max_queue_size))
 
 

@@ -1,7 +1,7 @@
 """Served metrics: every evaluation row measured again on the path a user takes.
 
 The exported ``model.onnx`` is loaded by the runtime (:func:`~specserve.runtime.engine.repository.load_model_file`)
-and run behind its in-process :class:`~specserve.runtime.engine.analysis.Analyzer` on the very raw test
+and run behind its in-process :class:`~specserve.runtime.embedded.analysis.Analyzer` on the very raw test
 spectra of the torch-path report (:func:`specserve.training.inputs.evaluation_variants`, same
 seeds): raw spectrum -> the server's checks and preprocessing -> the ONNX graph -> the values a
 client reads. The rows are summarised by the same function as the torch path's, written beside
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from specserve.runtime.contract import ModelCard
-from specserve.runtime.engine.analysis import Analyzer
+from specserve.runtime.embedded.analysis import Analyzer
 from specserve.runtime.engine.repository import LoadedModel, load_model_file
 from specserve.runtime.errors import ExportError
 from specserve.runtime.spectrum import SpectrumInput

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n specserve/protos/specserve.proto\x12\x0cspecserve.v1\"\x1d\n\x0b\x44oubleArray\x12\x0e\n\x06values\x18\x01 \x03(\x01\"<\n\rLogLinearGrid\x12\r\n\x05start\x18\x01 \x01(\x01\x12\x0c\n\x04step\x18\x02 \x01(\x01\x12\x0e\n\x06length\x18\x03 \x01(\r\"\x9a\x03\n\x08Spectrum\x12\n\n\x02id\x18\x01 \x01(\t\x12/\n\nwavelength\x18\x02 \x01(\x0b\x32\x19.specserve.v1.DoubleArrayH\x00\x12+\n\x04grid\x18\x03 \x01(\x0b\x32\x1b.specserve.v1.LogLinearGridH\x00\x12\x0c\n\x04\x66lux\x18\x04 \x03(\x02\x12\x0c\n\x04ivar\x18\x05 \x03(\x02\x12\x0c\n\x04mask\x18\x06 \x03(\x08\x12\x36\n\x08metadata\x18\x07 \x03(\x0b\x32$.specserve.v1.Spectrum.MetadataEntry\x12\x15\n\x08redshift\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0bsource_fwhm\x18\t \x01(\x01H\x02\x88\x01\x01\x12\x1e\n\x11source_resolution\x18\n \x01(\x01H\x03\x88\x01\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\r\n\x0bwavelengthsB\x0b\n\t_redshiftB\x0e\n\x0c_source_fwhmB\x14\n\x12_source_resolution\"\x90\x01\n\x0e\x41nalyzeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x07spectra\x18\x02 \x03(\x0b\x32\x16.specserve.v1.Spectrum\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x12\n\nmc_samples\x18\x04 \x01(\r\x12\x1d\n\x15return_model_spectrum\x18\x05 \x01(\x08\"\x95\x02\n\x05\x45rror\x12&\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x18.specserve.v1.Error.Code\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xd2\x01\n\x04\x43ode\x12\x0f\n\x0bUNSPECIFIED\x10\x00\x12\r\n\tCANCELLED\x10\x01\x12\x0b\n\x07UNKNOWN\x10\x02\x12\x14\n\x10INVALID_ARGUMENT\x10\x03\x12\x15\n\x11\x44\x45\x41\x44LINE_EXCEEDED\x10\x04\x12\r\n\tNOT_FOUND\x10\x05\x12\x16\n\x12RESOURCE_EXHAUSTED\x10\x08\x12\x17\n\x13\x46\x41ILED_PRECONDITION\x10\t\x12\x11\n\rUNIMPLEMENTED\x10\x0c\x12\x0c\n\x08INTERNAL\x10\r\x12\x0f\n\x0bUNAVAILABLE\x10\x0e\"\x8a\x02\n\x0bModelResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\napplicable\x18\x03 \x01(\x08\x12\x1d\n\x15not_applicable_reason\x18\x04 \x01(\t\x12\x35\n\x06values\x18\x05 \x03(\x0b\x32%.specserve.v1.ModelResult.ValuesEntry\x12\x13\n\x0b\x63lass_names\x18\x06 \x03(\t\x12\x15\n\rprobabilities\x18\x07 \x03(\x02\x12\x16\n\x0emodel_spectrum\x18\x08 \x03(\x02\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"l\n\x0eSpectrumResult\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.specserve.v1.ModelResult\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.specserve.v1.Error\"T\n\x0f\x41nalyzeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.specserve.v1.SpectrumResult\"~\n\x15\x41nalyzeStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.specserve.v1.SpectrumResult\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.specserve.v1.Error\"\x13\n\x11ListModelsRequest\"\xb3\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x37\n\x08metadata\x18\x05 \x03(\x0b\x32%.specserve.v1.ModelInfo.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.specserve.v1.ModelInfo2\xfc\x01\n\tSpecServe\x12\x46\n\x07\x41nalyze\x12\x1c.specserve.v1.AnalyzeRequest\x1a\x1d.specserve.v1.AnalyzeResponse\x12V\n\rAnalyzeStream\x12\x1c.specserve.v1.AnalyzeRequest\x1a#.specserve.v1.AnalyzeStreamResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.specserve.v1.ListModelsRequest\x1a .specserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n specserve/protos/specserve.proto\x12\x0cspecserve.v1\"\x1d\n\x0b\x44oubleArray\x12\x0e\n\x06values\x18\x01 \x03(\x01\"<\n\rLogLinearGrid\x12\r\n\x05start\x18\x01 \x01(\x01\x12\x0c\n\x04step\x18\x02 \x01(\x01\x12\x0e\n\x06length\x18\x03 \x01(\r\"\x9a\x03\n\x08Spectrum\x12\n\n\x02id\x18\x01 \x01(\t\x12/\n\nwavelength\x18\x02 \x01(\x0b\x32\x19.specserve.v1.DoubleArrayH\x00\x12+\n\x04grid\x18\x03 \x01(\x0b\x32\x1b.specserve.v1.LogLinearGridH\x00\x12\x0c\n\x04\x66lux\x18\x04 \x03(\x02\x12\x0c\n\x04ivar\x18\x05 \x03(\x02\x12\x0c\n\x04mask\x18\x06 \x03(\x08\x12\x36\n\x08metadata\x18\x07 \x03(\x0b\x32$.specserve.v1.Spectrum.MetadataEntry\x12\x15\n\x08redshift\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0bsource_fwhm\x18\t \x01(\x01H\x02\x88\x01\x01\x12\x1e\n\x11source_resolution\x18\n \x01(\x01H\x03\x88\x01\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\r\n\x0bwavelengthsB\x0b\n\t_redshiftB\x0e\n\x0c_source_fwhmB\x14\n\x12_source_resolution\"\xa1\x01\n\x0e\x41nalyzeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x07spectra\x18\x02 \x03(\x0b\x32\x16.specserve.v1.Spectrum\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x12\n\nmc_samples\x18\x04 \x01(\r\x12\x1d\n\x15return_model_spectrum\x18\x05 \x01(\x08\x12\x0f\n\x07variant\x18\x06 \x01(\t\"\x95\x02\n\x05\x45rror\x12&\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x18.specserve.v1.Error.Code\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xd2\x01\n\x04\x43ode\x12\x0f\n\x0bUNSPECIFIED\x10\x00\x12\r\n\tCANCELLED\x10\x01\x12\x0b\n\x07UNKNOWN\x10\x02\x12\x14\n\x10INVALID_ARGUMENT\x10\x03\x12\x15\n\x11\x44\x45\x41\x44LINE_EXCEEDED\x10\x04\x12\r\n\tNOT_FOUND\x10\x05\x12\x16\n\x12RESOURCE_EXHAUSTED\x10\x08\x12\x17\n\x13\x46\x41ILED_PRECONDITION\x10\t\x12\x11\n\rUNIMPLEMENTED\x10\x0c\x12\x0c\n\x08INTERNAL\x10\r\x12\x0f\n\x0bUNAVAILABLE\x10\x0e\"\x8a\x02\n\x0bModelResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\napplicable\x18\x03 \x01(\x08\x12\x1d\n\x15not_applicable_reason\x18\x04 \x01(\t\x12\x35\n\x06values\x18\x05 \x03(\x0b\x32%.specserve.v1.ModelResult.ValuesEntry\x12\x13\n\x0b\x63lass_names\x18\x06 \x03(\t\x12\x15\n\rprobabilities\x18\x07 \x03(\x02\x12\x16\n\x0emodel_spectrum\x18\x08 \x03(\x02\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"l\n\x0eSpectrumResult\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.specserve.v1.ModelResult\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.specserve.v1.Error\"T\n\x0f\x41nalyzeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.specserve.v1.SpectrumResult\"~\n\x15\x41nalyzeStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.specserve.v1.SpectrumResult\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.specserve.v1.Error\"\x13\n\x11ListModelsRequest\"\xb3\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x37\n\x08metadata\x18\x05 \x03(\x0b\x32%.specserve.v1.ModelInfo.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.specserve.v1.ModelInfo2\xfc\x01\n\tSpecServe\x12\x46\n\x07\x41nalyze\x12\x1c.specserve.v1.AnalyzeRequest\x1a\x1d.specserve.v1.AnalyzeResponse\x12V\n\rAnalyzeStream\x12\x1c.specserve.v1.AnalyzeRequest\x1a#.specserve.v1.AnalyzeStreamResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.specserve.v1.ListModelsRequest\x1a .specserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,29 +46,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPECTRUM_METADATAENTRY']._serialized_start=441
   _globals['_SPECTRUM_METADATAENTRY']._serialized_end=488
   _globals['_ANALYZEREQUEST']._serialized_start=557
-  _globals['_ANALYZEREQUEST']._serialized_end=701
-  _globals['_ERROR']._serialized_start=704
-  _globals['_ERROR']._serialized_end=981
-  _globals['_ERROR_CODE']._serialized_start=771
-  _globals['_ERROR_CODE']._serialized_end=981
-  _globals['_MODELRESULT']._serialized_start=984
-  _globals['_MODELRESULT']._serialized_end=1250
-  _globals['_MODELRESULT_VALUESENTRY']._serialized_start=1205
-  _globals['_MODELRESULT_VALUESENTRY']._serialized_end=1250
-  _globals['_SPECTRUMRESULT']._serialized_start=1252
-  _globals['_SPECTRUMRESULT']._serialized_end=1360
-  _globals['_ANALYZERESPONSE']._serialized_start=1362
-  _globals['_ANALYZERESPONSE']._serialized_end=1446
-  _globals['_ANALYZESTREAMRESPONSE']._serialized_start=1448
-  _globals['_ANALYZESTREAMRESPONSE']._serialized_end=1574
-  _globals['_LISTMODELSREQUEST']._serialized_start=1576
-  _globals['_LISTMODELSREQUEST']._serialized_end=1595
-  _globals['_MODELINFO']._serialized_start=1598
-  _globals['_MODELINFO']._serialized_end=1777
+  _globals['_ANALYZEREQUEST']._serialized_end=718
+  _globals['_ERROR']._serialized_start=721
+  _globals['_ERROR']._serialized_end=998
+  _globals['_ERROR_CODE']._serialized_start=788
+  _globals['_ERROR_CODE']._serialized_end=998
+  _globals['_MODELRESULT']._serialized_start=1001
+  _globals['_MODELRESULT']._serialized_end=1267
+  _globals['_MODELRESULT_VALUESENTRY']._serialized_start=1222
+  _globals['_MODELRESULT_VALUESENTRY']._serialized_end=1267
+  _globals['_SPECTRUMRESULT']._serialized_start=1269
+  _globals['_SPECTRUMRESULT']._serialized_end=1377
+  _globals['_ANALYZERESPONSE']._serialized_start=1379
+  _globals['_ANALYZERESPONSE']._serialized_end=1463
+  _globals['_ANALYZESTREAMRESPONSE']._serialized_start=1465
+  _globals['_ANALYZESTREAMRESPONSE']._serialized_end=1591
+  _globals['_LISTMODELSREQUEST']._serialized_start=1593
+  _globals['_LISTMODELSREQUEST']._serialized_end=1612
+  _globals['_MODELINFO']._serialized_start=1615
+  _globals['_MODELINFO']._serialized_end=1794
   _globals['_MODELINFO_METADATAENTRY']._serialized_start=441
   _globals['_MODELINFO_METADATAENTRY']._serialized_end=488
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1779
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1840
-  _globals['_SPECSERVE']._serialized_start=1843
-  _globals['_SPECSERVE']._serialized_end=2095
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1796
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1857
+  _globals['_SPECSERVE']._serialized_start=1860
+  _globals['_SPECSERVE']._serialized_end=2112
 # @@protoc_insertion_point(module_scope)

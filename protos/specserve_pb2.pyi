@@ -55,18 +55,20 @@ class Spectrum(_message.Message):
     def __init__(self, id: _Optional[str] = ..., wavelength: _Optional[_Union[DoubleArray, _Mapping]] = ..., grid: _Optional[_Union[LogLinearGrid, _Mapping]] = ..., flux: _Optional[_Iterable[float]] = ..., ivar: _Optional[_Iterable[float]] = ..., mask: _Optional[_Iterable[bool]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., redshift: _Optional[float] = ..., source_fwhm: _Optional[float] = ..., source_resolution: _Optional[float] = ...) -> None: ...
 
 class AnalyzeRequest(_message.Message):
-    __slots__ = ("request_id", "spectra", "models", "mc_samples", "return_model_spectrum")
+    __slots__ = ("request_id", "spectra", "models", "mc_samples", "return_model_spectrum", "variant")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPECTRA_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     MC_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     RETURN_MODEL_SPECTRUM_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     spectra: _containers.RepeatedCompositeFieldContainer[Spectrum]
     models: _containers.RepeatedScalarFieldContainer[str]
     mc_samples: int
     return_model_spectrum: bool
-    def __init__(self, request_id: _Optional[str] = ..., spectra: _Optional[_Iterable[_Union[Spectrum, _Mapping]]] = ..., models: _Optional[_Iterable[str]] = ..., mc_samples: _Optional[int] = ..., return_model_spectrum: _Optional[bool] = ...) -> None: ...
+    variant: str
+    def __init__(self, request_id: _Optional[str] = ..., spectra: _Optional[_Iterable[_Union[Spectrum, _Mapping]]] = ..., models: _Optional[_Iterable[str]] = ..., mc_samples: _Optional[int] = ..., return_model_spectrum: _Optional[bool] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")

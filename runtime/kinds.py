@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from specserve.runtime.contract import CONTRACTS, ModelCard, ModelContract
-from specserve.runtime.errors import ContractError
+from specserve.runtime.errors import ContractError, InvalidInputError
 
 Interpreter = Callable[[ModelCard, Mapping[str, np.ndarray], int], dict[str, float]]
 """(card, the outputs of one run, a row) -> that row's named values."""
@@ -70,3 +70,20 @@ def kind_of(card: ModelCard) -> Kind:
         return KINDS[card.kind]
     except KeyError:
         raise ContractError(f"unknown model kind {card.kind!r} (known: {', '.join(KINDS)})") from None
+
+
+VARIANTS = ("int8", "fp16")
+"""Reduced-precision variants of a model, each its own model in the repository: ``<model>-<variant>``."""
+
+
+def variant_of(name: str) -> str:
+    """The variant a model name is ("" for a full-precision model)."""
+    base, _, suffix = name.rpartition("-")
+    return suffix if base and suffix in VARIANTS else ""
+
+
+def with_variant(name: str, variant: str) -> str:
+    """The model name of ``name``'s ``variant`` ("" leaves it)."""
+    if variant and variant not in VARIANTS:
+        raise InvalidInputError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
+    return f"{name}-{variant}" if variant else name

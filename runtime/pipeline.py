@@ -1,6 +1,6 @@
 """The one data path from a raw spectrum to a model's input, shared by serving and training.
 
-The server, the in-process :class:`~specserve.runtime.engine.analysis.Analyzer`, every benchmark set
+The server, the in-process :class:`~specserve.runtime.embedded.analysis.Analyzer`, every benchmark set
 builder and every evaluation call these two functions, so a spectrum sent to the server is
 treated exactly as the training and test spectra were (train as you serve):
 

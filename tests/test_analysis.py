@@ -9,7 +9,7 @@ from test_contract_export import ToyFreeEnergy
 from specserve.export.onnx_export import export_model
 from specserve.export.repository import write_model
 from specserve.runtime.contract import ModelCard, fill_masked
-from specserve.runtime.engine.analysis import Analyzer, SpectrumInput
+from specserve.runtime.embedded.analysis import Analyzer, SpectrumInput
 from specserve.runtime.engine.repository import load_repository
 from specserve.runtime.errors import InvalidSpectrumError, ModelNotFoundError, ModelNotReadyError
 from specserve.runtime.io import read_spectra
@@ -77,7 +77,7 @@ def test_bad_spectra_fail_alone(analyzer):
 
 
 def test_not_applicable_when_grid_not_covered(analyzer, monkeypatch):
-    from specserve.runtime.engine import analysis
+    from specserve.runtime.embedded import analysis
 
     az, _ = analyzer
     prepared = []

@@ -2,9 +2,10 @@
 inside functions included), has no cycle and no edge that points up; the light entry points load
 only what they need; the wheel holds every module.
 
-The rooms (docs/architecture.md): the runtime core (``runtime/*.py``) <- the engine
-(``runtime/engine``) <- serving (``runtime/serving``); the core <- the client (``runtime/client``);
-training and export on top; the command line and the benchmarks inside export, at the top.
+The rooms (docs/architecture.md): the runtime core (``runtime/*.py``) <- the embedded runtime
+(``runtime/embedded``) <- the engine (``runtime/engine``) <- serving (``runtime/serving``); the
+core <- the client (``runtime/client``); training and export on top; the command line and the
+benchmarks inside export, at the top.
 """
 
 from __future__ import annotations
@@ -70,14 +71,15 @@ def room(module: str) -> str:
         return "runtime.core"
     if parts[1] == "runtime":
         return f"runtime.{parts[2]}" if len(parts) > 3 or (len(parts) == 3 and parts[2] in {
-            "engine", "serving", "client"}) else "runtime.core"
+            "embedded", "engine", "serving", "client"}) else "runtime.core"
     return parts[1]
 
 
 ALLOWED = {
     "runtime.core": {"runtime.core", "protos"},
-    "runtime.engine": {"runtime.core", "runtime.engine"},
-    "runtime.serving": {"runtime.core", "runtime.engine", "runtime.serving", "protos"},
+    "runtime.embedded": {"runtime.core", "runtime.embedded"},
+    "runtime.engine": {"runtime.core", "runtime.embedded", "runtime.engine"},
+    "runtime.serving": {"runtime.core", "runtime.embedded", "runtime.engine", "runtime.serving", "protos"},
     "runtime.client": {"runtime.core", "runtime.client", "protos"},
     "protos": {"protos"},
     "training": {"runtime.core", "training"},
@@ -86,7 +88,7 @@ ALLOWED = {
 }
 """Which rooms each room may import. The engine reads config.pbtxt through Triton's schema,
 which it takes from protos (see the exception below)."""
-EXCEPTIONS = {("specserve.runtime.engine.layout", "specserve.protos.kserve")}
+EXCEPTIONS = {("specserve.runtime.layout", "specserve.protos.kserve")}
 
 
 def test_rooms_are_what_the_layout_says():
@@ -95,6 +97,7 @@ def test_rooms_are_what_the_layout_says():
     assert room("specserve.runtime.pipeline") == "runtime.core"
     assert room("specserve.runtime.engine") == "runtime.engine"
     assert room("specserve.runtime.serving.kserve") == "runtime.serving"
+    assert room("specserve.runtime.embedded.local") == "runtime.embedded"
 
 
 def test_no_import_points_up():
@@ -190,3 +193,68 @@ def test_the_wheel_holds_every_module(tmp_path):
     expected = {str(Path(*name.split("."), "__init__.py") if path.name == "__init__.py"
                     else Path(*name.split(".")[:-1], path.name)) for name, path in modules().items()}
     assert expected - inside == set()
+
+
+BLOCKER = """
+import importlib.abc, sys
+BLOCKED = ("grpc", "google.protobuf", "prometheus_client", "torch", "tritonclient", "specserve.runtime.engine",
+           "specserve.runtime.serving", "specserve.runtime.client")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            raise ImportError(f"{name} is blocked in this test")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_the_embedded_runtime_runs_with_grpc_protobuf_prometheus_and_torch_blocked(tmp_path, kit):
+    """``specserve analyze --local`` in a process where those imports fail: the embedded runtime
+    reads the files, preprocesses, runs the sessions and writes the catalogue without them."""
+    from test_contract_export import ToyFreeEnergy
+
+    from specserve.export.onnx_export import export_model
+    from specserve.export.repository import write_model
+    from specserve.runtime.contract import ModelCard
+    from specserve.runtime.preprocess import OPTICAL_PREPROCESSING
+
+    c = ModelCard(kind="rbm", preprocessing=OPTICAL_PREPROCESSING, class_names=("non_cv", "cv"))
+    report = export_model(ToyFreeEnergy(c.dims["n_pixels"]), c, tmp_path / "build" / "model.onnx",
+                          atol=1e-5, rtol=1e-4)
+    write_model(tmp_path / "repo", "rbm", 1, report.path, c)
+    files = [str(p) for p in sorted((kit / "lamost_dr1/fits").glob("*.fits"))[:3]]
+    out = tmp_path / "local.csv"
+    script = BLOCKER + "from specserve.export.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    proc = subprocess.run([sys.executable, "-c", script, "analyze", "--local", "--repository", str(tmp_path / "repo"),
+                           "--out", str(out), "--no-arena", *files], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from astropy.table import Table
+
+    table = Table.read(out, format="ascii.csv")
+    assert list(table["file"]) == files and all(0 <= p <= 1 for p in table["p_cv"])
+
+
+def test_the_install_layout_never_mixes_the_onnxruntime_builds():
+    """Base install: numpy and astropy; the ONNX Runtime build comes only with [cpu] or [gpu];
+    the server, training and development tools are extras; this environment holds one build."""
+    from importlib import metadata
+
+    requirements = metadata.requires("specserve")
+    base = sorted(r.split(">")[0].split("=")[0] for r in requirements if "extra ==" not in r)
+    assert base == ["astropy", "numpy"]
+
+    def extra(name: str) -> set[str]:
+        return {r.split(";")[0].split("=")[0].split(">")[0].split("[")[0].strip()
+                for r in requirements if f'extra == "{name}"' in r}
+
+    assert extra("cpu") == {"onnxruntime"} and extra("gpu") == {"onnxruntime-gpu"}
+    for name in ("serve", "train", "dev"):
+        assert not extra(name) & {"onnxruntime", "onnxruntime-gpu"}, name
+    assert {"grpcio", "prometheus-client", "tritonclient"} <= extra("serve") and "torch" in extra("train")
+    installed = set()
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(dist)
+            installed.add(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    assert len(installed) == 1, installed

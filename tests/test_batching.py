@@ -24,10 +24,10 @@ from tritonclient.utils import InferenceServerException
 from specserve.export.onnx_export import export_model
 from specserve.export.repository import config_pbtxt, write_model
 from specserve.runtime.contract import ModelCard
-from specserve.runtime.engine.batching import DEFAULT_MAX_QUEUE_SIZE, BatchingConfig
-from specserve.runtime.engine.layout import batching_config, parse_config, read_config, write_config
+from specserve.runtime.engine.batching import BatchingConfig, batching_config
 from specserve.runtime.engine.repository import load_model_dir
 from specserve.runtime.errors import DeadlineExceededError, QueueFullError, ShuttingDownError
+from specserve.runtime.layout import DEFAULT_MAX_QUEUE_SIZE, parse_config, read_config, write_config
 
 SPECSERVE = str(Path(sys.executable).with_name("specserve"))
 ENV = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}

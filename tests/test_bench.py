@@ -16,7 +16,7 @@ from specserve.export.bench.suite import NO_CUDA, parity_checks
 from specserve.export.rbm import export_rbm
 from specserve.export.spt import export_spt
 from specserve.runtime.contract import ModelCard
-from specserve.runtime.engine.providers import Device, run_bound
+from specserve.runtime.embedded.providers import Device, run_bound
 
 SPECSERVE = str(Path(sys.executable).with_name("specserve"))
 

@@ -69,7 +69,7 @@ def test_runtime_does_not_import_torch():
         "import specserve.runtime, specserve.runtime.io, specserve.runtime.preprocess\n"
         "import specserve.export.cli, specserve.runtime.datakit, specserve.export.bench.engine\n"
         "import specserve.runtime.contract, specserve.runtime.dtypes, specserve.runtime.engine.repository\n"
-        "import specserve.runtime.engine.analysis, specserve.runtime.serving.server, specserve.runtime.client\n"
+        "import specserve.runtime.embedded.analysis, specserve.runtime.serving.server, specserve.runtime.client\n"
         "specserve.export.cli._parser()  # builds every subcommand, train/export/models included\n"
         "bad = sorted(m for m in ('torch', 'onnx', 'matplotlib', 'sklearn') if m in sys.modules)\n"
         "print(','.join(bad))\n"

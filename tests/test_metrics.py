@@ -73,7 +73,7 @@ def test_busy_metrics_port_asked_for_is_an_error(repo):  # noqa: F811
 
 def test_request_log_has_one_line_per_request_with_its_id(repo, tmp_path):  # noqa: F811
     from specserve.runtime.client import Client
-    from specserve.runtime.engine.analysis import SpectrumInput
+    from specserve.runtime.embedded.analysis import SpectrumInput
 
     root, _, c = repo
     n = c.dims["n_pixels"]

@@ -14,7 +14,7 @@ from conftest import serving
 from specserve.export.cli import main
 from specserve.runtime.client import Client
 from specserve.runtime.contract import ModelCard
-from specserve.runtime.engine.analysis import SpectrumInput
+from specserve.runtime.embedded.analysis import SpectrumInput
 from specserve.training.common import load_set
 
 

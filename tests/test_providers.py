@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from test_repository import repo  # noqa: F401 - the toy RBM repository fixture
 
-from specserve.runtime.engine import providers
-from specserve.runtime.engine.providers import Device, cuda_unavailable, parse_device, resolve_device
+from specserve.runtime.embedded import providers
+from specserve.runtime.embedded.providers import Device, cuda_unavailable, parse_device, resolve_device
 from specserve.runtime.engine.repository import load_repository
 from specserve.runtime.errors import SpecserveError
 

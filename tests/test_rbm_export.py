@@ -12,7 +12,7 @@ import torch
 from specserve.export.cli import main
 from specserve.export.rbm import ATOL, RTOL
 from specserve.runtime.contract import ModelCard
-from specserve.runtime.engine.layout import read_config
+from specserve.runtime.layout import read_config
 from specserve.training.common import REPORT_JSON
 from specserve.training.inputs import model_inputs
 from specserve.training.rbm.model import RBMClassifier

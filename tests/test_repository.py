@@ -126,7 +126,7 @@ def test_optional_inputs_are_marked_optional():
     from test_contract_export import card as rbm_card
 
     from specserve.runtime.contract import ModelCard
-    from specserve.runtime.engine.layout import model_config
+    from specserve.runtime.layout import model_config
 
     rbm = rbm_card()
     spt = ModelCard(kind="spt", preprocessing=rbm.preprocessing, label_names=("age", "mass"),

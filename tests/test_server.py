@@ -276,7 +276,7 @@ def test_second_server_on_a_busy_port_fails_clearly(server, repo):
 
 
 def test_triton_get_model_config_is_the_repositorys_config(server, repo):
-    from specserve.runtime.engine.layout import read_config
+    from specserve.runtime.layout import read_config
 
     client = triton.InferenceServerClient(server)
     config = client.get_model_config("rbm").config
@@ -322,3 +322,44 @@ def test_tritonclient_and_the_server_in_one_process(repo):
                           timeout=120, env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["(2,", "2)", "256", "True"]
+
+
+def test_local_analysis_gives_the_servers_numbers(server, repo, kit, tmp_path):
+    """The embedded runtime (``analyze --local``) and the server, on the same files and
+    repository: the same rows, the same deterministic outputs."""
+    from astropy.table import Table
+
+    files = [str(p) for p in sorted((kit / "lamost_dr1/fits").glob("*.fits"))[:6]]
+    files.append(str(kit / "sdss_dr12/spec-3764-55514-0972.fits"))
+    tables = {}
+    for how in ("server", "local"):
+        out = tmp_path / f"{how}.csv"
+        where = ["--server", server] if how == "server" else ["--local", "--repository", str(repo[0])]
+        result = subprocess.run([SPECSERVE, "analyze", *where, "--out", str(out), *files],
+                                capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+        assert result.returncode == 0, result.stderr
+        tables[how] = Table.read(out, format="ascii.csv")
+    remote, local = tables["server"], tables["local"]
+    assert list(remote["file"]) == list(local["file"]) == files and list(remote["id"]) == list(local["id"])
+    np.testing.assert_allclose(np.asarray(local["p_cv"], float), np.asarray(remote["p_cv"], float), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(local["free_energy_cv"], float),
+                               np.asarray(remote["free_energy_cv"], float), rtol=1e-6)
+
+
+def test_variant_selection_names_what_is_missing(server, repo):
+    from specserve.runtime.client import Client
+    from specserve.runtime.embedded.local import LocalRuntime
+    from specserve.runtime.errors import InvalidInputError, ModelNotFoundError
+    from specserve.runtime.spectrum import SpectrumInput
+
+    spectrum = SpectrumInput("x", np.linspace(3700, 7400, 3000), np.ones(3000))
+    with Client(server) as client, pytest.raises(grpc.RpcError) as info:
+        client.analyze([spectrum], variant="int8")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "rbm-int8" in info.value.details()
+    with pytest.raises(ModelNotFoundError, match="rbm-int8"):
+        LocalRuntime(repo[0], variant="int8").analyze([spectrum])
+    with pytest.raises(InvalidInputError, match="unknown variant"):
+        LocalRuntime(repo[0], variant="int4").analyze([spectrum])
+    (outcome,) = LocalRuntime(repo[0]).analyze([spectrum])
+    assert [r.model for r in outcome.results] == ["rbm"]

@@ -13,9 +13,9 @@ import pytest
 from specserve.export.cli import main
 from specserve.export.spt import check_mc, export_spt_model, spt_card
 from specserve.runtime.contract import ModelCard
-from specserve.runtime.engine.layout import read_config
 from specserve.runtime.engine.repository import load_model_file
 from specserve.runtime.errors import ExportError
+from specserve.runtime.layout import read_config
 from specserve.training.rbm.evaluate import model_inputs
 from specserve.training.trainer import CHECKPOINT_NAME, load_checkpoint
 

@@ -12,7 +12,7 @@ from conftest import serving
 from specserve.protos import specserve_pb2 as pb
 from specserve.protos import specserve_pb2_grpc as pb_grpc
 from specserve.runtime.client import Client
-from specserve.runtime.engine.analysis import SpectrumInput
+from specserve.runtime.embedded.analysis import SpectrumInput
 from specserve.runtime.engine.repository import load_model_file
 from specserve.runtime.wire import to_proto
 from specserve.training.rbm.evaluate import model_inputs

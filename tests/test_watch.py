@@ -114,8 +114,7 @@ def test_bad_arguments_are_clear(tmp_path):
 
 
 def test_results_find_their_files_by_id_even_when_object_ids_repeat(kit):
-    from specserve.runtime.client import Row, StreamError
-    from specserve.runtime.client.catalogue import Sources
+    from specserve.runtime.catalogue import Row, Sources
     from specserve.runtime.io import read_spectra
 
     path = sorted((kit / "lamost_dr1/fits").glob("*.fits"))[0]
@@ -128,5 +127,5 @@ def test_results_find_their_files_by_id_even_when_object_ids_repeat(kit):
     answered = [Row(f"{base}#3"), Row(base), Row(f"{base}#2")]  # in any order
     assert [(f, r.id) for f, r in sources.pair(answered)] == [
         ("copy-2.fits", f"{base}#3"), ("copy-0.fits", base), ("copy-1.fits", f"{base}#2")]
-    with pytest.raises(StreamError, match="not sent"):
+    with pytest.raises(SpecserveError, match="not sent"):
         sources.pair([Row("someone-else")])

@@ -282,8 +282,8 @@ def lamost_inputs(root: Path) -> list:
 def single_requests(repository: Path, spectra: list) -> dict[str, bytes]:
     """The first spectrum on each spectrum model's grid, as a serialised ModelInferRequest."""
     from specserve.runtime.contract import fill_masked
-    from specserve.runtime.engine.layout import model_folders
     from specserve.runtime.engine.repository import load_model_dir
+    from specserve.runtime.layout import model_folders
 
     out = {}
     s = spectra[0]
@@ -399,8 +399,8 @@ def serving_overhead(repository: Path, spectra: list, n_streams: int = 4, per_me
     """AnalyzeStream with every model vs the same analyser in-process, ``n_streams`` at once;
     the two alternate ``rounds`` times and the best of each is compared."""
     from specserve.runtime.client import Client
-    from specserve.runtime.engine.analysis import Analyzer
-    from specserve.runtime.engine.providers import Device
+    from specserve.runtime.embedded.analysis import Analyzer
+    from specserve.runtime.embedded.providers import Device
     from specserve.runtime.engine.repository import load_repository
     from specserve.runtime.wire import to_proto
 

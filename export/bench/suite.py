@@ -31,10 +31,10 @@ from specserve.export.bench import serving as sb
 from specserve.export.onnx_export import load_run
 from specserve.runtime.contract import N_SAMPLES, ModelCard
 from specserve.runtime.datakit import cache_dir, data_dir
-from specserve.runtime.engine.layout import model_folders
-from specserve.runtime.engine.providers import Device, resolve_device
+from specserve.runtime.embedded.providers import Device, resolve_device
 from specserve.runtime.engine.repository import LoadedModel, load_model_dir
 from specserve.runtime.errors import SpecserveError
+from specserve.runtime.layout import model_folders
 
 CUDA_BEGIN = "<!-- cuda: begin -->"
 CUDA_END = "<!-- cuda: end -->"

@@ -13,36 +13,19 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
 from specserve.protos import specserve_pb2 as pb
 from specserve.protos import specserve_pb2_grpc as pb_grpc
+from specserve.runtime.catalogue import Row
 from specserve.runtime.wire import to_proto
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "localhost:8001"
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-
-
-@dataclass
-class Row:
-    """One spectrum's results, flattened for a catalogue."""
-
-    id: str
-    values: dict[str, float] = field(default_factory=dict)
-    models: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    error: str = ""
-    model_spectra: dict[str, np.ndarray] = field(default_factory=dict)
-    """Model name -> its reconstruction on its grid (when asked for and produced)."""
-
-    @property
-    def ok(self) -> bool:
-        return not self.error
 
 
 def row_from_proto(result: pb.SpectrumResult) -> Row:
@@ -83,16 +66,17 @@ class Client:
         return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
 
     def analyze(self, spectra: Iterable, models: Sequence[str] = (), mc_samples: int = 0,
-                model_spectrum: bool = False) -> list[Row]:
+                model_spectrum: bool = False, variant: str = "") -> list[Row]:
         """Analyse spectra in one request. ``mc_samples``: Monte Carlo samples for the models that
-        draw them (0: each model's default); ``model_spectrum``: also return reconstructions."""
+        draw them (0: each model's default); ``model_spectrum``: also return reconstructions;
+        ``variant``: run each model's ``int8``/``fp16`` variant."""
         request = pb.AnalyzeRequest(spectra=[to_proto(s) for s in spectra], models=list(models),
-                                    mc_samples=mc_samples, return_model_spectrum=model_spectrum)
+                                    mc_samples=mc_samples, return_model_spectrum=model_spectrum, variant=variant)
         response = self.stub.Analyze(request, timeout=self.timeout)
         return [row_from_proto(r) for r in response.results]
 
     def stream(self, spectra: Iterable, models: Sequence[str] = (), batch_size: int = 64,
-               timeout: float | None = None, mc_samples: int = 0) -> Iterator[Row]:
+               timeout: float | None = None, mc_samples: int = 0, variant: str = "") -> Iterator[Row]:
         """Send ``spectra`` over one AnalyzeStream, ``batch_size`` per message; yield rows in order.
 
         A stream has no deadline by default (a night's pipeline may keep one open); a server that
@@ -111,12 +95,12 @@ class Client:
                 batch.append(to_proto(item))
                 if len(batch) == batch_size:
                     yield pb.AnalyzeRequest(request_id=f"{stream_id}-{number}", spectra=batch, models=list(models),
-                                            mc_samples=mc_samples)
+                                            mc_samples=mc_samples, variant=variant)
                     number += 1
                     batch = []
             if batch:
                 yield pb.AnalyzeRequest(request_id=f"{stream_id}-{number}", spectra=batch, models=list(models),
-                                        mc_samples=mc_samples)
+                                        mc_samples=mc_samples, variant=variant)
 
         for response in self.stub.AnalyzeStream(requests(), timeout=timeout):
             if response.HasField("error"):

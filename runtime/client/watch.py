@@ -32,8 +32,8 @@ from pathlib import Path
 
 import grpc
 
-from specserve.runtime.client.catalogue import Sources, catalogue_format, catalogue_table
-from specserve.runtime.client.client import Client, Row, StreamError
+from specserve.runtime.catalogue import Row, Sources, catalogue_format, catalogue_table
+from specserve.runtime.client.client import Client, StreamError
 from specserve.runtime.errors import SpecserveError, SpectrumReadError
 from specserve.runtime.io import read_spectra
 from specserve.runtime.spectrum import SpectrumInput
@@ -205,7 +205,7 @@ class Watcher:
             return True  # stopped while waiting for the server: these files stay to do
         try:
             paired = sources.pair(rows)
-        except StreamError as exc:
+        except SpecserveError as exc:
             self.out(f"specserve watch: error: {exc}")
             return False
         self.state.append(paired)

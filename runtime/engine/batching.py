@@ -38,17 +38,21 @@ import numpy as np
 from specserve.runtime.contract import BATCH, ModelContract
 from specserve.runtime.engine import metrics
 from specserve.runtime.engine.stats import ModelStats
-from specserve.runtime.errors import DeadlineExceededError, QueueFullError, ShuttingDownError
+from specserve.runtime.errors import ContractError, DeadlineExceededError, QueueFullError, ShuttingDownError
+from specserve.runtime.layout import (
+    CONFIG_FILE,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE_SIZE,
+    ROWS_PARAMETER,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH_ROWS = 256
-DEFAULT_MAX_QUEUE_SIZE = 1024
 
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    max_batch_size: int = DEFAULT_MAX_BATCH_ROWS
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     """Rows per session run (a single larger request runs alone)."""
     max_queue_delay_s: float = 0.0
     """How long the oldest queued request may wait for a fuller batch."""
@@ -277,3 +281,24 @@ class Batcher:
             model.stats.record_request(True, time.perf_counter_ns() - r.enqueued_ns, t0 - r.enqueued_ns, r.rows)
             outcomes.append((r, part, None))
         return outcomes
+
+
+def batching_config(config) -> BatchingConfig:
+    """The batcher's knobs from a config (None: the defaults)."""
+    if config is None:
+        return BatchingConfig()
+    rows = config.max_batch_size
+    if rows == 0 and ROWS_PARAMETER in config.parameters:  # Triton does not batch it; our parameter
+        value = config.parameters[ROWS_PARAMETER].string_value
+        if not value.isdigit() or int(value) < 1:
+            raise ContractError(f"{CONFIG_FILE}: parameter {ROWS_PARAMETER} must be a positive integer, got {value!r}")
+        rows = int(value)
+    dynamic = config.HasField("dynamic_batching")
+    queue = config.dynamic_batching.default_queue_policy.max_queue_size
+    return BatchingConfig(
+        max_batch_size=rows or DEFAULT_MAX_BATCH_SIZE,
+        max_queue_delay_s=config.dynamic_batching.max_queue_delay_microseconds * 1e-6,
+        max_queue_size=queue or DEFAULT_MAX_QUEUE_SIZE,
+        instances=sum(group.count or 1 for group in config.instance_group),
+        dynamic=dynamic,
+    )

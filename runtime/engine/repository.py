@@ -1,13 +1,12 @@
-"""Loading a model repository (Triton layout) into ONNX Runtime sessions.
+"""The engine's models: a session model (:mod:`specserve.runtime.embedded.session`) with its
+``config.pbtxt`` as Triton reads it, its batcher and its statistics.
 
-A model folder ``<repo>/<name>/`` holds numbered version folders with a ``model.onnx`` each; the
-highest version that loads and matches its contract is served. A model that fails to load is kept
-in the listing as not ready, with the reason, and never takes the others down.
+A model folder's config is read with every version that loads; a config Triton would reject makes
+the model not ready with the parse error as the reason (:mod:`specserve.runtime.layout`).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -16,83 +15,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from specserve.runtime.contract import ModelCard, fill_defaults
-from specserve.runtime.engine.batching import Batcher, BatchingConfig, Runner
-from specserve.runtime.engine.layout import (
-    ModelConfig,
-    batching_config,
-    check_config,
-    model_config,
-    model_folders,
-    model_versions,
-    read_config,
-    version_file,
-)
-from specserve.runtime.engine.providers import Device, run_bound, session_runs_on
+from specserve.runtime.embedded import session as sessions
+from specserve.runtime.embedded.providers import Device
+from specserve.runtime.embedded.session import SessionModel, lookup
+from specserve.runtime.engine.batching import Batcher, BatchingConfig, Runner, batching_config
 from specserve.runtime.engine.stats import ModelStats
-from specserve.runtime.errors import ContractError, ModelNotFoundError, ModelNotReadyError
+from specserve.runtime.errors import ContractError
+from specserve.runtime.layout import check_config, model_config, read_config
+
+__all__ = ["LoadedModel", "load_model_dir", "load_model_file", "load_repository", "lookup", "session_options"]
 
 log = logging.getLogger(__name__)
 
-_RNG = np.random.default_rng()
-"""Seeds of MC-dropout runs: fresh OS entropy per process, a new draw per run."""
-
 
 @dataclass
-class LoadedModel:
-    name: str
-    version: str
-    path: Path | None
-    card: ModelCard | None = None
-    session: ort.InferenceSession | None = None
-    reason: str = ""
+class LoadedModel(SessionModel):
     stats: ModelStats = field(init=False)
-    newer_failure: tuple[str, str] | None = None
-    """(version, reason) of the newest version on disk when it did not load and this older one did."""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
-    config: ModelConfig | None = None
-    """The model's config.pbtxt as Triton parses it (generated from the card when the folder has none)."""
+    config: object | None = None
+    """The model's config.pbtxt as Triton parses it (a ``ModelConfig``; generated from the card
+    when the folder has none)."""
     batcher: Batcher | None = None
     workers: int = 1
     """Session runs at once when batching (the batcher's default worker count)."""
-    io_binding: tuple[str, int] | None = None
-    """Device ("cuda", index) the session's inputs and outputs are bound to; None: plain ``session.run``."""
 
     def __post_init__(self) -> None:
         self.stats = ModelStats(self.name)
-
-    @property
-    def ready(self) -> bool:
-        return self.session is not None
-
-    def require_ready(self) -> "LoadedModel":
-        """This model, or ModelNotReadyError with the reason it is not ready."""
-        if not self.ready:
-            raise ModelNotReadyError(f"model {self.name!r} is not ready: {self.reason}")
-        return self
-
-    def prepare(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``inputs`` with the optional ones filled in, checked against the contract (raises
-        InvalidInputError naming the problem, ModelNotReadyError for a model not loaded)."""
-        self.require_ready()
-        return self._contract.validate_inputs(fill_defaults(self.card, inputs, _RNG), self._dims)
-
-    @functools.cached_property
-    def _contract(self):
-        return self.card.contract
-
-    @functools.cached_property
-    def _dims(self) -> dict[str, int]:
-        return self.card.dims
-
-    def execute(self, checked: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One session run on prepared inputs: the outputs by name (IO binding on CUDA)."""
-        names = self._contract.output_names
-        if self.io_binding:
-            return dict(zip(names, run_bound(self.session, checked, names, self.io_binding)))
-        return dict(zip(names, self.session.run(names, checked)))
 
     def run(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> dict[str, np.ndarray]:
         """Validate ``inputs`` against the contract and run them (through the batcher when the
@@ -128,81 +77,39 @@ class LoadedModel:
             self.batcher.close(timeout=timeout)
 
 
-def lookup(models: Mapping[str, LoadedModel], name: str, version: str = "", ready: bool = True) -> LoadedModel:
-    """The one lookup of a model by name (and version, "" for the loaded one): ModelNotFoundError
-    for an unknown name or version, ModelNotReadyError (with the reason) when ``ready`` is asked."""
-    model = models.get(name)
-    if model is None:
-        raise ModelNotFoundError(f"unknown model {name!r} (available: {', '.join(sorted(models))})")
-    if version and version != model.version:
-        raise ModelNotFoundError(f"model {name!r} has no loaded version {version!r} (serving {model.version!r})")
-    return model.require_ready() if ready else model
-
-
-def session_options(intra_threads: int | None = None) -> ort.SessionOptions:
+def session_options(intra_threads: int | None = None):
     """CPU session options with ``intra_threads`` threads (default: the host's cores, at most 4)."""
     return Device("cpu", intra_threads=intra_threads or 0).session_options()
 
 
 def load_model_file(name: str, version: str, path: Path, device: Device | None = None,
                     n_models: int = 1) -> LoadedModel:
-    """Load one ``model.onnx`` on ``device`` (default the CPU); failures come back as a not-ready
-    model with the reason."""
+    """Load one ``model.onnx`` and its folder's config; failures come back as a not-ready model
+    with the reason."""
     device = device or Device()
-    model = LoadedModel(name, version, path)
-    try:
-        session = ort.InferenceSession(str(path), sess_options=device.session_options(n_models),
-                                       providers=device.providers())
-        fallback = session_runs_on(session, device)
-        if fallback:
-            raise ContractError(fallback)
-        card = ModelCard.from_metadata_props(session.get_modelmeta().custom_metadata_map)
-        card.contract.validate_session(session, card.dims)
-    except ContractError as exc:
-        model.reason = str(exc)
-    except Exception as exc:  # onnxruntime raises its own types for corrupt files
-        model.reason = f"cannot load {path}: {type(exc).__name__}: {exc}"
-    else:
-        try:
-            config = read_config(path.parent.parent)
-            if config is not None:
-                check_config(config, name, card)
-            model.batching = batching_config(config)
-        except ContractError as exc:
-            model.reason = str(exc)
-        else:
-            model.card, model.session = card, session
-            model.config = config if config is not None else model_config(name, card)
-    if model.ready:
-        if device.kind == "cuda":
-            model.io_binding = ("cuda", device.index)
-        else:  # single-threaded sessions on a many-core host: several runs at once
-            model.workers = max(1, (os.cpu_count() or 1) // device.threads_per_session(n_models))
+    model = sessions.load_model_file(name, version, path, device, n_models, kind=LoadedModel)
     if not model.ready:
+        return model
+    try:
+        config = read_config(path.parent.parent)
+        if config is not None:
+            check_config(config, name, model.card)
+        model.batching = batching_config(config)
+    except ContractError as exc:
+        model.card, model.session, model.reason = None, None, str(exc)
         log.warning("model %s version %s not ready: %s", name, version, model.reason)
+        return model
+    model.config = config if config is not None else model_config(name, model.card)
+    if device.kind != "cuda":  # single-threaded sessions on a many-core host: several runs at once
+        model.workers = max(1, (os.cpu_count() or 1) // device.threads_per_session(n_models))
     return model
 
 
 def load_model_dir(model_dir: Path, device: Device | None = None, n_models: int = 1) -> LoadedModel:
     """A model folder's newest version that loads, or (none loading) the newest, not ready, with its reason."""
-    newest: LoadedModel | None = None
-    for version in model_versions(model_dir):
-        candidate = load_model_file(model_dir.name, str(version), version_file(model_dir, version),
-                                    device, n_models)
-        if candidate.ready:
-            if newest is not None:
-                candidate.newer_failure = (newest.version, newest.reason)
-            return candidate
-        newest = newest or candidate
-    return newest or LoadedModel(model_dir.name, "", None, reason="no numbered version folder")
+    return sessions.load_model_dir(model_dir, device, n_models, load_model_file, LoadedModel)
 
 
 def load_repository(repo: str | Path, device: Device | None = None) -> dict[str, LoadedModel]:
-    """Every model folder under ``repo``: its newest loadable version, or not ready with a reason.
-    On the CPU the host's cores are shared among the models (:meth:`Device.threads_per_session`)."""
-    repo = Path(repo)
-    if not repo.is_dir():
-        raise ModelNotFoundError(f"model repository {repo} does not exist "
-                                 "(`specserve models build` builds the default one)")
-    folders = model_folders(repo)
-    return {d.name: load_model_dir(d, device, len(folders)) for d in folders}
+    """Every model folder under ``repo``: its newest loadable version, or not ready with a reason."""
+    return sessions.load_repository(repo, device, load_model_file, LoadedModel)

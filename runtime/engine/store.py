@@ -7,13 +7,13 @@ import logging
 import threading
 from pathlib import Path
 
-from specserve.runtime.engine.analysis import Analyzer
-from specserve.runtime.engine.layout import folder_signature, model_folders
-from specserve.runtime.engine.providers import Device
+from specserve.runtime.embedded.analysis import Analyzer
+from specserve.runtime.embedded.providers import Device
 from specserve.runtime.engine.repository import LoadedModel, load_model_dir, load_repository, lookup
 from specserve.runtime.errors import (
     ModelNotFoundError,
 )
+from specserve.runtime.layout import folder_signature, model_folders
 
 log = logging.getLogger(__name__)
 

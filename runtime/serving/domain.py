@@ -11,7 +11,7 @@ import numpy as np
 
 from specserve.protos import specserve_pb2 as pb
 from specserve.protos import specserve_pb2_grpc as pb_grpc
-from specserve.runtime.engine.analysis import (
+from specserve.runtime.embedded.analysis import (
     ModelResult,
     SpectrumInput,
     SpectrumOutcome,
@@ -77,7 +77,7 @@ def _analyze_logged(store: ModelStore, request: pb.AnalyzeRequest, deadline: flo
             early[i] = SpectrumOutcome(message.id, error=exc)
     valid = [s for s in inputs if s is not None]
     outcomes = iter(store.analyzer.analyze(valid, list(request.models), mc_samples=int(request.mc_samples),
-                                           deadline=deadline))
+                                           deadline=deadline, variant=request.variant))
     ordered = [early[i] if s is None else next(outcomes) for i, s in enumerate(inputs)]
     return [_outcome_to_proto(o, request.return_model_spectrum) for o in ordered]
 

@@ -28,8 +28,8 @@ from specserve.protos import specserve_pb2 as pb
 from specserve.protos import specserve_pb2_grpc as pb_grpc
 from specserve.protos.kserve import service_pb2 as kserve
 from specserve.protos.kserve import service_pb2_grpc as kserve_grpc
+from specserve.runtime.embedded.providers import Device
 from specserve.runtime.engine import metrics
-from specserve.runtime.engine.providers import Device
 from specserve.runtime.engine.store import ModelStore
 from specserve.runtime.errors import (
     SpecserveError,

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from specserve.runtime.contract import N_SAMPLES
-from specserve.runtime.engine.repository import LoadedModel, lookup
+from specserve.runtime.embedded.session import SessionModel, lookup
 from specserve.runtime.errors import (
     InvalidInputError,
     InvalidSpectrumError,
     SpecserveError,
 )
-from specserve.runtime.kinds import kind_of
+from specserve.runtime.kinds import kind_of, variant_of, with_variant
 from specserve.runtime.pipeline import MIN_COVERAGE, checked, prepare, span_coverage
 from specserve.runtime.spectrum import SpectrumInput
 
@@ -56,23 +56,27 @@ class SpectrumOutcome:
     error: SpecserveError | None = None
 
 
-def _analyses_spectra(model: LoadedModel) -> bool:
+def _analyses_spectra(model: SessionModel) -> bool:
     return model.card is not None and kind_of(model.card).analyses_spectra
 
 
 class Analyzer:
     """Runs the requested models of a repository on raw spectra."""
 
-    def __init__(self, models: Mapping[str, LoadedModel]):
+    def __init__(self, models: Mapping[str, SessionModel]):
         self.models = models  # the store's own mapping: a model reloaded there is used here at once
 
-    def resolve(self, names: Sequence[str] | None) -> list[LoadedModel]:
-        """The models a request asks for (when empty: every ready model that analyses spectra, so
-        not ``physformer-generate``, whose input is parameters)."""
+    def resolve(self, names: Sequence[str] | None, variant: str = "") -> list[SessionModel]:
+        """The models a request asks for (when empty: every ready full-precision model that
+        analyses spectra, so not ``physformer-generate``, whose input is parameters); with a
+        ``variant``, each one's ``<model>-<variant>`` (NOT_FOUND where there is none)."""
         if not names:
-            return [m for _, m in sorted(self.models.items()) if m.ready and _analyses_spectra(m)]
+            names = [n for n, m in sorted(self.models.items())
+                     if m.ready and _analyses_spectra(m) and not variant_of(n)]
+            if not variant:
+                return [self.models[n] for n in names]
         chosen = []
-        for name in names:
+        for name in (with_variant(n, variant) for n in names):
             model = lookup(self.models, name)
             if not _analyses_spectra(model):
                 raise InvalidInputError(
@@ -82,12 +86,12 @@ class Analyzer:
         return chosen
 
     def analyze(self, spectra: Sequence[SpectrumInput], model_names: Sequence[str] | None = None,
-                mc_samples: int = 0, deadline: float | None = None) -> list[SpectrumOutcome]:
+                mc_samples: int = 0, deadline: float | None = None, variant: str = "") -> list[SpectrumOutcome]:
         """Run the models on the spectra. ``mc_samples``: Monte Carlo samples for the models that
         draw them (0: each model's default; beyond a model's maximum: InvalidInputError).
         ``deadline`` (time.monotonic()): a model run still queued then is not run
-        (DeadlineExceededError)."""
-        models = self.resolve(model_names)
+        (DeadlineExceededError). ``variant``: see :meth:`resolve`."""
+        models = self.resolve(model_names, variant)
         outcomes = [SpectrumOutcome(s.id) for s in spectra]
         valid: list[SpectrumInput | None] = []
         for spectrum, outcome in zip(spectra, outcomes):
@@ -108,7 +112,7 @@ class Analyzer:
                 outcomes[i].results.append(result)
         return outcomes
 
-    def _run_model(self, model: LoadedModel, valid: Sequence[SpectrumInput | None],
+    def _run_model(self, model: SessionModel, valid: Sequence[SpectrumInput | None],
                    mc_samples: int = 0, deadline: float | None = None) -> list[tuple[int, ModelResult]]:
         """One model on the valid spectra (None: rejected before): (spectrum index, result) pairs.
         The spectra go through :func:`specserve.runtime.pipeline.prepare` with the model card's

@@ -1,15 +1,35 @@
-"""Catalogues: ``(file, row)`` pairs as an astropy Table, written as CSV or FITS (what
-``specserve analyze --out`` and ``specserve watch`` write)."""
+"""Catalogue rows: one spectrum's results flattened (:class:`Row`), the file each spectrum came
+from (:class:`Sources`), and catalogue tables written as CSV or FITS. Shared by the gRPC client
+(``specserve analyze``, ``specserve watch``) and the embedded runtime (``specserve analyze --local``),
+so both write the same catalogue."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from specserve.runtime.client.client import Row, StreamError
+from specserve.runtime.errors import SpecserveError
 from specserve.runtime.spectrum import Spectrum, SpectrumInput
+
+
+@dataclass
+class Row:
+    """One spectrum's results, flattened for a catalogue."""
+
+    id: str
+    values: dict[str, float] = field(default_factory=dict)
+    models: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str = ""
+    model_spectra: dict[str, np.ndarray] = field(default_factory=dict)
+    """Model name -> its reconstruction on its grid (when asked for and produced)."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
 
 
 class Sources:
@@ -38,7 +58,7 @@ class Sources:
         try:
             return [(self._files[row.id], row) for row in rows]
         except KeyError as exc:
-            raise StreamError(f"the server answered for spectrum {exc.args[0]!r}, which was not sent") from None
+            raise SpecserveError(f"the server answered for spectrum {exc.args[0]!r}, which was not sent") from None
 
 
 def catalogue_table(rows: Sequence[tuple[str, Row]]):

@@ -47,6 +47,8 @@ class Device:
     kind: str = "cpu"
     index: int = 0
     intra_threads: int = 0
+    memory_arena: bool = True
+    """ONNX Runtime's CPU memory arena (off: less memory held between runs, for small devices)."""
     note: str = ""
     """Why ``auto`` chose the CPU (empty otherwise)."""
 
@@ -65,6 +67,7 @@ class Device:
         options.inter_op_num_threads = 1
         # waiting threads sleep instead of spinning: several sessions share the cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.enable_cpu_mem_arena = self.memory_arena
         return options
 
     def threads_per_session(self, n_models: int = 1) -> int:

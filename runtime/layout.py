@@ -25,14 +25,14 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from google.protobuf import text_format
-
-from specserve.protos.kserve import model_config_pb2 as mc
 from specserve.runtime import dtypes
 from specserve.runtime.contract import BATCH, DYNAMIC_DIMS, ModelCard, TensorSpec
-from specserve.runtime.engine.batching import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_SIZE, BatchingConfig
 from specserve.runtime.errors import ContractError
+
+if TYPE_CHECKING:
+    from tritonclient.grpc.model_config_pb2 import ModelConfig
 
 CONFIG_FILE = "config.pbtxt"
 MODEL_FILE = "model.onnx"
@@ -40,11 +40,23 @@ PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
 ROWS_PARAMETER = "specserve_max_batch_rows"
 """Row limit of a model with ``max_batch_size: 0`` (its batch axis is not every tensor's first)."""
-DEFAULT_MAX_BATCH_SIZE = DEFAULT_MAX_BATCH_ROWS
+DEFAULT_MAX_BATCH_SIZE = 256
+"""Rows per session run of a model whose config does not say (and the default written)."""
+DEFAULT_MAX_QUEUE_SIZE = 1024
+"""Requests that may wait for a model; one more is refused with RESOURCE_EXHAUSTED."""
 MAX_MC_BATCH_ROWS = 64
 """MC models tile every row n_samples times inside the graph: fewer rows per run."""
 
-ModelConfig = mc.ModelConfig
+
+
+def _schema():
+    """Triton's ModelConfig module and protobuf's text_format, imported when a config is written
+    or read (the folder helpers need neither, so the embedded runtime runs without protobuf)."""
+    from google.protobuf import text_format
+
+    from specserve.protos.kserve import model_config_pb2
+
+    return model_config_pb2, text_format
 
 
 # ---------------------------------------------------------------- folders
@@ -96,13 +108,15 @@ def _dims(spec: TensorSpec, dims: dict[str, int], batched: bool) -> list[int]:
 
 
 def _data_type(spec: TensorSpec) -> int:
+    mc, _ = _schema()
     return mc.DataType.Value(f"TYPE_{dtypes.from_name(spec.dtype).kserve}")
 
 
 def model_config(name: str, card: ModelCard, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 max_queue_delay_us: int = 0, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE) -> mc.ModelConfig:
+                 max_queue_delay_us: int = 0, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE) -> ModelConfig:
     """Triton's config of a model from its card: onnxruntime platform, tensors from the contract
     (optional inputs marked ``optional``), dynamic batching with these knobs."""
+    mc, _ = _schema()
     contract, dims = card.contract, card.dims
     batched = _batched(contract.inputs + contract.outputs)
     config = mc.ModelConfig(name=name, platform=PLATFORM, max_batch_size=max_batch_size if batched else 0)
@@ -118,11 +132,11 @@ def model_config(name: str, card: ModelCard, max_batch_size: int = DEFAULT_MAX_B
     return config
 
 
-def config_text(config: mc.ModelConfig) -> str:
-    return text_format.MessageToString(config)
+def config_text(config: ModelConfig) -> str:
+    return _schema()[1].MessageToString(config)
 
 
-def write_config(model_dir: Path, config: mc.ModelConfig) -> Path:
+def write_config(model_dir: Path, config: ModelConfig) -> Path:
     path = model_dir / CONFIG_FILE
     tmp = model_dir / f".{CONFIG_FILE}.tmp"
     tmp.write_text(config_text(config))
@@ -131,7 +145,7 @@ def write_config(model_dir: Path, config: mc.ModelConfig) -> Path:
 
 
 def write_version(repo: str | Path, name: str, version: int, onnx_file: str | Path,
-                  config: mc.ModelConfig) -> Path:
+                  config: ModelConfig) -> Path:
     """Copy a validated model file in as ``<repo>/<name>/<version>/model.onnx`` and write the
     model's config; returns the version folder."""
     if version < 1:
@@ -149,15 +163,16 @@ def write_version(repo: str | Path, name: str, version: int, onnx_file: str | Pa
 # ---------------------------------------------------------------- config.pbtxt: read
 
 
-def parse_config(text: str, source: str = CONFIG_FILE) -> mc.ModelConfig:
+def parse_config(text: str, source: str = CONFIG_FILE) -> ModelConfig:
     """A config's text as Triton parses it (ContractError naming line and column otherwise)."""
+    mc, text_format = _schema()
     try:
         return text_format.Parse(text, mc.ModelConfig())
     except text_format.ParseError as exc:
         raise ContractError(f"{source}: {exc}") from None
 
 
-def read_config(model_dir: Path) -> mc.ModelConfig | None:
+def read_config(model_dir: Path) -> ModelConfig | None:
     """The model folder's config, or None when it has none."""
     path = model_dir / CONFIG_FILE
     try:
@@ -169,7 +184,7 @@ def read_config(model_dir: Path) -> mc.ModelConfig | None:
     return parse_config(text, str(path))
 
 
-def check_config(config: mc.ModelConfig, folder: str, card: ModelCard) -> None:
+def check_config(config: ModelConfig, folder: str, card: ModelCard) -> None:
     """What Triton would refuse for this model: another name than the folder's, another platform
     or backend than ONNX Runtime's, tensors the model does not have, a required input left out."""
     if config.name and config.name != folder:
@@ -193,24 +208,3 @@ def check_config(config: mc.ModelConfig, folder: str, card: ModelCard) -> None:
         missing = [n for n, t in inputs.items() if n not in listed and not t.optional]
         if missing:
             raise ContractError(f"{CONFIG_FILE}: required inputs {missing} are not listed")
-
-
-def batching_config(config: mc.ModelConfig | None) -> BatchingConfig:
-    """The batcher's knobs from a config (None: the defaults)."""
-    if config is None:
-        return BatchingConfig()
-    rows = config.max_batch_size
-    if rows == 0 and ROWS_PARAMETER in config.parameters:  # Triton does not batch it; our parameter
-        value = config.parameters[ROWS_PARAMETER].string_value
-        if not value.isdigit() or int(value) < 1:
-            raise ContractError(f"{CONFIG_FILE}: parameter {ROWS_PARAMETER} must be a positive integer, got {value!r}")
-        rows = int(value)
-    dynamic = config.HasField("dynamic_batching")
-    queue = config.dynamic_batching.default_queue_policy.max_queue_size
-    return BatchingConfig(
-        max_batch_size=rows or DEFAULT_MAX_BATCH_ROWS,
-        max_queue_delay_s=config.dynamic_batching.max_queue_delay_microseconds * 1e-6,
-        max_queue_size=queue or DEFAULT_MAX_QUEUE_SIZE,
-        instances=sum(group.count or 1 for group in config.instance_group),
-        dynamic=dynamic,
-    )
