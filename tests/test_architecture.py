@@ -11,6 +11,7 @@ benchmarks inside export, at the top.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import textwrap
@@ -83,12 +84,13 @@ ALLOWED = {
     "runtime.client": {"runtime.core", "runtime.client", "protos"},
     "protos": {"protos"},
     "training": {"runtime.core", "training"},
-    "export": {"runtime.core", "runtime.engine", "runtime.serving", "runtime.client", "training", "export",
-               "protos"},
+    "export": {"runtime.core", "runtime.embedded", "runtime.engine", "runtime.serving", "runtime.client",
+               "training", "export", "protos"},
 }
-"""Which rooms each room may import. The engine reads config.pbtxt through Triton's schema,
-which it takes from protos (see the exception below)."""
-EXCEPTIONS = {("specserve.runtime.layout", "specserve.protos.kserve")}
+"""Which rooms each room may import. The core reaches protos in two places: ``wire.py`` (the
+specserve.v1 Spectrum message) and ``layout.py``, which imports Triton's config schema only
+when a config is written or read."""
+EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def test_rooms_are_what_the_layout_says():
@@ -230,7 +232,9 @@ def test_the_embedded_runtime_runs_with_grpc_protobuf_prometheus_and_torch_block
     from astropy.table import Table
 
     table = Table.read(out, format="ascii.csv")
-    assert list(table["file"]) == files and all(0 <= p <= 1 for p in table["p_cv"])
+    assert list(table["file"]) == files
+    p_cv = [float(p) for p in table["p_cv"] if p == p]  # NaN: a spectrum that covers too little of the grid
+    assert p_cv and all(0 <= p <= 1 for p in p_cv)
 
 
 def test_the_install_layout_never_mixes_the_onnxruntime_builds():
@@ -239,12 +243,14 @@ def test_the_install_layout_never_mixes_the_onnxruntime_builds():
     from importlib import metadata
 
     requirements = metadata.requires("specserve")
-    base = sorted(r.split(">")[0].split("=")[0] for r in requirements if "extra ==" not in r)
+    def project(requirement: str) -> str:
+        return re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)
+
+    base = sorted(project(r) for r in requirements if "extra ==" not in r)
     assert base == ["astropy", "numpy"]
 
     def extra(name: str) -> set[str]:
-        return {r.split(";")[0].split("=")[0].split(">")[0].split("[")[0].strip()
-                for r in requirements if f'extra == "{name}"' in r}
+        return {project(r) for r in requirements if f'extra == "{name}"' in r}
 
     assert extra("cpu") == {"onnxruntime"} and extra("gpu") == {"onnxruntime-gpu"}
     for name in ("serve", "train", "dev"):

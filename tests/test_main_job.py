@@ -168,3 +168,31 @@ def test_analyze_real_lamost_spectra_with_the_default_model(server, kit, tmp_pat
     assert np.all(np.asarray(table["teff_err"], dtype=float)[fitted] >= 0)
     logg = np.asarray(table["logg"], dtype=float)[fitted]
     assert np.all((logg >= -1) & (logg <= 6))
+
+
+@pytest.mark.slow
+def test_local_analysis_matches_the_server_on_real_lamost_spectra(built, server, kit, tmp_path):
+    """The embedded runtime (``analyze --local``) on the repository the server serves: the RBM's
+    deterministic outputs equal, PhysFormer's MC estimates within their spread."""
+    files = sorted(str(p) for p in (kit / "lamost_dr1/fits").glob("*.fits"))[:40]
+    tables = {}
+    for how, where in (("server", ["--server", server]), ("local", ["--local", "--repository", str(built[0])])):
+        out = tmp_path / f"{how}.fits"
+        result = subprocess.run([SPECSERVE, "analyze", *where, "--out", str(out), *files],
+                                capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+        assert result.returncode in (0, 1), result.stderr
+        tables[how] = Table.read(out)
+    remote, local = tables["server"], tables["local"]
+    assert list(remote["file"]) == list(local["file"]) == files and list(remote["id"]) == list(local["id"])
+    assert list(remote["notes"]) == list(local["notes"])
+    p_remote, p_local = (np.asarray(t["p_cv"], dtype=float) for t in (remote, local))
+    np.testing.assert_allclose(p_local, p_remote, rtol=1e-5, atol=1e-6)
+    teff = [np.asarray(t["teff"], dtype=float) for t in (remote, local)]
+    err = [np.asarray(t["teff_err"], dtype=float) for t in (remote, local)]
+    fitted = np.isfinite(teff[0])
+    assert fitted.sum() >= 0.9 * len(files) and np.array_equal(fitted, np.isfinite(teff[1]))
+    # two independent MC draws of the same estimate: their difference has the combined spread
+    spread = np.sqrt(err[0][fitted] ** 2 + err[1][fitted] ** 2) / np.sqrt(
+        np.asarray(remote["n_samples"], dtype=float)[fitted])
+    assert np.mean(np.abs(teff[0][fitted] - teff[1][fitted]) <= 4 * spread + 1e-3) >= 0.95

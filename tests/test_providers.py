@@ -44,6 +44,8 @@ def test_auto_takes_cuda_only_when_the_probe_passes():
 
 
 def test_probe_reports_missing_libraries_and_no_gpu(monkeypatch):
+    # as onnxruntime-gpu lists it (the CPU build, installed by default, does not)
+    monkeypatch.setattr(providers.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(providers, "_missing_libraries", lambda: ["libcudnn.so.9"])
     monkeypatch.setattr(providers.ort, "preload_dlls", lambda: print("noise that must stay hidden"), raising=False)
     assert cuda_unavailable() == "CUDA libraries not found: libcudnn.so.9"
