@@ -145,6 +145,17 @@ def _build_rbm(repository: Path, cache: Path | None, quick: bool = False) -> Non
     print(f"exported to {folder}", flush=True)
 
 
+def _plan(title: str, kind: str, bench, cache: Path | None, config, quick_indices, note: str):
+    """The run folder, config and training rows of one build (``quick_indices`` given: the smoke
+    configuration's sample), announced on the terminal."""
+    run_dir = cache_dir(cache) / "runs" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    train_indices = quick_indices(bench, config.seed) if quick_indices is not None else None
+    n_train = bench.split_indices("train").size if train_indices is None else train_indices.size
+    print(f"training {title} on '{bench.name}' ({n_train} spectra, {config.epochs} epochs"
+          f"{', smoke configuration' if train_indices is not None else ''}; {note}) into {run_dir}", flush=True)
+    return run_dir, config, train_indices
+
+
 def _build_spt(repository: Path, cache: Path | None, quick: bool = False) -> None:
     from specserve.export.spt import export_spt
     from specserve.training.common import load_set
@@ -154,13 +165,9 @@ def _build_spt(repository: Path, cache: Path | None, quick: bool = False) -> Non
     from specserve.training.spt.train import train_spt
 
     bench = load_set("giants", cache)
-    run_dir = cache_dir(cache) / "runs" / f"spt-{time.strftime('%Y%m%d-%H%M%S')}"
-    config = quick_config() if quick else SPTConfig()
-    train_indices = quick_indices(bench, config.seed) if quick else None
-    n_train = bench.split_indices("train").size if train_indices is None else train_indices.size
-    print(f"training the SPT on '{bench.name}' ({n_train} spectra, {config.epochs} epochs"
-          f"{', smoke configuration' if quick else ''}; the ablations are left to 'specserve train spt') "
-          f"into {run_dir}", flush=True)
+    run_dir, config, train_indices = _plan("the SPT", "spt", bench, cache, quick_config() if quick else SPTConfig(),
+                                           quick_indices if quick else None, "the ablations are left to "
+                                           "'specserve train spt'")
     model, _ = train_spt(config, run_dir, bench, train_indices=train_indices,
                          run_info={"built_by": "specserve models build", "quick": quick})
     print(headline(evaluate_spt(model, bench, run_dir, SPTEvalConfig(mc_samples=config.mc_samples),
@@ -181,13 +188,10 @@ def _build_physformer(repository: Path, cache: Path | None, quick: bool = False)
     from specserve.training.physformer.train import train_physformer
 
     bench = load_set("stars", cache)
-    run_dir = cache_dir(cache) / "runs" / f"physformer-{time.strftime('%Y%m%d-%H%M%S')}"
-    config = quick_config() if quick else PhysFormerConfig()
-    train_indices = quick_indices(bench, config.seed) if quick else None
-    n_train = bench.split_indices("train").size if train_indices is None else train_indices.size
-    print(f"training PhysFormer on '{bench.name}' ({n_train} spectra, {config.epochs} epochs"
-          f"{', smoke configuration' if quick else ''}; the ablation is left to 'specserve train physformer') "
-          f"into {run_dir}", flush=True)
+    run_dir, config, train_indices = _plan("PhysFormer", "physformer", bench, cache,
+                                           quick_config() if quick else PhysFormerConfig(),
+                                           quick_indices if quick else None,
+                                           "the ablation is left to 'specserve train physformer'")
     model, _ = train_physformer(config, run_dir, bench, train_indices=train_indices,
                                 run_info={"built_by": "specserve models build", "quick": quick})
     report = evaluate_physformer(model, bench, run_dir, PhysFormerEvalConfig(mc_samples=config.mc_samples),
