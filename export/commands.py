@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from specserve.runtime.datakit import cache_dir, models_dir
+from specserve.runtime.kinds import VARIANTS
 
 DEFAULT_MODELS = ("rbm", "spt", "physformer")
 
@@ -55,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--quick", default="", metavar="MODELS",
                        help="comma-separated models to build with their smoke configuration (tests only; "
                             "supported: spt, physformer)")
+    build.add_argument("--variants", default=",".join(VARIANTS), metavar="PRECISIONS",
+                       help=f"reduced-precision variants to build beside each model (default {','.join(VARIANTS)}; "
+                            "'' for none)")
     build.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     build.set_defaults(handler=cmd_models_build)
 
@@ -125,7 +129,8 @@ def served_summary(report: dict) -> str:
     return summary(report)
 
 
-def _build_rbm(repository: Path, cache: Path | None, quick: bool = False) -> None:
+def _build_rbm(repository: Path, cache: Path | None, quick: bool = False,
+               variants: tuple[str, ...] = ()) -> None:
     from specserve.export.rbm import export_rbm
     from specserve.training.common import load_set
     from specserve.training.rbm.commands import headline
@@ -143,6 +148,7 @@ def _build_rbm(repository: Path, cache: Path | None, quick: bool = False) -> Non
     print(export.summary())
     print(served_summary(_report(run_dir)))
     print(f"exported to {folder}", flush=True)
+    _variants(folder, repository, "rbm", run_dir, variants)
 
 
 def _plan(title: str, kind: str, bench, cache: Path | None, config, quick_indices, note: str):
@@ -156,7 +162,8 @@ def _plan(title: str, kind: str, bench, cache: Path | None, config, quick_indice
     return run_dir, config, train_indices
 
 
-def _build_spt(repository: Path, cache: Path | None, quick: bool = False) -> None:
+def _build_spt(repository: Path, cache: Path | None, quick: bool = False,
+               variants: tuple[str, ...] = ()) -> None:
     from specserve.export.spt import export_spt
     from specserve.training.common import load_set
     from specserve.training.spt.commands import headline, quick_config, quick_indices
@@ -177,9 +184,11 @@ def _build_spt(repository: Path, cache: Path | None, quick: bool = False) -> Non
     print(check.summary())
     print(served_summary(_report(run_dir)))
     print(f"exported to {folder}", flush=True)
+    _variants(folder, repository, "spt", run_dir, variants)
 
 
-def _build_physformer(repository: Path, cache: Path | None, quick: bool = False) -> None:
+def _build_physformer(repository: Path, cache: Path | None, quick: bool = False,
+                      variants: tuple[str, ...] = ()) -> None:
     from specserve.export.physformer import export_physformer
     from specserve.training.common import load_set
     from specserve.training.physformer.commands import headline, qso_inputs, quick_config, quick_indices
@@ -203,6 +212,22 @@ def _build_physformer(repository: Path, cache: Path | None, quick: bool = False)
     print(generate.summary())
     print(served_summary(_report(run_dir)))
     print("exported to " + ", ".join(str(f) for f in folders), flush=True)
+    _variants(folders[0], repository, "physformer", run_dir, variants)
+
+
+def _variants(folder: Path, repository: Path, name: str, run_dir: Path, precisions: tuple[str, ...]) -> None:
+    """The int8/fp16 variants of a model just exported (:mod:`specserve.export.variants`)."""
+    if not precisions:
+        return
+    import onnxruntime as ort
+
+    from specserve.export.variants import export_variants
+    from specserve.runtime.contract import ModelCard
+
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    card = ModelCard.from_metadata_props(session.get_modelmeta().custom_metadata_map)
+    for result in export_variants(folder, repository, name, card, _report(run_dir), precisions):
+        print(result.summary(), flush=True)
 
 
 BUILDERS = {"rbm": _build_rbm, "spt": _build_spt, "physformer": _build_physformer}
@@ -220,6 +245,9 @@ def cmd_models_build(args: argparse.Namespace) -> int:
     quick = [m for m in args.quick.split(",") if m]
     if [m for m in quick if m not in QUICK_BUILDS]:
         raise SpecserveError(f"--quick supports {', '.join(QUICK_BUILDS)}, got {args.quick}")
+    variants = tuple(v for v in args.variants.split(",") if v)
+    if [v for v in variants if v not in VARIANTS]:
+        raise SpecserveError(f"--variants supports {', '.join(VARIANTS)}, got {args.variants}")
     todo = [name for name in names if not _present(repository, name)] if args.if_missing else names
     if not todo:
         print(f"model repository {repository} is ready ({', '.join(names)})")
@@ -230,6 +258,6 @@ def cmd_models_build(args: argparse.Namespace) -> int:
     print(f"building {', '.join(todo)} into {repository} (all three: about 30 minutes on 2 cores)", flush=True)
     t0 = time.perf_counter()
     for name in todo:
-        BUILDERS[name](repository, args.cache, quick=name in quick)
+        BUILDERS[name](repository, args.cache, quick=name in quick, variants=variants)
     print(f"model repository ready: {repository} ({time.perf_counter() - t0:.0f} s)")
     return 0

@@ -186,8 +186,8 @@ def _setup(model_path: Path, name: str, report: Mapping[str, Any], config_cls, s
     return _Setup(config, bench, test, analyzer, model, variants)
 
 
-def check_rbm(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
-    """Served RBM rows (see the module docstring); returns the updated report."""
+def served_rbm(model_path: Path, report: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The RBM report's rows measured through ``model_path`` behind the runtime: (rows, target)."""
     from specserve.training.rbm.evaluate import TEMPLATE_SOURCES, EvalConfig, check_target, summarise
 
     run = _setup(model_path, "rbm", report, EvalConfig, report["benchmark"]["name"])
@@ -196,12 +196,11 @@ def check_rbm(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[s
     real = (y == 0) & ~np.isin(a["source"][run.test], sorted(TEMPLATE_SOURCES))
     probs = run.values([f"p_{c}" for c in run.model.card.class_names])
     served = summarise(y, real, probs, run.config.snr_levels)
-    report["target_served"] = check_target(served, run.config.snr_levels)
-    return _finish(run_dir, report, report["rbm"], served, "rbm")
+    return served, check_target(served, run.config.snr_levels)
 
 
-def check_spt(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
-    """Served SPT rows (MC with the report's ``mc_samples``); returns the updated report."""
+def served_spt(model_path: Path, report: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The SPT report's rows (MC with the report's ``mc_samples``) through ``model_path``."""
     from specserve.training.spt.evaluate import SPTEvalConfig, check_target, summarise
 
     run = _setup(model_path, "spt", report, SPTEvalConfig, report["set"]["name"])
@@ -209,21 +208,41 @@ def check_spt(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[s
     values = run.values(names + [f"{n}_err" for n in names], run.config.mc_samples)
     predictions = {k: (v[:, :len(names)], v[:, len(names):]) for k, v in values.items()}
     served = summarise(run.bench.arrays["targets"][run.test], predictions, run.config.snr_levels)
-    torch_rows = {k: v for k, v in report["spt"].items() if k != "raw_coverage_1sigma"}
-    report["target_served"] = check_target(served, report["baselines"])
-    return _finish(run_dir, report, torch_rows, served, "spt", run.config.mc_samples)
+    return served, check_target(served, report["baselines"])
 
 
-def check_physformer(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
-    """Served PhysFormer rows (MC with the report's ``mc_samples``); returns the updated report."""
+def served_physformer(model_path: Path, report: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The PhysFormer report's rows (MC with the report's ``mc_samples``) through ``model_path``."""
     from specserve.training.physformer.evaluate import PhysFormerEvalConfig, check_target, summarise
 
     run = _setup(model_path, "physformer", report, PhysFormerEvalConfig, report["set"]["name"])
     predictions = run.values(list(run.model.card.label_names), run.config.mc_samples)
     served = summarise(run.bench.arrays["labels"][run.test], predictions, report["bounds"], run.config.snr_levels)
     rows = {**report["rows"], "physformer": {**report["rows"]["physformer"], **served}}
-    report["target_served"] = check_target(rows, report["snr_levels"], report["in_box_non_stellar"])
-    return _finish(run_dir, report, report["rows"]["physformer"], served, "physformer", run.config.mc_samples)
+    return served, check_target(rows, report["snr_levels"], report["in_box_non_stellar"])
+
+
+SERVED_ROWS = {"rbm": served_rbm, "spt": served_spt, "physformer": served_physformer}
+
+
+def check_rbm(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Served RBM rows (see the module docstring); returns the updated report."""
+    served, report["target_served"] = served_rbm(model_path, report)
+    return _finish(run_dir, report, report["rbm"], served, "rbm")
+
+
+def check_spt(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Served SPT rows (MC with the report's ``mc_samples``); returns the updated report."""
+    served, report["target_served"] = served_spt(model_path, report)
+    torch_rows = {k: v for k, v in report["spt"].items() if k != "raw_coverage_1sigma"}
+    return _finish(run_dir, report, torch_rows, served, "spt", report["eval_config"]["mc_samples"])
+
+
+def check_physformer(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Served PhysFormer rows (MC with the report's ``mc_samples``); returns the updated report."""
+    served, report["target_served"] = served_physformer(model_path, report)
+    return _finish(run_dir, report, report["rows"]["physformer"], served, "physformer",
+                   report["eval_config"]["mc_samples"])
 
 
 def rewrite_metadata(path: Path, card: ModelCard) -> None:

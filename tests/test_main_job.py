@@ -42,7 +42,7 @@ def built(tmp_path_factory):
     common.load_set("giants")
     common.load_set("stars")
     result = subprocess.run([SPECSERVE, "models", "build", "--repository", str(repo), "--if-missing",
-                             "--quick", "spt,physformer"],
+                             "--quick", "spt,physformer", "--variants", "int8"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     return repo, result.stdout
@@ -196,3 +196,49 @@ def test_local_analysis_matches_the_server_on_real_lamost_spectra(built, server,
     spread = np.sqrt(err[0][fitted] ** 2 + err[1][fitted] ** 2) / np.sqrt(
         np.asarray(remote["n_samples"], dtype=float)[fitted])
     assert np.mean(np.abs(teff[0][fitted] - teff[1][fitted]) <= 4 * spread + 1e-3) >= 0.95
+
+
+@pytest.mark.slow
+def test_int8_variants_are_built_measured_and_served(built, server, kit, tmp_path):
+    """``models build --variants int8``: each model's int8 twin in the repository, with its size,
+    its parity against fp32 and its accuracy on the served test split in its card; the server and
+    ``analyze --local --variant int8`` run them."""
+    import onnxruntime as ort
+
+    from specserve.runtime.contract import ModelCard
+    from specserve.runtime.layout import read_config
+
+    repo, out = built
+    for name in ("rbm", "spt", "physformer"):
+        fp32 = repo / name / "1" / "model.onnx"
+        int8 = repo / f"{name}-int8" / "1" / "model.onnx"
+        assert int8.is_file() and read_config(repo / f"{name}-int8").name == f"{name}-int8"
+        card = ModelCard.from_metadata_props(
+            ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map)
+        variant = card.metrics["variant"]
+        assert card.kind == name and variant["of"] == name and variant["precision"] == "int8"
+        # measured before the card went into the file (a few hundred bytes of metadata)
+        assert variant["size_ratio"] == pytest.approx(int8.stat().st_size / fp32.stat().st_size, rel=0.01)
+        assert max(variant["parity"].values()) <= 1.0 and variant["accuracy"]["delta"]
+        assert f"{name}-int8: " in out
+    # the target, at most 30 % of the fp32 file, on the default RBM (the SPT and PhysFormer here are
+    # smoke models, whose small weights are a smaller part of their files)
+    rbm_int8 = repo / "rbm-int8" / "1" / "model.onnx"
+    assert rbm_int8.stat().st_size <= 0.30 * (repo / "rbm" / "1" / "model.onnx").stat().st_size
+    files = sorted(str(p) for p in (kit / "lamost_dr1/fits").glob("*.fits"))[:20]
+    tables = {}
+    for how, where in (("fp32", ["--local", "--repository", str(repo)]),
+                       ("int8", ["--local", "--repository", str(repo), "--variant", "int8"]),
+                       ("served", ["--server", server, "--variant", "int8"])):
+        target = tmp_path / f"{how}.fits"
+        result = subprocess.run([SPECSERVE, "analyze", *where, "--out", str(target), *files],
+                                capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+        assert result.returncode in (0, 1), result.stderr
+        tables[how] = Table.read(target)
+    used = [m for row in tables["int8"]["models"] if row is not np.ma.masked for m in str(row).split(";") if m]
+    assert used and all(m.startswith(("physformer-int8:", "rbm-int8:", "spt-int8:")) for m in used)
+    p = {k: np.asarray(v["p_cv"], dtype=float) for k, v in tables.items()}
+    np.testing.assert_allclose(p["served"], p["int8"], rtol=1e-5, atol=1e-6)  # one int8 graph, two runtimes
+    scored = np.isfinite(p["fp32"])
+    assert np.all(np.abs(p["int8"][scored] - p["fp32"][scored]) < 0.05)
