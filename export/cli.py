@@ -11,6 +11,8 @@ Subcommands:
   against 64 separate runs, on the same input batch.
 - ``specserve bench all [--out BENCHMARKS.md]``: every serving benchmark (ORT vs torch, MC,
   transport ceiling, serving overhead, latency under load, one exposure), written to a report.
+- ``specserve bench embedded [--repository DIR]``: every model and variant on one thread, one
+  process each; rewrites the report's Embedded section.
 - ``specserve bench gpu [--device cuda]``: CUDA parity checks and benchmarks; rewrites the report's
   CUDA section.
 - ``specserve serve [--repository DIR] [--host H] [--port N] [--device auto|cpu|cuda[:N]] [--threads N]``:
@@ -74,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     every.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for the report)")
     every.add_argument("--runs", type=Path, help="training runs, for the torch side (default <cache>/runs)")
     every.set_defaults(handler=_cmd_bench_all)
+    emb = bench_sub.add_parser("embedded", help="every model and variant on one thread, one process each "
+                                                "(size, load, latency, throughput, peak memory, accuracy)")
+    emb.add_argument("--repository", type=Path, help="model repository (default <cache>/models)")
+    emb.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report whose Embedded section is "
+                     "rewritten (default BENCHMARKS.md)")
+    emb.add_argument("--quick", action="store_true", help="few rounds (a smoke run, not for the report)")
+    emb.set_defaults(handler=_cmd_bench_embedded)
     gpu = bench_sub.add_parser("gpu", help="CUDA parity checks and benchmarks on a GPU (`make gpu-check`)")
     gpu.add_argument("--repository", type=Path, help="model repository (default <cache>/models)")
     gpu.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"),
@@ -296,6 +305,15 @@ def _cmd_bench_all(args: argparse.Namespace) -> int:
 
     run_all(args.repository or models_dir(), args.out, quick=args.quick, runs=args.runs)
     print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_bench_embedded(args: argparse.Namespace) -> int:
+    from specserve.export.bench.embedded import run
+    from specserve.runtime.datakit import models_dir
+
+    print(run(args.repository or models_dir(), args.out, quick=args.quick))
+    print(f"wrote the Embedded section of {args.out}")
     return 0
 
 

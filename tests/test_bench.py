@@ -93,3 +93,31 @@ def test_gpu_check_script_runs_end_to_end_on_the_cpu(cv_run, tmp_path):
     assert "the CPU table" in text and "## CUDA" in text and "Parity: 2/2 checks passed" in text
     assert re.search(r"\| rbm batch 1 \| cpu [0-9.]+ ms; CPU [0-9.]+ ms", text)
     assert "Transport ceiling" in text and "One LAMOST exposure" in text
+
+
+def test_bench_embedded_measures_every_model_and_variant(cv_run, tmp_path):
+    import onnxruntime as ort
+
+    from specserve.export.variants import export_variants
+    from specserve.runtime.contract import ModelCard
+
+    _, run_dir, _, _ = cv_run
+    folder, _ = export_rbm(run_dir, tmp_path / "repo", served_check=False)
+    card = ModelCard.from_metadata_props(ort.InferenceSession(
+        str(folder / "model.onnx"), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map)
+    reports = export_variants(folder, tmp_path / "repo", "rbm", card, None)
+    assert [r.name for r in reports] == ["rbm-int8", "rbm-fp16"] and all(r.accuracy is None for r in reports)
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# specserve benchmarks\n\nbody\n")
+    for _ in range(2):  # the second run replaces the section
+        result = subprocess.run([SPECSERVE, "bench", "embedded", "--quick", "--repository", str(tmp_path / "repo"),
+                                 "--out", str(out)], capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert text.count("<!-- embedded:begin -->") == 1 and "body" in text
+    rows = {m.group(1): m for m in re.finditer(
+        r"\| (rbm(?:-int8|-fp16)?) \| ([0-9.]+) \| ([0-9.]*) \| [0-9.]+ \| ([0-9.]+) / ([0-9.]+) \|", text)}
+    assert set(rows) == {"rbm", "rbm-int8", "rbm-fp16"}
+    assert float(rows["rbm-int8"].group(3)) <= 0.30 and 0.45 <= float(rows["rbm-fp16"].group(3)) <= 0.55
+    assert all(float(m.group(4)) <= float(m.group(5)) for m in rows.values())  # p50 <= p99
