@@ -42,6 +42,9 @@ from specserve.runtime.errors import SpecserveError
 log = logging.getLogger(__name__)
 
 
+REPOSITORY_HELP = "model repository (default: the shipped models, or <cache>/models when it is a newer build)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specserve", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -65,26 +68,26 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--n", type=int, default=4000)
     pre.add_argument("--data", type=Path)
     mc = bench_sub.add_parser("mc", help="MC dropout: one in-graph run of T samples vs T separate runs")
-    mc.add_argument("--repository", type=Path, help="model repository (default <cache>/models)")
+    mc.add_argument("--repository", type=Path, help=REPOSITORY_HELP)
     mc.add_argument("--model", default="spt", help="model name (default spt)")
     mc.add_argument("--batch", type=int, default=64)
     mc.add_argument("--samples", type=int, default=64)
     mc.add_argument("--threads", type=int, default=2)
     every = bench_sub.add_parser("all", help="every serving benchmark, written to BENCHMARKS.md (`make bench`)")
-    every.add_argument("--repository", type=Path, help="model repository (default <cache>/models)")
+    every.add_argument("--repository", type=Path, help=REPOSITORY_HELP)
     every.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report (default BENCHMARKS.md)")
     every.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for the report)")
     every.add_argument("--runs", type=Path, help="training runs, for the torch side (default <cache>/runs)")
     every.set_defaults(handler=_cmd_bench_all)
     emb = bench_sub.add_parser("embedded", help="every model and variant on one thread, one process each "
                                                 "(size, load, latency, throughput, peak memory, accuracy)")
-    emb.add_argument("--repository", type=Path, help="model repository (default <cache>/models)")
+    emb.add_argument("--repository", type=Path, help=REPOSITORY_HELP)
     emb.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report whose Embedded section is "
                      "rewritten (default BENCHMARKS.md)")
     emb.add_argument("--quick", action="store_true", help="few rounds (a smoke run, not for the report)")
     emb.set_defaults(handler=_cmd_bench_embedded)
     gpu = bench_sub.add_parser("gpu", help="CUDA parity checks and benchmarks on a GPU (`make gpu-check`)")
-    gpu.add_argument("--repository", type=Path, help="model repository (default <cache>/models)")
+    gpu.add_argument("--repository", type=Path, help=REPOSITORY_HELP)
     gpu.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"),
                      help="report whose CUDA section is rewritten (default BENCHMARKS.md)")
     gpu.add_argument("--device", default="cuda", help="cuda[:N] (cpu runs the same code on the CPU)")
@@ -92,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     gpu.set_defaults(handler=_cmd_bench_gpu)
     srv = sub.add_parser("serve", help="serve a model repository over gRPC")
     srv.add_argument("--repository", type=Path,
-                     help="model repository in Triton's layout (default: <cache>/models, see `specserve models build`)")
+                     help="model repository in Triton's layout (default: the shipped models, or <cache>/models "
+                          "when `specserve models build` wrote a newer one there)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8001)
     srv.add_argument("--device", default="auto",
@@ -106,6 +110,19 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds between scans of the repository for changed models (0: never; default 2)")
     srv.add_argument("--threads", type=int, default=0,
                      help="CPU threads per model session (default: the cores shared among the models, 1-4 each)")
+    sec = srv.add_argument_group("security (docs/security.md)")
+    sec.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (re-read when it changes or on SIGHUP)")
+    sec.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    sec.add_argument("--tls-client-ca", type=Path,
+                     help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    sec.add_argument("--auth-tokens", type=Path,
+                     help="file of 'TOKEN [ROLE]' lines (roles infer, admin): require 'authorization: Bearer TOKEN'")
+    sec.add_argument("--model-control", choices=("none", "explicit"), default="none",
+                     help="none (default): repository load/unload requests are refused, as in Triton's mode none; "
+                          "explicit: allowed (to admin tokens when --auth-tokens is given)")
+    sec.add_argument("--reflection", action="store_true", help="serve gRPC reflection (off by default)")
+    sec.add_argument("--insecure", action="store_true",
+                     help="allow a non-loopback --host without TLS and tokens (anyone who reaches it may use it)")
 
     ana = sub.add_parser("analyze", help="analyse spectrum files on a running server")
     ana.add_argument("files", nargs="+", type=Path)
@@ -117,7 +134,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="Monte Carlo samples for models that draw them (default 0: each model's default)")
     ana.add_argument("--local", action="store_true",
                      help="run the models in this process (the embedded runtime: no server, no grpc)")
-    ana.add_argument("--repository", type=Path, help="with --local: model repository (default <cache>/models)")
+    ana.add_argument("--repository", type=Path,
+                     help="with --local: model repository (default: the shipped models, or <cache>/models when "
+                          "it is a newer build)")
     ana.add_argument("--variant", default="", help="use <model>-VARIANT (e.g. int8, fp16) wherever it exists")
     ana.add_argument("--threads", type=int, default=1, help="with --local: ONNX Runtime threads per model (default 1)")
     ana.add_argument("--no-arena", dest="arena", action="store_false",
@@ -134,6 +153,8 @@ def _parser() -> argparse.ArgumentParser:
     wat.add_argument("--poll", type=float, default=1.0, help="seconds between folder scans (default 1)")
     wat.add_argument("--mc-samples", type=int, default=0, help="Monte Carlo samples (default: each model's)")
     wat.add_argument("--once", action="store_true", help="handle the files there now, then exit")
+    for command in (ana, wat):
+        _add_credentials(command)
 
     from specserve.export.commands import register as register_export
     from specserve.training.commands import register as register_training
@@ -143,23 +164,69 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_credentials(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("a protected server (docs/security.md)")
+    group.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    group.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server's certificate (implies --tls)")
+    group.add_argument("--tls-client-cert", type=Path, help="PEM client certificate, for mutual TLS")
+    group.add_argument("--tls-client-key", type=Path, help="PEM private key of --tls-client-cert")
+    group.add_argument("--token-file", type=Path,
+                       help="file whose first line is the bearer token (default: $SPECSERVE_TOKEN, if set)")
+
+
+def _credentials(args: argparse.Namespace):
+    from specserve.runtime.client import Credentials
+
+    return Credentials.from_options(args.tls_ca, args.tls_client_cert, args.tls_client_key, args.token_file,
+                                    tls=args.tls)
+
+
+def _repository(args: argparse.Namespace) -> Path:
+    """``--repository``, or the default one (the shipped models, or the cache's build when it is
+    newer), with the choice explained on stderr."""
+    if args.repository:
+        return args.repository
+    from specserve.runtime.defaults import default_repository
+
+    choice = default_repository()
+    print(f"specserve: repository {choice.path}: {choice.reason}", file=sys.stderr, flush=True)
+    return choice.path
+
+
+def _security(args: argparse.Namespace):
+    """The server's :class:`~specserve.runtime.serving.security.Security` from the options."""
+    from specserve.runtime.serving.security import Security, SecurityError, TLSFiles, Tokens
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SecurityError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise SecurityError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+    tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    tokens = Tokens.from_file(args.auth_tokens) if args.auth_tokens else None
+    return Security(tls=tls, tokens=tokens, model_control=args.model_control, reflection=args.reflection,
+                    insecure=args.insecure)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from specserve.runtime.datakit import models_dir
     from specserve.runtime.embedded.providers import resolve_device
     from specserve.runtime.serving.server import serve
 
-    repository = args.repository or models_dir()
+    security = _security(args)
+    security.check_address(args.host)  # before anything is loaded
+    repository = _repository(args)
     if args.log_requests:
         logging.getLogger("specserve.requests").setLevel(logging.INFO)
     device = resolve_device(args.device, args.threads)
     print(f"specserve: device {device.name}" + (f" ({device.note})" if device.note else ""), file=sys.stderr, flush=True)
     metrics_port = 8002 if args.metrics_port is None else None if args.metrics_port < 0 else args.metrics_port
-    on_metrics = lambda port: print(f"specserve: metrics on http://{args.host}:{port}/metrics",  # noqa: E731
+    metrics_host = security.metrics_host(args.host)
+    on_metrics = lambda port: print(f"specserve: metrics on http://{metrics_host}:{port}/metrics",  # noqa: E731
                                     file=sys.stderr, flush=True)
     asyncio.run(serve(repository, args.host, args.port, device=device, poll_repository=args.poll_repository,
                       metrics_port=metrics_port, on_metrics=on_metrics, metrics_required=args.metrics_port is not None,
+                      security=security,
                       on_started=lambda port: print(f"specserve: serving {repository} on {args.host}:{port}", flush=True)))
     return 0
 
@@ -184,7 +251,7 @@ def _analyze_remote(args: argparse.Namespace, models: list[str], skipped) -> lis
             for spectrum in items:
                 yield sources.add(spectrum, path)
 
-    with Client(args.server) as client:
+    with Client(args.server, credentials=_credentials(args)) as client:
         try:
             return sources.pair(list(client.stream(spectra(), models=models, batch_size=args.batch,
                                                    mc_samples=args.mc_samples, variant=args.variant)))
@@ -197,10 +264,9 @@ def _analyze_remote(args: argparse.Namespace, models: list[str], skipped) -> lis
 
 
 def _analyze_local(args: argparse.Namespace, models: list[str], skipped) -> list:
-    from specserve.runtime.datakit import models_dir
     from specserve.runtime.embedded.local import LocalRuntime
 
-    runtime = LocalRuntime(args.repository or models_dir(), threads=args.threads, memory_arena=args.arena,
+    runtime = LocalRuntime(_repository(args), threads=args.threads, memory_arena=args.arena,
                            variant=args.variant or None)
     return runtime.analyze_files(args.files, models, mc_samples=args.mc_samples, batch=args.batch,
                                  on_unreadable=skipped)
@@ -285,10 +351,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_bench_mc(args: argparse.Namespace) -> int:
     from specserve.export.bench.engine import run_mc
-    from specserve.runtime.datakit import models_dir
     from specserve.runtime.errors import ModelNotFoundError
 
-    folder = (args.repository or models_dir()) / args.model
+    folder = _repository(args) / args.model
     versions = sorted((int(p.name) for p in folder.glob("[0-9]*") if (p / "model.onnx").is_file()), reverse=True)
     if not versions:
         raise ModelNotFoundError(f"no model.onnx under {folder} (`specserve models build` builds the default models)")
@@ -301,18 +366,16 @@ def _cmd_bench_all(args: argparse.Namespace) -> int:
 
     require_training_extra(0)  # the ORT-vs-torch rows need torch
     from specserve.export.bench.suite import run_all
-    from specserve.runtime.datakit import models_dir
 
-    run_all(args.repository or models_dir(), args.out, quick=args.quick, runs=args.runs)
+    run_all(_repository(args), args.out, quick=args.quick, runs=args.runs)
     print(f"wrote {args.out}")
     return 0
 
 
 def _cmd_bench_embedded(args: argparse.Namespace) -> int:
     from specserve.export.bench.embedded import run
-    from specserve.runtime.datakit import models_dir
 
-    print(run(args.repository or models_dir(), args.out, quick=args.quick))
+    print(run(_repository(args), args.out, quick=args.quick))
     print(f"wrote the Embedded section of {args.out}")
     return 0
 
@@ -322,9 +385,8 @@ def _cmd_bench_gpu(args: argparse.Namespace) -> int:
 
     require_training_extra(0)
     from specserve.export.bench.suite import gpu_check
-    from specserve.runtime.datakit import models_dir
 
-    return 0 if gpu_check(args.repository or models_dir(), args.out, args.device, quick=args.quick) else 1
+    return 0 if gpu_check(_repository(args), args.out, args.device, quick=args.quick) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return watch(args.folder, args.out, args.server, rejects=args.rejects, once=args.once,
                          models=[m for m in args.models.split(",") if m], pattern=args.pattern,
-                         poll=args.poll, mc_samples=args.mc_samples)
+                         poll=args.poll, mc_samples=args.mc_samples, credentials=_credentials(args))
         if hasattr(args, "handler"):
             return args.handler(args)
         return handlers[args.command][getattr(args, f"{args.command}_command")](args)

@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 
 from specserve.runtime.datakit import cache_dir, models_dir
+from specserve.runtime.defaults import DEFAULT_MODELS, missing_models
 from specserve.runtime.kinds import VARIANTS
-
-DEFAULT_MODELS = ("rbm", "spt", "physformer")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,12 +60,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "'' for none)")
     build.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     build.set_defaults(handler=cmd_models_build)
+    ship = models_sub.add_parser("ship", help="copy a built repository into the package as its shipped models")
+    ship.add_argument("--from", dest="source", type=Path, required=True,
+                      help="a repository `specserve models build` wrote (every default model and variant)")
+    ship.add_argument("--to", dest="target", type=Path,
+                      help="where the shipped copy goes (default: the package's runtime/models)")
+    ship.set_defaults(handler=cmd_models_ship)
 
 
 def _present(repository: Path, name: str) -> bool:
     """Whether every repository model that building ``name`` makes has a model file."""
-    folders = (name, f"{name}-generate") if name == "physformer" else (name,)
-    return all(any(p.is_file() for p in (repository / f).glob("[0-9]*/model.onnx")) for f in folders)
+    return not missing_models(repository, (name,))
 
 
 def cmd_export_rbm(args: argparse.Namespace) -> int:
@@ -228,6 +232,17 @@ def _variants(folder: Path, repository: Path, name: str, run_dir: Path, precisio
     card = ModelCard.from_metadata_props(session.get_modelmeta().custom_metadata_map)
     for result in export_variants(folder, repository, name, card, _report(run_dir), precisions):
         print(result.summary(), flush=True)
+
+
+def cmd_models_ship(args: argparse.Namespace) -> int:
+    from specserve.export.ship import ship, summary
+    from specserve.runtime.defaults import SHIPPED
+
+    target = args.target or SHIPPED
+    manifest = ship(args.source, target)
+    print(summary(manifest))
+    print(f"shipped into {target}")
+    return 0
 
 
 BUILDERS = {"rbm": _build_rbm, "spt": _build_spt, "physformer": _build_physformer}

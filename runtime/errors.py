@@ -70,3 +70,8 @@ class DeadlineExceededError(SpecserveError):
 
 class ShuttingDownError(SpecserveError):
     """A model's batcher is closed (the server is stopping or the model was replaced) (UNAVAILABLE)."""
+
+
+class ModelControlError(SpecserveError):
+    """A repository load or unload request on a server whose model control is off (Triton's mode
+    ``none``) (UNAVAILABLE)."""

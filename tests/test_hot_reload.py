@@ -37,8 +37,8 @@ def repo(tmp_path):
 @pytest.fixture
 def served(repo):
     proc = subprocess.Popen([SPECSERVE, "serve", "--repository", str(repo[0]), "--port", "0", "--device", "cpu",
-                             "--poll-repository", "0.3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+                             "--poll-repository", "0.3", "--model-control", "explicit"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
     line = proc.stdout.readline()
     assert "serving" in line, proc.stderr.read()
     address = line.strip().rsplit(" on ", 1)[1]

@@ -50,7 +50,7 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repo):
-    proc = subprocess.Popen([SPECSERVE, "serve", "--repository", str(repo[0]), "--port", "0"],
+    proc = subprocess.Popen([SPECSERVE, "serve", "--repository", str(repo[0]), "--port", "0", "--reflection"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
     line = proc.stdout.readline()

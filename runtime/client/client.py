@@ -11,8 +11,11 @@ arrays. Results come back as :class:`Row` objects: the spectrum id, one plain va
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -20,6 +23,7 @@ import numpy as np
 from specserve.protos import specserve_pb2 as pb
 from specserve.protos import specserve_pb2_grpc as pb_grpc
 from specserve.runtime.catalogue import Row
+from specserve.runtime.errors import SpecserveError
 from specserve.runtime.wire import to_proto
 
 log = logging.getLogger(__name__)
@@ -43,14 +47,74 @@ def row_from_proto(result: pb.SpectrumResult) -> Row:
     return row
 
 
+TOKEN_ENV = "SPECSERVE_TOKEN"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How a client proves itself to a protected server (docs/security.md): TLS with the CA that
+    signed the server's certificate (``tls_ca``; None with ``tls``: the system's roots), a client
+    certificate for mutual TLS, and a bearer token."""
+
+    tls: bool = False
+    tls_ca: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    token: str | None = None
+
+    @classmethod
+    def from_options(cls, tls_ca: Path | None = None, client_cert: Path | None = None,
+                     client_key: Path | None = None, token_file: Path | None = None,
+                     tls: bool = False) -> Credentials:
+        """From command-line options; the token from ``token_file`` (its first line), else from
+        ``$SPECSERVE_TOKEN``. Errors name the file and the problem, never the token."""
+        if (client_cert is None) != (client_key is None):
+            raise SpecserveError("--tls-client-cert and --tls-client-key go together")
+        token = None
+        if token_file is not None:
+            try:
+                lines = Path(token_file).read_text().split()
+            except OSError as exc:
+                raise SpecserveError(f"cannot read the token file {token_file}: {exc.strerror or exc}") from None
+            if not lines:
+                raise SpecserveError(f"the token file {token_file} is empty")
+            token = lines[0]
+        else:
+            token = os.environ.get(TOKEN_ENV) or None
+        return cls(tls or tls_ca is not None or client_cert is not None, tls_ca, client_cert, client_key, token)
+
+    def channel(self, address: str, options: Sequence[tuple[str, object]]) -> grpc.Channel:
+        if not self.tls:
+            return grpc.insecure_channel(address, options=list(options))
+
+        def read(path: Path | None, what: str) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise SpecserveError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+
+        credentials = grpc.ssl_channel_credentials(read(self.tls_ca, "TLS CA"), read(self.client_key, "client key"),
+                                                   read(self.client_cert, "client certificate"))
+        return grpc.secure_channel(address, credentials, options=list(options))
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
 class Client:
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = 120.0):
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = 120.0,
+                 credentials: Credentials | None = None):
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address, options=[
+        self.credentials = credentials or Credentials.from_options()
+        self.channel = self.credentials.channel(address, options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ])
+        self.metadata = self.credentials.metadata
         self.stub = pb_grpc.SpecServeStub(self.channel)
 
     def __enter__(self) -> "Client":
@@ -63,7 +127,7 @@ class Client:
         self.channel.close()
 
     def list_models(self) -> list[pb.ModelInfo]:
-        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata).models)
 
     def analyze(self, spectra: Iterable, models: Sequence[str] = (), mc_samples: int = 0,
                 model_spectrum: bool = False, variant: str = "") -> list[Row]:
@@ -72,7 +136,7 @@ class Client:
         ``variant``: run each model's ``int8``/``fp16`` variant."""
         request = pb.AnalyzeRequest(spectra=[to_proto(s) for s in spectra], models=list(models),
                                     mc_samples=mc_samples, return_model_spectrum=model_spectrum, variant=variant)
-        response = self.stub.Analyze(request, timeout=self.timeout)
+        response = self.stub.Analyze(request, timeout=self.timeout, metadata=self.metadata)
         return [row_from_proto(r) for r in response.results]
 
     def stream(self, spectra: Iterable, models: Sequence[str] = (), batch_size: int = 64,
@@ -102,7 +166,7 @@ class Client:
                 yield pb.AnalyzeRequest(request_id=f"{stream_id}-{number}", spectra=batch, models=list(models),
                                         mc_samples=mc_samples, variant=variant)
 
-        for response in self.stub.AnalyzeStream(requests(), timeout=timeout):
+        for response in self.stub.AnalyzeStream(requests(), timeout=timeout, metadata=self.metadata):
             if response.HasField("error"):
                 raise StreamError(f"message {response.request_id}: {response.error.message}")
             for result in response.results:

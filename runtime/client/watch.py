@@ -33,7 +33,7 @@ from pathlib import Path
 import grpc
 
 from specserve.runtime.catalogue import Row, Sources, catalogue_format, catalogue_table
-from specserve.runtime.client.client import Client, StreamError
+from specserve.runtime.client.client import Client, Credentials, StreamError
 from specserve.runtime.errors import SpecserveError, SpectrumReadError
 from specserve.runtime.io import read_spectra
 from specserve.runtime.spectrum import SpectrumInput
@@ -115,7 +115,7 @@ def _stack(old, new, vstack):
 class Watcher:
     def __init__(self, folder: Path, state: WatchState, server: str, *, models: Sequence[str] = (),
                  pattern: str = "*", poll: float = 1.0, batch_files: int = 64, mc_samples: int = 0,
-                 out: Callable[[str], None] | None = None):
+                 out: Callable[[str], None] | None = None, credentials: Credentials | None = None):
         if not folder.is_dir():
             raise SpecserveError(f"{folder} is not a folder")
         if poll <= 0:
@@ -123,6 +123,7 @@ class Watcher:
         self.folder = folder
         self.state = state
         self.server = server
+        self.credentials = credentials
         self.models = list(models)
         self.pattern = pattern
         self.poll = poll
@@ -187,7 +188,7 @@ class Watcher:
             return True
         while not self.stop.is_set():
             try:
-                with Client(self.server) as client:
+                with Client(self.server, credentials=self.credentials) as client:
                     rows = list(client.stream(spectra, models=self.models, mc_samples=self.mc_samples))
                 break
             except StreamError as exc:  # the server refused the request itself (unknown model...)

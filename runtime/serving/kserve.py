@@ -21,6 +21,7 @@ from specserve.runtime.engine.store import ModelStore
 from specserve.runtime.errors import (
     ContractError,
     InvalidInputError,
+    ModelControlError,
     ModelLoadError,
 )
 from specserve.runtime.serving.health import sync_health
@@ -162,10 +163,16 @@ def _statistics(model: LoadedModel) -> kserve.ModelStatistics:
 
 
 class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, store: ModelStore, stopping: asyncio.Event, health_servicer):
+    def __init__(self, store: ModelStore, stopping: asyncio.Event, health_servicer, model_control: str = "none"):
         self.store = store
         self.stopping = stopping
         self.health = health_servicer
+        self.model_control = model_control
+
+    def _check_model_control(self) -> None:
+        if self.model_control != "explicit":
+            raise ModelControlError("model control is off on this server (Triton's mode 'none'); start it with "
+                                    "--model-control explicit to load and unload models")
 
     async def _sync_health(self) -> None:
         await sync_health(self.health, self.store, self.stopping.is_set())
@@ -201,6 +208,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
 
     @unary
     async def RepositoryModelLoad(self, request, context):
+        self._check_model_control()
         model = await asyncio.to_thread(self.store.reload, request.model_name)
         await self._sync_health()
         failed = self.store.failures.get(request.model_name)
@@ -213,6 +221,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
 
     @unary
     async def RepositoryModelUnload(self, request, context):
+        self._check_model_control()
         self.store.unload(request.model_name)
         await self._sync_health()
         return kserve.RepositoryModelUnloadResponse()

@@ -37,6 +37,7 @@ from specserve.runtime.errors import (
 from specserve.runtime.serving.domain import DomainServicer
 from specserve.runtime.serving.health import sync_health
 from specserve.runtime.serving.kserve import KServeServicer
+from specserve.runtime.serving.security import AccessInterceptor, Security
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +45,39 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 SWITCH_INTERVAL_S = 0.001
 
 def create_server(repository: str | Path, address: str = "127.0.0.1:0",
-                  device: Device | None = None) -> tuple[grpc.aio.Server, int]:
+                  device: Device | None = None, security: Security | None = None) -> tuple[grpc.aio.Server, int]:
     """A configured, not yet started grpc.aio server and the port it is bound to; the models'
-    sessions run on ``device`` (default the CPU), each behind its batcher."""
+    sessions run on ``device`` (default the CPU), each behind its batcher. ``security`` (default:
+    none of TLS, tokens and reflection; model control off; loopback only) is checked here: an
+    unprotected non-loopback address raises :class:`~.security.SecurityError`."""
+    security = security or Security()
+    host = address.rsplit(":", 1)[0]
+    security.check_address(host)
     store = ModelStore(repository, device)
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
-    ])
+    server = grpc.aio.server(
+        interceptors=[AccessInterceptor(security)] if security.tokens is not None else None,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+        ])
     stopping = asyncio.Event()  # set on SIGTERM: open streams answer what they read, then end
     health_servicer = health.aio.HealthServicer()
-    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(store, stopping, health_servicer), server)
+    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeServicer(store, stopping, health_servicer, security.model_control), server)
     pb_grpc.add_SpecServeServicer_to_server(DomainServicer(store, stopping), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    services = (
-        kserve.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-        pb.DESCRIPTOR.services_by_name["SpecServe"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(services, server)
+    if security.reflection:
+        services = (
+            kserve.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            pb.DESCRIPTOR.services_by_name["SpecServe"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(services, server)
+    credentials = security.credentials()
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     except RuntimeError:  # grpc's "Failed to bind"
         port = 0
     if port == 0:
@@ -74,6 +85,7 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
     server.health_servicer = health_servicer  # type: ignore[attr-defined]
     server.store = store  # type: ignore[attr-defined]
     server.stopping = stopping  # type: ignore[attr-defined]
+    server.security = security  # type: ignore[attr-defined]
     metrics.track_models_ready(lambda: sum(m.ready for m in list(store.models.values())))
     return server, port
 
@@ -93,22 +105,24 @@ async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 800
                 grace_seconds: float = 10.0, on_started: Callable[[int], None] | None = None,
                 device: Device | None = None, poll_repository: float = 2.0,
                 metrics_port: int | None = None, on_metrics: Callable[[int], None] | None = None,
-                metrics_required: bool = True) -> None:
+                metrics_required: bool = True, security: Security | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then stop accepting and finish what was accepted. Every
     ``poll_repository`` seconds (0: never) changed model folders are reloaded. With
     ``metrics_port`` (0: any free port) Prometheus metrics are served on ``host:metrics_port``;
-    a busy port is an error when ``metrics_required``, else a warning."""
-    server, bound = create_server(repository, f"{host}:{port}", device)
+    a busy port is an error when ``metrics_required``, else a warning. SIGHUP re-reads the TLS
+    certificates (they are also re-read when their files change)."""
+    server, bound = create_server(repository, f"{host}:{port}", device, security)
+    metrics_host = server.security.metrics_host(host)  # scrape them there, or through a proxy
     if metrics_port is not None:
         try:
-            bound_metrics = metrics.start_metrics_server(host, metrics_port)
+            bound_metrics = metrics.start_metrics_server(metrics_host, metrics_port)
         except OSError as exc:
-            message = f"cannot serve metrics on {host}:{metrics_port}: {exc.strerror or exc}"
+            message = f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc.strerror or exc}"
             if metrics_required:
                 raise SpecserveError(message) from exc
             log.warning("%s; metrics are off (choose a port with --metrics-port)", message)
         else:
-            log.info("metrics on http://%s:%d/metrics", host, bound_metrics)
+            log.info("metrics on http://%s:%d/metrics", metrics_host, bound_metrics)
             if on_metrics is not None:
                 on_metrics(bound_metrics)
     await server.start()
@@ -129,6 +143,8 @@ async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 800
     loop.set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="specserve-request"))
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.stopping.set)
+    if server.security.watch is not None:
+        loop.add_signal_handler(signal.SIGHUP, server.security.watch.reload)
     watcher = asyncio.create_task(watch_repository(server, poll_repository)) if poll_repository > 0 else None
     await server.stopping.wait()  # set by the signal: open streams stop reading at once
     if watcher is not None:

@@ -18,16 +18,13 @@ from specserve.runtime.errors import (
     DeadlineExceededError,
     InvalidInputError,
     InvalidSpectrumError,
+    ModelControlError,
     ModelLoadError,
     ModelNotFoundError,
     ModelNotReadyError,
     QueueFullError,
     ShuttingDownError,
 )
-
-log = logging.getLogger(__name__)
-
-
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +38,7 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+    (ModelControlError, grpc.StatusCode.UNAVAILABLE),  # as Triton answers in model-control mode none
 )
 
 def code_for(exc: BaseException) -> grpc.StatusCode:
