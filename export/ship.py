@@ -124,7 +124,9 @@ def summary(manifest: dict) -> str:
              f"(budget {manifest['budget_bytes'] / 2**20:.0f} MiB), built {manifest['built']['at']}"]
     for name, entry in manifest["models"].items():
         size = sum(f["bytes"] for rel, f in manifest["files"].items() if rel.startswith(f"{name}/"))
-        numbers = ", ".join(f"{k} {v:.4g}" for k, v in entry["headline"].items() if isinstance(v, float))
+        flat = {f"{k}.{sub}" if isinstance(v, dict) else k: w for k, v in entry["headline"].items()
+                for sub, w in (v.items() if isinstance(v, dict) else [(None, v)])}
+        numbers = ", ".join(f"{k} {v:.4g}" for k, v in flat.items() if isinstance(v, float))
         lines.append(f"  {name:22s} {size / 2**20:5.2f} MiB  {numbers}")
     return "\n".join(lines)
 

@@ -121,3 +121,9 @@ def test_bench_embedded_measures_every_model_and_variant(cv_run, tmp_path):
     assert set(rows) == {"rbm", "rbm-int8", "rbm-fp16"}
     assert float(rows["rbm-int8"].group(3)) <= 0.30 and 0.45 <= float(rows["rbm-fp16"].group(3)) <= 0.55
     assert all(float(m.group(4)) <= float(m.group(5)) for m in rows.values())  # p50 <= p99
+    # one LAMOST file through every model of each precision, arena on and off
+    pipeline = re.findall(r"\| (fp32|int8|fp16) \| (on|off) \| ([a-z0-9, -]+) \| [0-9.]+ \| [0-9.]+ \| "
+                          r"([0-9]+) \(baseline ([0-9]+)\) \|", text)
+    assert {(p, a) for p, a, *_ in pipeline} == {(p, a) for p in ("fp32", "int8", "fp16") for a in ("on", "off")}
+    for precision, _, models, peak, base in pipeline:
+        assert models == ("rbm" if precision == "fp32" else f"rbm-{precision}") and int(peak) > int(base)

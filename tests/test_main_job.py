@@ -260,12 +260,13 @@ def test_models_build_makes_measured_int8_variants(built):
         fp32 = repo / name / "1" / "model.onnx"
         int8 = repo / f"{name}-int8" / "1" / "model.onnx"
         assert int8.is_file() and read_config(repo / f"{name}-int8").name == f"{name}-int8"
-        card = ModelCard.from_metadata_props(
-            ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map)
+        props = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+        card = ModelCard.from_metadata_props(props)
         variant = card.metrics["variant"]
         assert card.kind == name and variant["of"] == name and variant["precision"] == "int8"
-        # measured before the card went into the file (a few hundred bytes of metadata)
-        assert variant["size_ratio"] == pytest.approx(int8.stat().st_size / fp32.stat().st_size, rel=0.01)
+        # measured before the variant's card went into the file: the file grew by less than its metadata
+        grown = int8.stat().st_size - variant["size_ratio"] * fp32.stat().st_size
+        assert 0 <= grown <= sum(len(k) + len(v) for k, v in props.items())
         assert max(variant["parity"].values()) <= 1.0 and variant["accuracy"]["delta"]
         assert f"{name}-int8: " in out
     # the target, at most 30 % of the fp32 file, on the default RBM (the SPT and PhysFormer here are

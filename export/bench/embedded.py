@@ -8,6 +8,10 @@ accuracy against fp32 that the variant's card carries (measured at export on the
 split, :mod:`specserve.export.variants`). Models are measured one after the other, each in a fresh
 process, alternating rounds so that a noisy machine affects every row alike; ratios to the fp32
 model of the same family are printed beside.
+
+Then the whole embedded runtime as a small device runs it: one process holding every model of a
+precision (``LocalRuntime``, one thread) reads one LAMOST file of the kit and analyses it, with
+and without ONNX Runtime's memory arena: its peak resident memory and times.
 """
 
 from __future__ import annotations
@@ -55,12 +59,55 @@ print(json.dumps({"load_s": load_s, "p50_ms": 1e3 * float(np.percentile(times, 5
 """
 
 
-def _probe(path: Path, rounds: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(rounds)], capture_output=True,
-                          text=True, timeout=600)
+_PIPELINE_PROBE = r"""
+import json, resource, sys, time
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from specserve.runtime.embedded.local import LocalRuntime
+
+repository, path, variant, arena = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+t0 = time.perf_counter()
+runtime = LocalRuntime(repository, threads=1, memory_arena=arena, variant=variant or None)
+load_s = time.perf_counter() - t0
+t = time.perf_counter()
+rows = runtime.analyze_files([path])
+analyze_s = time.perf_counter() - t
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+models = sorted({m.split(":")[0] for _, row in rows for m in row.models})
+print(json.dumps({"load_s": load_s, "analyze_s": analyze_s, "peak_rss_mb": peak / 1024,
+                  "baseline_rss_mb": base / 1024, "models": models, "spectra": len(rows)}))
+"""
+
+
+def _run_probe(script: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
-        raise RuntimeError(f"measuring {path} failed: {proc.stderr.strip()[-500:]}")
+        raise RuntimeError(f"measuring {args[0]} failed: {proc.stderr.strip()[-500:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _probe(path: Path, rounds: int) -> dict:
+    return _run_probe(_PROBE, str(path), str(rounds))
+
+
+def measure_pipeline(repository: Path, spectrum_file: Path) -> list[dict]:
+    """One spectrum file through every model of each precision the repository has, in a fresh
+    process each, with the memory arena on and off."""
+    precisions = [""] + sorted({variant_of(f.name) for f in model_folders(repository)} - {""})
+    return [{"variant": variant or "fp32", "arena": arena,
+             **_run_probe(_PIPELINE_PROBE, str(repository), str(spectrum_file), variant, "1" if arena else "0")}
+            for variant in precisions for arena in (True, False)]
+
+
+def pipeline_markdown(rows: list[dict], spectrum_file: Path) -> str:
+    lines = [f"One spectrum (`{spectrum_file.name}`) through every model of a precision, in one process "
+             "(`LocalRuntime`, one thread; the process's baseline is numpy, astropy and onnxruntime loaded):", "",
+             "| Precision | Memory arena | Models that answered | Load s | Analyse s (read + preprocess + run) | "
+             "Peak RSS MB |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {'on' if r['arena'] else 'off'} | {', '.join(r['models'])} | "
+                     f"{r['load_s']:.2f} | {r['analyze_s']:.2f} | {r['peak_rss_mb']:.0f} "
+                     f"(baseline {r['baseline_rss_mb']:.0f}) |")
+    return "\n".join(lines)
 
 
 def measure(repository: Path, rounds: int = 200, repeats: int = 3) -> list[dict]:
@@ -122,13 +169,18 @@ def write_section(path: Path, body: str) -> None:
 
 
 def run(repository: Path, out: Path | None, quick: bool = False) -> str:
+    from specserve.runtime.datakit import data_dir
+
     rounds, repeats = (20, 1) if quick else (200, 3)
     rows = measure(repository, rounds=rounds, repeats=repeats)
+    spectrum_file = sorted((data_dir() / "lamost_dr1" / "fits").glob("*.fits"))[0]
+    pipeline = measure_pipeline(repository, spectrum_file)
     table = (f"Repository `{repository}`. Each row: one fresh process per model (ONNX Runtime CPU, one "
              f"thread), the median of {repeats} such processes of {rounds} batch-1 runs; peak RSS after "
              "loading, one spectrum and one batch of 64 (baseline: the process before the session). "
-             "Accuracy: measured at export on the served test split (for the MC models the variant's "
-             "dropout masks are its own, so the differences include MC noise).\n\n" + markdown(rows))
+             "Accuracy: measured at export on the served test split (for the MC models the means of "
+             "several MC draws on each side, since each session draws its own dropout masks).\n\n"
+             + markdown(rows) + "\n\n" + pipeline_markdown(pipeline, spectrum_file))
     if out is not None:
         write_section(out, table)
     return table
