@@ -5,7 +5,8 @@ costs in accuracy, measured at export.
 - ``int8``: ONNX Runtime's dynamic quantization (``quantize_dynamic``: int8 weights of every
   MatMul and Gemm, activations quantized per run), chosen over static QDQ because it needs no
   calibration set to go stale and keeps the graph's random ops and the flux layer untouched;
-  the large float weights it leaves (convolutions, embeddings) are stored as float16.
+  the large float matrices it leaves (PhysFormer's line basis, position embeddings) are stored as
+  int8 with a scale per row and dequantized to float32 in the graph, large vectors as float16.
 - ``fp16``: every large float32 weight stored as float16 and cast back to float32 in the graph,
   so all arithmetic stays float32: the flux layer's exponentials and optical depths, the RBM's
   free-energy sums and the MC statistics keep their precision (onnxruntime's float16 converter,
@@ -52,26 +53,39 @@ ACCURACY_LIMITS = {
 """Issue 17's accuracy targets of a variant against its fp32 model (served path, test split)."""
 
 
-def _store_weights_fp16(model, skip: set[str] = frozenset()) -> int:
-    """Replace each large float32 initializer (not in ``skip``) by a float16 one and a Cast back
-    to float32 under the original name; the number replaced."""
+def _store_weights(model, skip: set[str] = frozenset(), int8_matrices: bool = False) -> int:
+    """Store each large float32 initializer (not in ``skip``) in reduced precision, restored to
+    float32 in the graph under its original name, so every consumer still computes in float32:
+    as float16 and a Cast, or (``int8_matrices``) a matrix as int8 with one scale per row (its
+    largest magnitude / 127) and a DequantizeLinear. Vectors (wavelengths, biases) stay float16
+    either way. Returns the number stored."""
     from onnx import TensorProto, helper, numpy_helper
 
-    replaced, casts = [], []
+    replaced, nodes = [], []
     for init in model.graph.initializer:
         if init.data_type != TensorProto.FLOAT or init.name in skip:
             continue
         array = numpy_helper.to_array(init)
         if array.size < MIN_WEIGHT:
             continue
-        half = numpy_helper.from_array(array.astype(np.float16), f"{init.name}__fp16")
-        replaced.append((init, half))
-        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
-                                      name=f"{init.name}__to_fp32"))
-    for init, half in replaced:
+        if int8_matrices and array.ndim >= 2:
+            rows = array.reshape(array.shape[0], -1)
+            scale = (np.maximum(np.abs(rows).max(axis=1), np.finfo(np.float32).tiny) / 127.0).astype(np.float32)
+            values = np.clip(np.rint(rows / scale[:, None]), -127, 127).astype(np.int8).reshape(array.shape)
+            stored = [numpy_helper.from_array(values, f"{init.name}__int8"),
+                      numpy_helper.from_array(scale, f"{init.name}__scale"),
+                      numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{init.name}__zero")]
+            nodes.append(helper.make_node("DequantizeLinear", [t.name for t in stored], [init.name], axis=0,
+                                          name=f"{init.name}__to_fp32"))
+        else:
+            stored = [numpy_helper.from_array(array.astype(np.float16), f"{init.name}__fp16")]
+            nodes.append(helper.make_node("Cast", [stored[0].name], [init.name], to=TensorProto.FLOAT,
+                                          name=f"{init.name}__to_fp32"))
+        replaced.append((init, stored))
+    for init, stored in replaced:
         model.graph.initializer.remove(init)
-        model.graph.initializer.append(half)
-    for node in reversed(casts):
+        model.graph.initializer.extend(stored)
+    for node in reversed(nodes):
         model.graph.node.insert(0, node)
     return len(replaced)
 
@@ -96,11 +110,12 @@ def build_variant(fp32_path: Path, precision: str, out_path: Path) -> Path:
                          op_types_to_quantize=["MatMul", "Gemm"])
         model = onnx.load(str(out_path))
         quantized = {i.name for i in model.graph.initializer if i.data_type != onnx.TensorProto.FLOAT}
-        _store_weights_fp16(model, quantized)
+        _store_weights(model, quantized, int8_matrices=True)
+        del model.graph.value_info[:]  # the quantizer's shape annotations: ONNX Runtime infers its own
     elif precision == "fp16":
         model = src
         src = onnx.load(str(fp32_path))
-        _store_weights_fp16(model)
+        _store_weights(model)
     else:
         raise ExportError(f"unknown variant {precision!r} (known: {', '.join(VARIANTS)})")
     _finish_graph(model, src)
