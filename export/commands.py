@@ -152,7 +152,7 @@ def _build_rbm(repository: Path, cache: Path | None, quick: bool = False,
     print(export.summary())
     print(served_summary(_report(run_dir)))
     print(f"exported to {folder}", flush=True)
-    _variants(folder, repository, "rbm", run_dir, variants)
+    _variants(folder, repository, "rbm", run_dir, variants, quick)
 
 
 def _plan(title: str, kind: str, bench, cache: Path | None, config, quick_indices, note: str):
@@ -188,7 +188,7 @@ def _build_spt(repository: Path, cache: Path | None, quick: bool = False,
     print(check.summary())
     print(served_summary(_report(run_dir)))
     print(f"exported to {folder}", flush=True)
-    _variants(folder, repository, "spt", run_dir, variants)
+    _variants(folder, repository, "spt", run_dir, variants, quick)
 
 
 def _build_physformer(repository: Path, cache: Path | None, quick: bool = False,
@@ -216,11 +216,13 @@ def _build_physformer(repository: Path, cache: Path | None, quick: bool = False,
     print(generate.summary())
     print(served_summary(_report(run_dir)))
     print("exported to " + ", ".join(str(f) for f in folders), flush=True)
-    _variants(folders[0], repository, "physformer", run_dir, variants)
+    _variants(folders[0], repository, "physformer", run_dir, variants, quick)
 
 
-def _variants(folder: Path, repository: Path, name: str, run_dir: Path, precisions: tuple[str, ...]) -> None:
-    """The int8/fp16 variants of a model just exported (:mod:`specserve.export.variants`)."""
+def _variants(folder: Path, repository: Path, name: str, run_dir: Path, precisions: tuple[str, ...],
+              quick: bool = False) -> None:
+    """The int8/fp16 variants of a model just exported (:mod:`specserve.export.variants`); a smoke
+    model's accuracy is judged on 2 MC draws a side instead of 5."""
     if not precisions:
         return
     import onnxruntime as ort
@@ -230,7 +232,8 @@ def _variants(folder: Path, repository: Path, name: str, run_dir: Path, precisio
 
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     card = ModelCard.from_metadata_props(session.get_modelmeta().custom_metadata_map)
-    for result in export_variants(folder, repository, name, card, _report(run_dir), precisions):
+    for result in export_variants(folder, repository, name, card, _report(run_dir), precisions,
+                                  draws=2 if quick else None):
         print(result.summary(), flush=True)
 
 

@@ -249,17 +249,18 @@ class VariantReport:
 
 
 def export_variants(version_dir: Path, repository: Path, name: str, card: ModelCard, report: Mapping[str, Any] | None,
-                    precisions: Sequence[str] = VARIANTS) -> list[VariantReport]:
+                    precisions: Sequence[str] = VARIANTS, draws: int | None = None) -> list[VariantReport]:
     """Build, validate, measure and write the variants of the exported ``<version_dir>/model.onnx``
     (model ``name`` of kind ``card.kind``) as ``<name>-<precision>`` models, same version number.
-    ``report`` (the run's report with its served rows): measure the accuracy on the test split."""
+    ``report`` (the run's report with its served rows): measure the accuracy on the test split
+    (MC models: ``draws`` draws a side, default :data:`MC_DRAWS`)."""
     from specserve.export.repository import write_model
     from specserve.export.served import SERVED_ROWS, rewrite_metadata
 
     fp32_path = version_dir / "model.onnx"
     version = int(version_dir.name)
     measured = report is not None and "served" in report and card.kind in SERVED_ROWS
-    draws = MC_DRAWS if card.kind in MC_ESTIMATES else 1
+    draws = (draws or MC_DRAWS) if card.kind in MC_ESTIMATES else 1
 
     def measure(path: Path) -> dict[str, float]:
         return headline(card.kind, SERVED_ROWS[card.kind](path, report)[0])

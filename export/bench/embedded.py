@@ -100,7 +100,7 @@ def measure_pipeline(repository: Path, spectrum_file: Path) -> list[dict]:
 
 def pipeline_markdown(rows: list[dict], spectrum_file: Path) -> str:
     lines = [f"One spectrum (`{spectrum_file.name}`) through every model of a precision, in one process "
-             "(`LocalRuntime`, one thread; the process's baseline is numpy, astropy and onnxruntime loaded):", "",
+             "(`LocalRuntime`, one thread; baseline: the probe process before it imports specserve):", "",
              "| Precision | Memory arena | Models that answered | Load s | Analyse s (read + preprocess + run) | "
              "Peak RSS MB |", "|---|---|---|---|---|---|"]
     for r in rows:
