@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from specserve.runtime import dtypes
 from specserve.runtime.contract import BATCH, DYNAMIC_DIMS, ModelCard, TensorSpec
-from specserve.runtime.errors import ContractError
+from specserve.runtime.errors import ContractError, InvalidInputError
 
 if TYPE_CHECKING:
     from tritonclient.grpc.model_config_pb2 import ModelConfig
@@ -60,6 +60,16 @@ def _schema():
 
 
 # ---------------------------------------------------------------- folders
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if it can name a model folder: not empty, one path segment, not hidden;
+    :class:`InvalidInputError` otherwise."""
+    if not name:
+        raise InvalidInputError("a model name is required")
+    if len(name) > 255 or any(c in name for c in "/\\\0") or name.startswith(".") or not name.isprintable():
+        raise InvalidInputError(f"invalid model name {name[:64]!r}: one folder name, not hidden, no path separators")
+    return name
 
 
 def model_folders(repo: Path) -> list[Path]:

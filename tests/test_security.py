@@ -349,3 +349,37 @@ def test_analyze_command_with_tls_and_a_token(tls_server, pki, kit, tmp_path):
     refused = subprocess.run([*base, "--tls-ca", str(pki["servers"].cert)], capture_output=True, text=True,
                              timeout=120, env={k: v for k, v in os.environ.items() if k != "SPECSERVE_TOKEN"})
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+
+
+# ------------------------------------------------------------------ names and paths
+
+
+def test_model_names_are_checked_and_no_message_shows_a_path(repo, tmp_path):
+    """An empty, hidden or multi-segment name is INVALID_ARGUMENT (an empty one used to load the
+    repository itself as a phantom model); reasons and errors name models, never the server's
+    folders."""
+    root = tmp_path / "repo"
+    import shutil
+
+    shutil.copytree(repo[0], root)
+    (root / "broken" / "1").mkdir(parents=True)
+    (root / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    served = _serve(root, "--model-control", "explicit")
+    try:
+        client = triton.InferenceServerClient(served.address)
+        for name in ("", "../rbm", ".hidden", "a/b"):
+            with pytest.raises(triton.InferenceServerException) as info:
+                client.load_model(name)
+            assert "INVALID_ARGUMENT" in str(info.value.status()), name
+        index = client.get_model_repository_index(as_json=True)["models"]
+        assert sorted(m["name"] for m in index) == ["broken", "rbm"]
+        messages = [m.get("reason", "") for m in index]
+        for name in ("broken", "nothing"):
+            with pytest.raises(triton.InferenceServerException) as info:
+                client.load_model(name)
+            messages.append(info.value.message())
+        assert any("broken" in m for m in messages) and any("<repository>" in m for m in messages)
+        for message in messages:
+            assert str(root) not in message and str(root.resolve()) not in message and str(tmp_path) not in message
+    finally:
+        served.stop()

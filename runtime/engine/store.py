@@ -13,13 +13,10 @@ from specserve.runtime.engine.repository import LoadedModel, load_model_dir, loa
 from specserve.runtime.errors import (
     ModelNotFoundError,
 )
-from specserve.runtime.layout import folder_signature, model_folders
+from specserve.runtime.layout import check_model_name, folder_signature, model_folders
 
 log = logging.getLogger(__name__)
 
-
-
-log = logging.getLogger(__name__)
 
 class ModelStore:
     """The loaded repository and the analyzer over it. Every ready model has a batcher
@@ -44,9 +41,9 @@ class ModelStore:
     def reload(self, name: str) -> LoadedModel:
         """Load model ``name`` again from the repository (its newest version that loads). If
         nothing loads, a model already serving keeps serving; the failure is kept with its reason."""
-        folder = self.repository / name
-        if name.startswith(".") or "/" in name or not folder.is_dir():
-            raise ModelNotFoundError(f"no model folder {name!r} in {self.repository}")
+        folder = self.repository / check_model_name(name)
+        if not folder.is_dir():
+            raise ModelNotFoundError(f"no model folder {name!r} in the repository")
         with self._lock:
             signature = folder_signature(folder)
             n_models = max(1, len(model_folders(self.repository)))
@@ -69,7 +66,7 @@ class ModelStore:
             return self.models[name]
 
     def unload(self, name: str) -> None:
-        self.get(name)
+        self.get(check_model_name(name))
         with self._lock:
             self._install(name, LoadedModel(name, "", None, reason="unloaded (RepositoryModelUnload)"))
             self.failures.pop(name, None)

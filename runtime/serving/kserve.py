@@ -28,6 +28,7 @@ from specserve.runtime.serving.health import sync_health
 from specserve.runtime.serving.status import (
     call_deadline,
     log_request,
+    redact,
     request_id,
     status_for,
     unary,
@@ -203,7 +204,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
     @unary
     async def RepositoryIndex(self, request, context):
         return kserve.RepositoryIndexResponse(models=[
-            kserve.RepositoryIndexResponse.ModelIndex(name=n, version=v, state=state, reason=reason)
+            kserve.RepositoryIndexResponse.ModelIndex(name=n, version=v, state=state, reason=redact(reason))
             for n, v, state, reason in self.store.index() if not request.ready or state == "READY"])
 
     @unary

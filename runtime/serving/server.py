@@ -38,6 +38,7 @@ from specserve.runtime.serving.domain import DomainServicer
 from specserve.runtime.serving.health import sync_health
 from specserve.runtime.serving.kserve import KServeServicer
 from specserve.runtime.serving.security import AccessInterceptor, Security
+from specserve.runtime.serving.status import hide_path
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
     host = address.rsplit(":", 1)[0]
     security.check_address(host)
     store = ModelStore(repository, device)
+    hide_path(repository, "<repository>")  # clients see names, never the server's filesystem
     server = grpc.aio.server(
         interceptors=[AccessInterceptor(security)] if security.tokens is not None else None,
         options=[

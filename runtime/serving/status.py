@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 
@@ -41,6 +42,23 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ModelControlError, grpc.StatusCode.UNAVAILABLE),  # as Triton answers in model-control mode none
 )
 
+_HIDDEN_PATHS: dict[str, str] = {}
+"""Filesystem paths that never reach a client, and what is said instead."""
+
+
+def hide_path(path: str | Path, label: str) -> None:
+    """Say ``label`` instead of ``path`` (as given and resolved) in every client-facing message."""
+    for text in {str(path), str(Path(path).resolve())}:
+        _HIDDEN_PATHS[text] = label
+
+
+def redact(message: str) -> str:
+    """``message`` with every hidden path replaced by its label (longest paths first)."""
+    for path in sorted(_HIDDEN_PATHS, key=len, reverse=True):
+        message = message.replace(path, _HIDDEN_PATHS[path])
+    return message
+
+
 def code_for(exc: BaseException) -> grpc.StatusCode:
     return next((code for cls, code in _STATUS if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
 
@@ -51,7 +69,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if code == grpc.StatusCode.INTERNAL:
         log.error("internal error", exc_info=exc)
         return code, "internal error (see the server log)"
-    return code, str(exc)
+    return code, redact(str(exc))
 
 
 REQUEST_LOG = logging.getLogger("specserve.requests")
