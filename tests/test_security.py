@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,26 +111,30 @@ def repo(tmp_path_factory):
 
 
 class Served:
-    def __init__(self, proc: subprocess.Popen, address: str):
-        self.proc, self.address = proc, address
+    def __init__(self, proc: subprocess.Popen, address: str, log: Path):
+        self.proc, self.address, self.log = proc, address, log
 
     def stop(self) -> str:
         """SIGTERM, a clean exit, and what the server wrote on stderr."""
         self.proc.send_signal(signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=30)
-        assert self.proc.returncode == 0, err
+        self.proc.communicate(timeout=30)
+        err = self.log.read_text()
+        assert self.proc.returncode == 0, err[-3000:]
         return err
 
 
 def _serve(repo: Path, *options: str) -> Served:
-    proc = subprocess.Popen([SPECSERVE, "serve", "--repository", str(repo), "--port", "0", "--metrics-port", "-1",
-                             "--device", "cpu", "--log-requests", *options],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+    # stderr goes to a file: a pipe nobody reads fills up and blocks the server's logging
+    log = Path(tempfile.mkstemp(prefix="specserve-serve-", suffix=".log")[1])
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([SPECSERVE, "serve", "--repository", str(repo), "--port", "0", "--metrics-port", "-1",
+                                 "--device", "cpu", "--log-requests", *options],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
     line = proc.stdout.readline()
-    assert "serving" in line, proc.stderr.read()
+    assert "serving" in line, log.read_text()
     # the certificate names localhost, so clients connect by that name
-    return Served(proc, "localhost:" + line.strip().rsplit(":", 1)[1])
+    return Served(proc, "localhost:" + line.strip().rsplit(":", 1)[1], log)
 
 
 def _analyze(address: str, credentials: Credentials) -> float:
@@ -381,5 +386,91 @@ def test_model_names_are_checked_and_no_message_shows_a_path(repo, tmp_path):
         assert any("broken" in m for m in messages) and any("<repository>" in m for m in messages)
         for message in messages:
             assert str(root) not in message and str(root.resolve()) not in message and str(tmp_path) not in message
+    finally:
+        served.stop()
+
+
+# ------------------------------------------------------------------ malformed messages
+
+
+def _mutants(valid: bytes, rng: np.random.Generator, n: int) -> list[bytes]:
+    """Bit flips, truncations, insertions and random bytes from one valid message."""
+    out = []
+    for i in range(n):
+        data = bytearray(valid)
+        kind = i % 4
+        if kind == 0:
+            for _ in range(rng.integers(1, 8)):
+                data[rng.integers(len(data))] ^= 1 << int(rng.integers(8))
+        elif kind == 1:
+            data = data[: rng.integers(len(data))]
+        elif kind == 2:
+            at = int(rng.integers(len(data)))
+            data[at:at] = rng.bytes(int(rng.integers(1, 16)))
+        else:
+            data = bytearray(rng.bytes(int(rng.integers(1, 64))))
+        out.append(bytes(data))
+    return out
+
+
+def test_thousands_of_mutated_messages_get_clean_statuses_and_streams_go_on(repo):
+    """Fuzz: mutated KServe and domain messages, unary and streamed. Never UNKNOWN or INTERNAL, no
+    traceback in the log, every stream message answered, the server alive and serving after."""
+    from specserve.protos import specserve_pb2 as pb
+    from specserve.protos.kserve import service_pb2 as kserve
+    from specserve.runtime.wire import to_proto
+
+    infer = kserve.ModelInferRequest(model_name="rbm", id="fuzz")
+    infer.inputs.add(name="flux", datatype="FP32", shape=[1, 3011])
+    infer.raw_input_contents.append(np.ones(3011, np.float32).tobytes())
+    analyze = pb.AnalyzeRequest(request_id="fuzz", spectra=[to_proto(("one", WAVE[::10], np.ones(300)))])
+    rng = np.random.default_rng(7)
+    served = _serve(repo[0])
+    codes: dict[str, int] = {}
+    try:
+        with grpc.insecure_channel(served.address) as channel:
+            for method, valid in (("/inference.GRPCInferenceService/ModelInfer", infer.SerializeToString()),
+                                  ("/specserve.v1.SpecServe/Analyze", analyze.SerializeToString())):
+                call = channel.unary_unary(method)
+                for data in _mutants(valid, rng, 1000):
+                    try:
+                        call(data, timeout=10)
+                        codes["OK"] = codes.get("OK", 0) + 1
+                    except grpc.RpcError as exc:
+                        codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
+            for method, valid in (("/inference.GRPCInferenceService/ModelStreamInfer", infer.SerializeToString()),
+                                  ("/specserve.v1.SpecServe/AnalyzeStream", analyze.SerializeToString())):
+                messages = _mutants(valid, rng, 300) + [valid]
+                answers = list(channel.stream_stream(method)(iter(messages), timeout=60))
+                assert len(answers) == len(messages), method  # one bad message no longer ends the stream
+                last = (kserve.ModelStreamInferResponse if "Infer" in method else pb.AnalyzeStreamResponse).FromString(
+                    answers[-1])
+                assert not (last.error_message if "Infer" in method else last.HasField("error"))  # the valid one
+        assert set(codes) <= {"OK", "INVALID_ARGUMENT", "NOT_FOUND"}, codes
+        assert codes.get("INVALID_ARGUMENT", 0) > 1000
+        with grpc.insecure_channel(served.address) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        err = served.stop()
+    assert "Traceback" not in err and "undecodable" in err
+
+
+def test_typed_and_raw_contents_together_are_refused(repo):
+    served = _serve(repo[0])
+    try:
+        client = triton.InferenceServerClient(served.address)
+        with grpc.insecure_channel(served.address) as channel:
+            from specserve.protos.kserve import service_pb2 as kserve
+            from specserve.protos.kserve import service_pb2_grpc as kserve_grpc
+
+            request = kserve.ModelInferRequest(model_name="rbm")
+            tensor = request.inputs.add(name="flux", datatype="FP32", shape=[1, 3011])
+            tensor.contents.fp32_contents.extend([1.0] * 3011)
+            request.raw_input_contents.append(np.ones(3011, np.float32).tobytes())
+            with pytest.raises(grpc.RpcError) as info:
+                kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "raw_input_contents" in info.value.details()
+        assert client.is_model_ready("rbm")
     finally:
         served.stop()

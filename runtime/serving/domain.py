@@ -4,6 +4,7 @@ analyzer)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import AsyncIterator
 
@@ -20,6 +21,7 @@ from specserve.runtime.engine.store import ModelStore
 from specserve.runtime.errors import (
     InvalidSpectrumError,
 )
+from specserve.runtime.serving.decoding import Undecodable
 from specserve.runtime.serving.status import (
     call_deadline,
     logged,
@@ -97,8 +99,12 @@ class DomainServicer(pb_grpc.SpecServeServicer):
 
     async def AnalyzeStream(self, request_iterator, context) -> AsyncIterator[pb.AnalyzeStreamResponse]:
         deadline = call_deadline(context)
+        index = itertools.count()
 
-        async def answer(request) -> pb.AnalyzeStreamResponse:
+        async def answer(request, number: int) -> pb.AnalyzeStreamResponse:
+            if isinstance(request, Undecodable):  # no id could be read: the message's index says which
+                error = request.error(context.peer(), f"(stream message {number})")
+                return pb.AnalyzeStreamResponse(request_id=f"message {number}", error=error_message(error))
             rid = request_id(request.request_id)
             try:
                 if not request.spectra:
@@ -108,7 +114,8 @@ class DomainServicer(pb_grpc.SpecServeServicer):
                 return pb.AnalyzeStreamResponse(request_id=rid, error=error_message(exc))
             return pb.AnalyzeStreamResponse(request_id=rid, results=results)
 
-        async for response in answer_in_order(request_iterator, lambda r: asyncio.ensure_future(answer(r)), self.stopping):
+        async for response in answer_in_order(request_iterator,
+                                              lambda r: asyncio.ensure_future(answer(r, next(index))), self.stopping):
             yield response
 
     @unary

@@ -4,6 +4,7 @@ model's batcher."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
@@ -24,6 +25,7 @@ from specserve.runtime.errors import (
     ModelControlError,
     ModelLoadError,
 )
+from specserve.runtime.serving.decoding import Undecodable
 from specserve.runtime.serving.health import sync_health
 from specserve.runtime.serving.status import (
     call_deadline,
@@ -59,6 +61,10 @@ def _decode_inputs(request: kserve.ModelInferRequest) -> dict[str, np.ndarray]:
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise InvalidInputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    if raw:  # as Triton: one way of sending the tensors per request
+        typed = [t.name for t in request.inputs if t.HasField("contents")]
+        if typed:
+            raise InvalidInputError(f"contents must not be given with raw_input_contents (input {typed[0]!r})")
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(request.inputs):
         dtype = _dtype(tensor.datatype, tensor.name)
@@ -252,25 +258,28 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[kserve.ModelStreamInferResponse]:
         deadline = call_deadline(context)
+        index = itertools.count()
 
-        def in_band(exc: BaseException) -> kserve.ModelStreamInferResponse:
+        def in_band(exc: BaseException, rid: str, model: str = "") -> kserve.ModelStreamInferResponse:
             code, message = status_for(exc)
-            return kserve.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
+            return kserve.ModelStreamInferResponse(error_message=f"{code.name}: {message}",
+                                                   infer_response=kserve.ModelInferResponse(id=rid, model_name=model))
 
-        async def answer(finish) -> kserve.ModelStreamInferResponse:
+        async def answer(finish, rid: str, model: str) -> kserve.ModelStreamInferResponse:
             try:
                 return kserve.ModelStreamInferResponse(infer_response=await finish)
             except Exception as exc:  # noqa: BLE001 - reported in-band, the stream goes on
-                return in_band(exc)
+                return in_band(exc, rid, model)
 
         def start(request):
+            number = next(index)
+            if isinstance(request, Undecodable):  # no id could be read: the message's index says which
+                return ready_value(in_band(request.error(context.peer(), f"(stream message {number})"),
+                                           f"message {number}"))
             try:
-                return answer(infer_start(self.store, request, deadline))
+                return answer(infer_start(self.store, request, deadline), request.id, request.model_name)
             except Exception as exc:  # noqa: BLE001 - reported in-band, the stream goes on
-                return ready_value(in_band(exc))
+                return ready_value(in_band(exc, request.id, request.model_name))
 
         async for response in answer_in_order(request_iterator, start, self.stopping):
             yield response
-
-
-

@@ -34,6 +34,7 @@ from specserve.runtime.engine.store import ModelStore
 from specserve.runtime.errors import (
     SpecserveError,
 )
+from specserve.runtime.serving.decoding import add_tolerant_servicer
 from specserve.runtime.serving.domain import DomainServicer
 from specserve.runtime.serving.health import sync_health
 from specserve.runtime.serving.kserve import KServeServicer
@@ -65,9 +66,9 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
         ])
     stopping = asyncio.Event()  # set on SIGTERM: open streams answer what they read, then end
     health_servicer = health.aio.HealthServicer()
-    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeServicer(store, stopping, health_servicer, security.model_control), server)
-    pb_grpc.add_SpecServeServicer_to_server(DomainServicer(store, stopping), server)
+    add_tolerant_servicer(kserve_grpc.add_GRPCInferenceServiceServicer_to_server,
+                          KServeServicer(store, stopping, health_servicer, security.model_control), server)
+    add_tolerant_servicer(pb_grpc.add_SpecServeServicer_to_server, DomainServicer(store, stopping), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if security.reflection:
         services = (

@@ -26,6 +26,7 @@ from specserve.runtime.errors import (
     QueueFullError,
     ShuttingDownError,
 )
+from specserve.runtime.serving.decoding import Undecodable
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ def unary(handler: Callable) -> Callable:
     @functools.wraps(handler)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         try:
+            if isinstance(request, Undecodable):
+                raise request.error(context.peer(), handler.__name__)
             return await handler(self, request, context)
         except Exception as exc:  # noqa: BLE001 - mapped in one place
             code, message = status_for(exc)
