@@ -218,3 +218,14 @@ def check_config(config: ModelConfig, folder: str, card: ModelCard) -> None:
         missing = [n for n, t in inputs.items() if n not in listed and not t.optional]
         if missing:
             raise ContractError(f"{CONFIG_FILE}: required inputs {missing} are not listed")
+    # the tensors the config declares must be the model's (a file of another kind, or for another
+    # grid, dropped into this folder is refused, not served under the folder's name)
+    expected = model_config(folder, card)
+    by_name = {t.name: t for t in list(expected.input) + list(expected.output)}
+    for tensor in list(config.input) + list(config.output):
+        want = by_name[tensor.name]
+        if tensor.data_type != want.data_type or (tensor.dims and list(tensor.dims) != list(want.dims)):
+            mc, _ = _schema()
+            raise ContractError(
+                f"{CONFIG_FILE}: tensor {tensor.name!r} is declared {mc.DataType.Name(tensor.data_type)} "
+                f"{list(tensor.dims)} but the model's is {mc.DataType.Name(want.data_type)} {list(want.dims)}")

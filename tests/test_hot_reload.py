@@ -147,3 +147,69 @@ def test_model_statistics_count_requests_failures_and_batches(served, repo):
     assert "NOT_FOUND" in str(missing.value.status())
     # no name: every ready model
     assert [m.name for m in client.get_inference_statistics().model_stats] == ["rbm"]
+
+
+SHIPPED_SPT = Path(__file__).resolve().parents[1] / "runtime" / "models" / "spt" / "1" / "model.onnx"
+
+
+def test_a_model_of_another_kind_in_the_folder_is_refused(served, repo):
+    """A valid SPT file dropped into rbm/3 is not served as rbm: refused by the folder's
+    config.pbtxt, and without one by the folder's kind; version 1 keeps answering."""
+    client = served[0]
+    root, _, c = repo
+    (root / "rbm" / "3").mkdir()
+    shutil.copy(SHIPPED_SPT, root / "rbm" / "3" / "model.onnx")
+    with pytest.raises(InferenceServerException) as err:
+        client.load_model("rbm")
+    assert "version 3 did not load" in err.value.message() and "probabilities" in err.value.message()
+    assert _infer(client, c.dims["n_pixels"]) == "1"
+    (root / "rbm" / "config.pbtxt").unlink()
+    with pytest.raises(InferenceServerException) as err:
+        client.load_model("rbm")
+    assert "is a spt model" in err.value.message() and "serves rbm" in err.value.message()
+    assert _infer(client, c.dims["n_pixels"]) == "1" and client.is_model_ready("rbm")
+
+
+def test_an_unchanged_model_is_not_reinstalled(served, repo):
+    client = served[0]
+    n = repo[2].dims["n_pixels"]
+    for _ in range(3):
+        _infer(client, n)
+    client.load_model("rbm")  # nothing changed on disk
+    (stats,) = client.get_inference_statistics("rbm").model_stats
+    assert stats.inference_count == 3  # the same loaded model, its statistics kept
+
+
+def test_swapping_versions_never_fails_an_admitted_request(served, repo):
+    """Eight callers infer without pause while twelve new versions are loaded one after another:
+    every request is answered, by whichever version held it."""
+    import threading
+
+    client = served[0]
+    root, onnx_path, c = repo
+    n = c.dims["n_pixels"]
+    failures, answered, stop = [], [], threading.Event()
+
+    def caller() -> None:
+        own = triton.InferenceServerClient(served[2])
+        while not stop.is_set():
+            try:
+                answered.append(_infer(own, n))
+            except InferenceServerException as exc:
+                failures.append(str(exc))
+        own.close()
+
+    threads = [threading.Thread(target=caller) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        for version in range(2, 14):
+            (root / "rbm" / str(version)).mkdir()
+            shutil.copy(onnx_path, root / "rbm" / str(version) / "model.onnx")
+            client.load_model("rbm")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert failures == [] and len(answered) > 100
+    assert _infer(client, n) == "13" and {"1", "13"} <= set(answered)

@@ -46,9 +46,16 @@ class ModelStore:
             raise ModelNotFoundError(f"no model folder {name!r} in the repository")
         with self._lock:
             signature = folder_signature(folder)
+            current = self.models.get(name)
+            if current is not None and current.ready and self.signatures.get(name) == signature:
+                return current  # unchanged on disk: nothing to reinstall
             n_models = max(1, len(model_folders(self.repository)))
             candidate = load_model_dir(folder, self.device, n_models)
-            current = self.models.get(name)
+            if (candidate.ready and current is not None and current.ready
+                    and candidate.card.kind != current.card.kind):
+                candidate = LoadedModel(name, candidate.version, None, reason=(
+                    f"version {candidate.version} is a {candidate.card.kind} model, but {name!r} serves "
+                    f"{current.card.kind} (version {current.version}); a model folder keeps its kind"))
             if candidate.ready or current is None or not current.ready:
                 self._install(name, candidate)
                 failure = candidate.newer_failure
