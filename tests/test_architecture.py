@@ -191,10 +191,16 @@ def test_the_wheel_holds_every_module(tmp_path):
                            "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     (wheel,) = tmp_path.glob("specserve-*.whl")
-    inside = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
+    names = set(zipfile.ZipFile(wheel).namelist())
+    inside = {n for n in names if n.endswith(".py")}
     expected = {str(Path(*name.split("."), "__init__.py") if path.name == "__init__.py"
                     else Path(*name.split(".")[:-1], path.name)) for name, path in modules().items()}
     assert expected - inside == set()
+    # the shipped models are package data: an install without the source tree still has them
+    from specserve.runtime.defaults import read_manifest
+
+    shipped = {f"specserve/runtime/models/{rel}" for rel in read_manifest()["files"]}
+    assert shipped and shipped | {"specserve/runtime/models/MANIFEST.json"} <= names
 
 
 BLOCKER = """
