@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -273,7 +274,7 @@ def test_queue_full_and_deadline_through_the_server(tmp_path, toy_onnx):
         assert proc.wait(timeout=30) == 0
 
 
-def test_sigterm_answers_every_accepted_request_then_exits(tmp_path, toy_onnx):
+def test_sigterm_answers_every_accepted_request_and_an_open_stream_ends_unavailable(tmp_path, toy_onnx):
     onnx_path, c = toy_onnx
     n = c.dims["n_pixels"]
     proc, address, metrics_url = _start(_repo(tmp_path, toy_onnx, max_queue_delay_us=2_000_000))
@@ -313,7 +314,42 @@ def test_sigterm_answers_every_accepted_request_then_exits(tmp_path, toy_onnx):
             proc.kill()
         unary.close()
         streaming.close()
-    assert not errors, errors
+    # the stream the client left open does not end OK: it says how much was answered
+    assert len(errors) == 1 and "UNAVAILABLE" in errors[0] and "first 10 messages" in errors[0], errors
+    assert "'21'" in errors[0] and "send them again" in errors[0]
     assert sorted(answers, key=int) == [str(k) for k in range(22)]
     for rid, probabilities in answers.items():
         np.testing.assert_allclose(probabilities, _direct(onnx_path, _flux(n, int(rid))), rtol=1e-5, atol=1e-6)
+
+
+def test_sigterm_ends_an_open_analyze_stream_unavailable_after_answering_what_it_read(tmp_path, toy_onnx):
+    """The domain API's stream: the messages read before SIGTERM are answered, then the stream the
+    client still holds open ends UNAVAILABLE saying how many were answered (it used to end OK)."""
+    from specserve.runtime.client import Client
+
+    proc, address, _ = _start(_repo(tmp_path, toy_onnx, max_queue_delay_us=1_000_000))
+    wave = np.linspace(3700, 7400, 3000)
+    more = threading.Event()
+
+    def spectra():
+        for k in range(3):
+            yield (f"s{k}", wave, np.ones(3000))
+        more.wait(30)  # the pipeline has more to send, later
+
+    rows, code, details = [], None, ""
+    try:
+        with Client(address) as client:
+            stream = client.stream(spectra(), batch_size=1)
+            threading.Timer(0.5, proc.send_signal, (signal.SIGTERM,)).start()
+            try:
+                for row in stream:
+                    rows.append(row)
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        more.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert [r.id for r in rows] == ["s0", "s1", "s2"] and all(r.ok for r in rows)
+    assert code == grpc.StatusCode.UNAVAILABLE and "first 3 messages" in details

@@ -8,6 +8,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator
 
+import grpc
 import numpy as np
 
 from specserve.protos import specserve_pb2 as pb
@@ -29,7 +30,7 @@ from specserve.runtime.serving.status import (
     status_for,
     unary,
 )
-from specserve.runtime.serving.streams import answer_in_order
+from specserve.runtime.serving.streams import StreamCut, answer_in_order
 from specserve.runtime.wire import spectrum_from_proto
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,15 @@ class DomainServicer(pb_grpc.SpecServeServicer):
                 return pb.AnalyzeStreamResponse(request_id=rid, error=error_message(exc))
             return pb.AnalyzeStreamResponse(request_id=rid, results=results)
 
-        async for response in answer_in_order(request_iterator,
-                                              lambda r: asyncio.ensure_future(answer(r, next(index))), self.stopping):
-            yield response
+        last_id = ""
+        try:
+            async for response in answer_in_order(request_iterator,
+                                                  lambda r: asyncio.ensure_future(answer(r, next(index))),
+                                                  self.stopping):
+                last_id = response.request_id
+                yield response
+        except StreamCut as cut:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, cut.message(last_id))
 
     @unary
     async def ListModels(self, request, context):

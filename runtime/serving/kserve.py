@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from importlib import metadata
 
+import grpc
 import numpy as np
 
 from specserve.protos.kserve import service_pb2 as kserve
@@ -36,7 +37,7 @@ from specserve.runtime.serving.status import (
     status_for,
     unary,
 )
-from specserve.runtime.serving.streams import answer_in_order, ready_value
+from specserve.runtime.serving.streams import StreamCut, answer_in_order, ready_value
 
 log = logging.getLogger(__name__)
 
@@ -290,5 +291,10 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
             except Exception as exc:  # noqa: BLE001 - reported in-band, the stream goes on
                 return ready_value(in_band(exc, request.id, request.model_name))
 
-        async for response in answer_in_order(request_iterator, start, self.stopping):
-            yield response
+        last_id = ""
+        try:
+            async for response in answer_in_order(request_iterator, start, self.stopping):
+                last_id = response.infer_response.id
+                yield response
+        except StreamCut as cut:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, cut.message(last_id))
