@@ -76,6 +76,23 @@ def physformer_run(tmp_path_factory):
     return run_dir
 
 
+def toy_rbm_repository(root: Path) -> tuple[Path, Path]:
+    """``root/repo`` holding a toy RBM-kind model (free energies of a fixed linear map) as ``rbm``
+    version 1, exported and validated like a real one: (repository, the ONNX file)."""
+    from test_contract_export import ToyFreeEnergy
+
+    from specserve.export.onnx_export import export_model
+    from specserve.export.repository import write_model
+    from specserve.runtime.contract import ModelCard
+    from specserve.runtime.preprocess import OPTICAL_PREPROCESSING
+
+    card = ModelCard(kind="rbm", preprocessing=OPTICAL_PREPROCESSING, class_names=("non_cv", "cv"))
+    report = export_model(ToyFreeEnergy(card.dims["n_pixels"]), card, root / "build" / "model.onnx",
+                          atol=1e-5, rtol=1e-4)
+    write_model(root / "repo", "rbm", 1, report.path, card)
+    return root / "repo", report.path
+
+
 @contextlib.contextmanager
 def serving(repo: Path) -> Iterator[str]:
     """A real ``specserve serve`` process on port 0 over ``repo``: yields its address; on exit

@@ -24,14 +24,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_contract_export import ToyFreeEnergy
+from conftest import toy_rbm_repository
 
-from specserve.export.onnx_export import export_model
-from specserve.export.repository import write_model
 from specserve.runtime.client import Client, Credentials
-from specserve.runtime.contract import ModelCard
 from specserve.runtime.errors import SpecserveError
-from specserve.runtime.preprocess import OPTICAL_PREPROCESSING
 from specserve.runtime.serving.security import (
     CertificateWatch,
     Security,
@@ -101,13 +97,10 @@ def pki(tmp_path_factory):
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("secure")
-    card = ModelCard(kind="rbm", preprocessing=OPTICAL_PREPROCESSING, class_names=("non_cv", "cv"))
-    report = export_model(ToyFreeEnergy(card.dims["n_pixels"]), card, tmp / "build" / "model.onnx",
-                          atol=1e-5, rtol=1e-4)
-    write_model(tmp / "repo", "rbm", 1, report.path, card)
+    repository, _ = toy_rbm_repository(tmp)
     tokens = tmp / "tokens"
     tokens.write_text(f"# pipelines\n{INFER_TOKEN}\n{ADMIN_TOKEN} admin   # operators\n")
-    return tmp / "repo", tokens
+    return repository, tokens
 
 
 class Served:

@@ -21,14 +21,12 @@ import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_contract_export import ToyFreeEnergy
+from conftest import toy_rbm_repository
 
-from specserve.export.onnx_export import export_model
-from specserve.export.repository import write_model
 from specserve.protos import specserve_pb2 as pb
 from specserve.protos import specserve_pb2_grpc as pb_grpc
 from specserve.runtime.client import Client
-from specserve.runtime.contract import ModelCard, fill_masked
+from specserve.runtime.contract import fill_masked
 from specserve.runtime.io import read_spectra
 from specserve.runtime.preprocess import OPTICAL_PREPROCESSING
 from specserve.runtime.wire import to_proto
@@ -38,14 +36,10 @@ SPECSERVE = str(Path(sys.executable).with_name("specserve"))
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server")
-    card = ModelCard(kind="rbm", preprocessing=OPTICAL_PREPROCESSING, class_names=("non_cv", "cv"))
-    report = export_model(ToyFreeEnergy(card.dims["n_pixels"]), card, tmp / "build" / "model.onnx",
-                          atol=1e-5, rtol=1e-4)
-    write_model(tmp / "repo", "rbm", 1, report.path, card)
-    (tmp / "repo" / "broken" / "1").mkdir(parents=True)
-    (tmp / "repo" / "broken" / "1" / "model.onnx").write_bytes(b"junk")
-    return tmp / "repo", report.path
+    repo, onnx_path = toy_rbm_repository(tmp_path_factory.mktemp("server"))
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"junk")
+    return repo, onnx_path
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from specserve.runtime.embedded.session import SessionModel, lookup
 from specserve.runtime.errors import (
     InvalidInputError,
     InvalidSpectrumError,
-    ShuttingDownError,
     SpecserveError,
 )
 from specserve.runtime.kinds import kind_of, variant_of, with_variant
@@ -154,14 +153,7 @@ class Analyzer:
             inputs["ivar"] = used.model_ivar()
         if mc_samples and N_SAMPLES in card.contract.input_names:
             inputs[N_SAMPLES] = np.array([mc_samples], dtype=np.int64)
-        try:
-            outputs = model.run(inputs, deadline)
-        except ShuttingDownError:
-            newer = self.models.get(model.name)
-            if newer is None or newer is model or not newer.ready or newer.card.kind != card.kind:
-                raise
-            model = newer  # the version was swapped while this request was admitted: the new one answers
-            outputs = model.run(inputs, deadline)
+        outputs = model.run(inputs, deadline)
         if wants_ivar:
             outputs["_has_ivar"] = inputs["ivar"].any(axis=1)
         interpret = kind_of(card).interpret

@@ -128,6 +128,8 @@ class Batcher:
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._successor: Batcher | None = None
+        """Set when a new version replaced this one: requests that arrive after the close go there."""
         # read at scrape time: nothing to update per request (the latest version's queue is shown)
         metrics.QUEUE_DEPTH.labels(model.name).set_function(lambda: len(self._queue))
         self._threads = [threading.Thread(target=self._loop, name=f"specserve-batch-{model.name}-{i}", daemon=True)
@@ -153,23 +155,29 @@ class Batcher:
             future = loop.create_future() if loop is not None else Future()
             request = _Request(checked, rows, key, future, t0, deadline, loop)
             with self._cond:
-                if self._closed:
+                successor = self._successor if self._closed else None
+                if self._closed and successor is None:
                     raise ShuttingDownError(f"model {model.name!r} version {model.version} is shutting down")
-                if len(self._queue) >= self.config.max_queue_size:
-                    metrics.REJECTED.labels(model.name, "queue_full").inc()
-                    raise QueueFullError(f"model {model.name!r}: {len(self._queue)} requests are queued "
-                                         f"(max_queue_size {self.config.max_queue_size}); retry later")
-                self._queue.append(request)
-                self._cond.notify()
+                if successor is None:
+                    if len(self._queue) >= self.config.max_queue_size:
+                        metrics.REJECTED.labels(model.name, "queue_full").inc()
+                        raise QueueFullError(f"model {model.name!r}: {len(self._queue)} requests are queued "
+                                             f"(max_queue_size {self.config.max_queue_size}); retry later")
+                    self._queue.append(request)
+                    self._cond.notify()
         except Exception:
             model.stats.record_request(False, time.perf_counter_ns() - t0)
             raise
+        if successor is not None:  # replaced while this request was being admitted: the new version runs it
+            return successor.submit(inputs, deadline, loop)
         return request.future
 
-    def close(self, wait: bool = True, timeout: float | None = None) -> None:
-        """Stop accepting; the workers answer every queued request, then exit."""
+    def close(self, wait: bool = True, timeout: float | None = None, successor: Batcher | None = None) -> None:
+        """Stop accepting; the workers answer every queued request, then exit. ``successor`` (the
+        batcher of the version that replaced this one) takes the requests that still arrive."""
         with self._cond:
             self._closed = True
+            self._successor = successor
             self._cond.notify_all()
         if wait:
             for thread in self._threads:

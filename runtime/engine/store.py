@@ -84,7 +84,9 @@ class ModelStore:
         model.start_batching()
         self.models[name] = model
         if old is not None and old is not model and old.batcher is not None:
-            old.batcher.close(wait=False)  # its worker answers what it holds, then exits
+            # its worker answers what it holds, then exits; a request that was being admitted to it
+            # goes to the new version (none when unloaded or removed: that request is refused)
+            old.batcher.close(wait=False, successor=model.batcher if model.ready else None)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop every batcher after it has answered what it holds."""

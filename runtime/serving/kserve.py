@@ -25,7 +25,6 @@ from specserve.runtime.errors import (
     InvalidInputError,
     ModelControlError,
     ModelLoadError,
-    ShuttingDownError,
 )
 from specserve.runtime.serving.decoding import Undecodable
 from specserve.runtime.serving.health import sync_health
@@ -125,15 +124,7 @@ def infer_start(store: ModelStore, request: kserve.ModelInferRequest,
         unknown = [n for n in wanted if n not in names]
         if unknown:
             raise InvalidInputError(f"model {model.name!r} has no outputs {unknown} (outputs: {names})")
-        decoded = _decode_inputs(request)
-        try:
-            future = model.batcher.submit(decoded, deadline, asyncio.get_running_loop())
-        except ShuttingDownError:
-            newer = store.models.get(request.model_name)
-            if request.model_version or newer is None or newer is model or not newer.ready:
-                raise
-            model = newer  # the version was swapped while this request was admitted: the new one answers
-            future = model.batcher.submit(decoded, deadline, asyncio.get_running_loop())
+        future = model.batcher.submit(_decode_inputs(request), deadline, asyncio.get_running_loop())
     except Exception as exc:
         log_request("ModelInfer", rid, target, rows, t0, exc)
         raise
