@@ -33,6 +33,7 @@ Exit codes: 0 success, 1 a domain error (message on stderr), 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -110,6 +111,18 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds between scans of the repository for changed models (0: never; default 2)")
     srv.add_argument("--threads", type=int, default=0,
                      help="CPU threads per model session (default: the cores shared among the models, 1-4 each)")
+    lim = srv.add_argument_group("limits (docs/serving.md, Limits)")
+    lim.add_argument("--max-concurrent-rpcs", type=int, default=256,
+                     help="calls at once; the next gets RESOURCE_EXHAUSTED (default 256)")
+    lim.add_argument("--max-message-mb", type=float, default=None,
+                     help="largest message in MB (default: sized from the models' largest legal batch)")
+    lim.add_argument("--max-queued-mb", type=float, default=64,
+                     help="MB of requests queued or running, server-wide; more get RESOURCE_EXHAUSTED (default 64)")
+    lim.add_argument("--stream-window", type=int, default=64,
+                     help="messages of one stream read and not yet answered (default 64)")
+    lim.add_argument("--memory-arena", choices=("on", "off"), default="on",
+                     help="ONNX Runtime's CPU memory arena: on (default) reuses working memory during a burst and "
+                          "gives it back a second after; off allocates per run (PhysFormer at half speed)")
     sec = srv.add_argument_group("security (docs/security.md)")
     sec.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (re-read when it changes or on SIGHUP)")
     sec.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
@@ -207,6 +220,17 @@ def _security(args: argparse.Namespace):
                     insecure=args.insecure)
 
 
+def _limits(args: argparse.Namespace):
+    from specserve.runtime.serving.limits import MB, Limits
+
+    try:
+        return Limits(max_concurrent_rpcs=args.max_concurrent_rpcs,
+                      max_message_bytes=None if args.max_message_mb is None else int(args.max_message_mb * MB),
+                      max_queued_bytes=int(args.max_queued_mb * MB), stream_window=args.stream_window)
+    except ValueError as exc:
+        raise SpecserveError(f"serve: {exc}") from exc
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -218,7 +242,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     repository = _repository(args)
     if args.log_requests:
         logging.getLogger("specserve.requests").setLevel(logging.INFO)
-    device = resolve_device(args.device, args.threads)
+    device = dataclasses.replace(resolve_device(args.device, args.threads), memory_arena=args.memory_arena == "on")
+    limits = _limits(args)
     print(f"specserve: device {device.name}" + (f" ({device.note})" if device.note else ""), file=sys.stderr, flush=True)
     metrics_port = 8002 if args.metrics_port is None else None if args.metrics_port < 0 else args.metrics_port
     metrics_host = security.metrics_host(args.host)
@@ -226,7 +251,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                     file=sys.stderr, flush=True)
     asyncio.run(serve(repository, args.host, args.port, device=device, poll_repository=args.poll_repository,
                       metrics_port=metrics_port, on_metrics=on_metrics, metrics_required=args.metrics_port is not None,
-                      security=security,
+                      security=security, limits=limits,
                       on_started=lambda port: print(f"specserve: serving {repository} on {args.host}:{port}", flush=True)))
     return 0
 

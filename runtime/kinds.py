@@ -50,6 +50,11 @@ class Kind:
     contract: ModelContract
     interpret: Interpreter | None
     """None: the kind's outputs are not results of a spectrum (physformer-generate)."""
+    mc_rows_per_run: int = 64
+    """Rows of one session run of an MC model (each row is tiled n_samples times inside the graph):
+    a run's working memory grows with it, its speed per row does not. PhysFormer at its default 32
+    samples needs about 3.8 MB a row (64 rows: 240 MB, 707 ms; 16 rows: 59 MB, 175 ms, measured on
+    one thread with the arena off); the SPT 0.2 MB."""
 
     @property
     def analyses_spectra(self) -> bool:
@@ -60,7 +65,7 @@ class Kind:
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("rbm", CONTRACTS["rbm"], _rbm_values),
     Kind("spt", CONTRACTS["spt"], _estimates("mean", "std")),
-    Kind("physformer", CONTRACTS["physformer"], _estimates("parameters", "parameters_std")),
+    Kind("physformer", CONTRACTS["physformer"], _estimates("parameters", "parameters_std"), mc_rows_per_run=16),
     Kind("physformer-generate", CONTRACTS["physformer-generate"], None),
 )}
 

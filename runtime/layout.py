@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from specserve.runtime import dtypes
 from specserve.runtime.contract import BATCH, DYNAMIC_DIMS, ModelCard, TensorSpec
 from specserve.runtime.errors import ContractError, InvalidInputError
+from specserve.runtime.kinds import KINDS
 
 if TYPE_CHECKING:
     from tritonclient.grpc.model_config_pb2 import ModelConfig
@@ -44,8 +45,6 @@ DEFAULT_MAX_BATCH_SIZE = 256
 """Rows per session run of a model whose config does not say (and the default written)."""
 DEFAULT_MAX_QUEUE_SIZE = 1024
 """Requests that may wait for a model; one more is refused with RESOURCE_EXHAUSTED."""
-MAX_MC_BATCH_ROWS = 64
-"""MC models tile every row n_samples times inside the graph: fewer rows per run."""
 
 
 
@@ -138,7 +137,9 @@ def model_config(name: str, card: ModelCard, max_batch_size: int = DEFAULT_MAX_B
     config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     config.dynamic_batching.default_queue_policy.max_queue_size = max_queue_size
     if not batched:
-        config.parameters[ROWS_PARAMETER].string_value = str(min(max_batch_size, MAX_MC_BATCH_ROWS))
+        # MC models tile every row n_samples times inside the graph: fewer rows per run
+        rows = KINDS[card.kind].mc_rows_per_run if card.kind in KINDS else 64
+        config.parameters[ROWS_PARAMETER].string_value = str(min(max_batch_size, rows))
     return config
 
 

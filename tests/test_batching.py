@@ -353,3 +353,90 @@ def test_sigterm_ends_an_open_analyze_stream_unavailable_after_answering_what_it
             proc.kill()
     assert [r.id for r in rows] == ["s0", "s1", "s2"] and all(r.ok for r in rows)
     assert code == grpc.StatusCode.UNAVAILABLE and "first 3 messages" in details
+
+
+def test_drain_under_streaming_load_accounts_for_every_id(tmp_path, toy_onnx):
+    """Streams writing without pause and unary callers in a loop when SIGTERM comes: every stream's
+    answers are the first ids it sent, in order, and it ends UNAVAILABLE naming how many were
+    answered and the last id (never OK with answers missing); every unary call is answered or
+    refused UNAVAILABLE, none CANCELLED; the server exits 0 within its grace."""
+    import asyncio
+    import re
+
+    from specserve.export.bench.serving import infer_request
+    from specserve.protos.kserve import service_pb2 as kserve
+
+    _, c = toy_onnx
+    n = c.dims["n_pixels"]
+    proc, address, _ = _start(_repo(tmp_path, toy_onnx, max_queue_delay_us=1000))
+    unary_codes: list[str] = []
+    streams: list[tuple[list[str], list[str], str, str]] = []  # sent, answered, status, details
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            stream_call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+            stop = asyncio.Event()
+
+            async def caller(k: int) -> None:
+                i = 0
+                while not stop.is_set():
+                    request = infer_request("rbm", {"flux": _flux(n, k * 10_000 + i)})
+                    i += 1
+                    try:
+                        await infer(request.SerializeToString(), timeout=30)
+                        unary_codes.append("OK")
+                    except grpc.aio.AioRpcError as exc:
+                        unary_codes.append(exc.code().name)
+                        return  # refused: the server is going
+
+            async def flood(s: int) -> None:
+                sent, answered = [], []
+                call = stream_call()
+
+                async def write() -> None:
+                    try:
+                        for i in range(100_000):
+                            request = infer_request("rbm", {"flux": _flux(n, i)})
+                            request.id = f"{s}-{i}"
+                            await call.write(request.SerializeToString())
+                            sent.append(request.id)
+                    except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+                        pass
+
+                writer = asyncio.create_task(write())
+                status, details = "OK", ""
+                try:
+                    async for raw in call:
+                        answer = kserve.ModelStreamInferResponse.FromString(raw)
+                        assert not answer.error_message, answer.error_message
+                        answered.append(answer.infer_response.id)
+                except grpc.aio.AioRpcError as exc:
+                    status, details = exc.code().name, exc.details()
+                writer.cancel()
+                streams.append((sent, answered, status, details))
+
+            tasks = [asyncio.create_task(caller(k)) for k in range(6)] + \
+                    [asyncio.create_task(flood(s)) for s in range(4)]
+            await asyncio.sleep(1.5)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+    try:
+        asyncio.run(main())
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(streams) == 4
+    for sent, answered, status, details in streams:
+        assert answered, "a stream got nothing answered in 1.5 s"
+        assert answered == sent[:len(answered)], "answers are not the first ids sent, in order"
+        assert status == "UNAVAILABLE", (status, details)
+        match = re.search(r"the first (\d+) messages of this stream were answered \(the last id '([^']+)'\)", details)
+        assert match, details
+        assert int(match.group(1)) == len(answered) and match.group(2) == answered[-1]
+    assert unary_codes.count("OK") > 0
+    assert set(unary_codes) <= {"OK", "UNAVAILABLE"}, sorted(set(unary_codes))

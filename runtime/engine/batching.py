@@ -37,6 +37,7 @@ import numpy as np
 
 from specserve.runtime.contract import BATCH, ModelContract
 from specserve.runtime.engine import metrics
+from specserve.runtime.engine.memory import RequestMemory
 from specserve.runtime.engine.stats import ModelStats
 from specserve.runtime.errors import ContractError, DeadlineExceededError, QueueFullError, ShuttingDownError
 from specserve.runtime.layout import (
@@ -82,7 +83,7 @@ class Runner:
     stats: ModelStats
 
 
-@dataclass
+@dataclass(eq=False)  # found in the queue by identity
 class _Request:
     inputs: dict[str, np.ndarray]
     rows: int
@@ -92,6 +93,8 @@ class _Request:
     deadline: float | None  # time.monotonic() seconds
     loop: asyncio.AbstractEventLoop | None = None
     """The event loop of an asyncio future (None: a concurrent.futures.Future)."""
+    nbytes: int = 0
+    """Bytes of its inputs, counted in the server's :class:`~.memory.RequestMemory` while queued or running."""
 
     def gone(self) -> bool:
         """True when the caller cancelled (its deadline passed, or it hung up); else the future
@@ -119,9 +122,11 @@ def batch_axis(shape: tuple) -> int | None:
 class Batcher:
     """The queue and worker threads of one loaded model version."""
 
-    def __init__(self, model: Runner, config: BatchingConfig, workers: int = 1):
+    def __init__(self, model: Runner, config: BatchingConfig, workers: int = 1, memory: RequestMemory | None = None):
         self.model = model
         self.config = config
+        self.memory = memory
+        """The server's request-memory budget (None: unbounded), shared by every batcher."""
         contract = model.contract
         self._input_axes = {t.name: batch_axis(t.shape) for t in contract.inputs}
         self._output_axes = {t.name: batch_axis(t.shape) for t in contract.outputs}
@@ -153,7 +158,8 @@ class Batcher:
             key = tuple((n, a.tobytes()) for n, a in sorted(checked.items())
                         if self._input_axes[n] is None and (n != "seed" or "seed" in inputs))
             future = loop.create_future() if loop is not None else Future()
-            request = _Request(checked, rows, key, future, t0, deadline, loop)
+            nbytes = sum(a.nbytes for a in checked.values())
+            request = _Request(checked, rows, key, future, t0, deadline, loop, nbytes)
             with self._cond:
                 successor = self._successor if self._closed else None
                 if self._closed and successor is None:
@@ -163,14 +169,34 @@ class Batcher:
                         metrics.REJECTED.labels(model.name, "queue_full").inc()
                         raise QueueFullError(f"model {model.name!r}: {len(self._queue)} requests are queued "
                                              f"(max_queue_size {self.config.max_queue_size}); retry later")
+                    if self.memory is not None:
+                        try:
+                            self.memory.admit(nbytes, model.name)
+                        except QueueFullError:
+                            metrics.REJECTED.labels(model.name, "memory").inc()
+                            raise
                     self._queue.append(request)
                     self._cond.notify()
+            if loop is not None:  # a caller that gives up (deadline, hang-up) takes its arrays out of the queue
+                future.add_done_callback(lambda f, r=request: self._withdraw(r) if f.cancelled() else None)
         except Exception:
             model.stats.record_request(False, time.perf_counter_ns() - t0)
             raise
         if successor is not None:  # replaced while this request was being admitted: the new version runs it
             return successor.submit(inputs, deadline, loop)
         return request.future
+
+    def _withdraw(self, request: _Request) -> None:
+        """Drop a cancelled request still waiting in the queue (a worker that took it skips it)."""
+        with self._cond:
+            try:
+                self._queue.remove(request)
+            except ValueError:
+                return  # already taken by a worker
+        metrics.REJECTED.labels(self.model.name, "cancelled").inc()
+        self.model.stats.record_request(False, time.perf_counter_ns() - request.enqueued_ns)
+        if self.memory is not None:
+            self.memory.release(request.nbytes)
 
     def close(self, wait: bool = True, timeout: float | None = None, successor: Batcher | None = None) -> None:
         """Stop accepting; the workers answer every queued request, then exit. ``successor`` (the
@@ -259,9 +285,28 @@ class Batcher:
                     "in the queue; not run")))
                 continue
             live.append(r)
-        if live:
-            outcomes += self._execute(live)
-        self._deliver(outcomes)
+        try:
+            if live:
+                outcomes += self._execute(live)
+            self._deliver(outcomes)
+        finally:
+            if self.memory is not None:
+                self.memory.release(sum(r.nbytes for r in batch))
+
+    def _run_session(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        """One session run, or, for a single request of more than ``max_batch_size`` rows, one run
+        per ``max_batch_size`` rows with the outputs joined: a run's working memory stays that of
+        the largest batch the config allows."""
+        limit = self.config.max_batch_size
+        if rows <= limit:
+            return self.model.execute(inputs)
+        parts = []
+        for start in range(0, rows, limit):
+            chunk = {n: a if (ax := self._input_axes[n]) is None else a[(slice(None),) * ax + (slice(start, start + limit),)]
+                     for n, a in inputs.items()}
+            parts.append(self.model.execute(chunk))
+        return {name: np.concatenate([p[name] for p in parts], axis=self._output_axes[name])
+                if self._output_axes.get(name) is not None else parts[0][name] for name in parts[0]}
 
     def _execute(self, live: list[_Request]) -> list[tuple[_Request, dict | None, BaseException | None]]:
         """One session run for ``live``: each request's share of the outputs (or the error)."""
@@ -271,7 +316,7 @@ class Batcher:
                   if (ax := self._input_axes[n]) is not None else first[n] for n in first}
         t0 = time.perf_counter_ns()
         try:
-            outputs = model.execute(inputs)
+            outputs = self._run_session(inputs, sum(r.rows for r in live))
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
             for r in live:
                 model.stats.record_request(False, time.perf_counter_ns() - r.enqueued_ns)

@@ -20,6 +20,7 @@ from specserve.runtime.embedded import session as sessions
 from specserve.runtime.embedded.providers import Device
 from specserve.runtime.embedded.session import SessionModel, lookup
 from specserve.runtime.engine.batching import Batcher, BatchingConfig, Runner, batching_config
+from specserve.runtime.engine.memory import RequestMemory
 from specserve.runtime.engine.stats import ModelStats
 from specserve.runtime.errors import ContractError
 from specserve.runtime.layout import check_config, model_config, read_config
@@ -65,11 +66,12 @@ class LoadedModel(SessionModel):
         self.stats.record_request(True, t2 - t0, 0, batch)
         return outputs
 
-    def start_batching(self) -> None:
-        """Give this (ready) model its batcher, configured from its folder's config.pbtxt."""
+    def start_batching(self, memory: RequestMemory | None = None) -> None:
+        """Give this (ready) model its batcher, configured from its folder's config.pbtxt; its
+        queued requests count in ``memory`` (the server's budget) when given."""
         if self.ready and self.batcher is None:
             runner = Runner(self.name, self.version, self._contract, self.prepare, self.execute, self.stats)
-            self.batcher = Batcher(runner, self.batching, self.workers)
+            self.batcher = Batcher(runner, self.batching, self.workers, memory)
 
     def stop_batching(self, timeout: float | None = None) -> None:
         """Close the batcher: nothing new is accepted, everything queued is answered."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from specserve.runtime.embedded.analysis import Analyzer
 from specserve.runtime.embedded.providers import Device
+from specserve.runtime.engine.memory import RequestMemory
 from specserve.runtime.engine.repository import LoadedModel, load_model_dir, load_repository, lookup
 from specserve.runtime.errors import (
     ModelNotFoundError,
@@ -23,12 +24,14 @@ class ModelStore:
     (:mod:`.batching`); a replaced or unloaded version's batcher answers what it holds, then
     stops."""
 
-    def __init__(self, repository: str | Path, device: Device | None = None):
+    def __init__(self, repository: str | Path, device: Device | None = None, memory: RequestMemory | None = None):
         self.repository = Path(repository)
         self.device = device or Device()
+        self.memory = memory
+        """Bytes of queued requests, server-wide, under its limit (None: unbounded)."""
         self.models: dict[str, LoadedModel] = load_repository(self.repository, self.device)
         for model in self.models.values():
-            model.start_batching()
+            model.start_batching(memory)
         self.failures: dict[str, tuple[str, str]] = {
             name: m.newer_failure for name, m in self.models.items() if m.newer_failure}
         """Model name -> (version, reason) of a newer version that failed to load while an older one serves."""
@@ -72,6 +75,12 @@ class ModelStore:
             self.signatures[name] = signature
             return self.models[name]
 
+    def shrink_arenas(self) -> None:
+        """Every ready model's session gives back its arena's free chunks (after a burst)."""
+        for model in list(self.models.values()):
+            if model.ready and self.device.kind == "cpu" and self.device.memory_arena:
+                model.shrink_arena()
+
     def unload(self, name: str) -> None:
         self.get(check_model_name(name))
         with self._lock:
@@ -81,7 +90,7 @@ class ModelStore:
 
     def _install(self, name: str, model: LoadedModel) -> None:
         old = self.models.get(name)
-        model.start_batching()
+        model.start_batching(self.memory)
         self.models[name] = model
         if old is not None and old is not model and old.batcher is not None:
             # its worker answers what it holds, then exits; a request that was being admitted to it

@@ -30,7 +30,7 @@ from specserve.runtime.serving.status import (
     status_for,
     unary,
 )
-from specserve.runtime.serving.streams import StreamCut, answer_in_order
+from specserve.runtime.serving.streams import STREAM_WINDOW, STREAM_WINDOW_BYTES, StreamCut, answer_in_order
 from specserve.runtime.wire import spectrum_from_proto
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,11 @@ def _analyze_logged(store: ModelStore, request: pb.AnalyzeRequest, deadline: flo
 
 
 class DomainServicer(pb_grpc.SpecServeServicer):
-    def __init__(self, store: ModelStore, stopping: asyncio.Event):
+    def __init__(self, store: ModelStore, stopping: asyncio.Event,
+                 window: tuple[int, int] = (STREAM_WINDOW, STREAM_WINDOW_BYTES)):
         self.store = store
+        self.window = window
+        """A stream's messages, and bytes, in flight at once (:func:`.streams.answer_in_order`)."""
         self.stopping = stopping
 
     @unary
@@ -119,7 +122,7 @@ class DomainServicer(pb_grpc.SpecServeServicer):
         try:
             async for response in answer_in_order(request_iterator,
                                                   lambda r: asyncio.ensure_future(answer(r, next(index))),
-                                                  self.stopping):
+                                                  self.stopping, *self.window):
                 last_id = response.request_id
                 yield response
         except StreamCut as cut:

@@ -36,7 +36,7 @@ from specserve.runtime.serving.status import (
     status_for,
     unary,
 )
-from specserve.runtime.serving.streams import StreamCut, answer_in_order, ready_value
+from specserve.runtime.serving.streams import STREAM_WINDOW, STREAM_WINDOW_BYTES, StreamCut, answer_in_order, ready_value
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,11 @@ def _statistics(model: LoadedModel) -> kserve.ModelStatistics:
 
 
 class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, store: ModelStore, stopping: asyncio.Event, health_servicer, model_control: str = "none"):
+    def __init__(self, store: ModelStore, stopping: asyncio.Event, health_servicer, model_control: str = "none",
+                 window: tuple[int, int] = (STREAM_WINDOW, STREAM_WINDOW_BYTES)):
         self.store = store
+        self.window = window
+        """A stream's messages, and bytes, in flight at once (:func:`.streams.answer_in_order`)."""
         self.stopping = stopping
         self.health = health_servicer
         self.model_control = model_control
@@ -284,7 +287,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
 
         last_id = ""
         try:
-            async for response in answer_in_order(request_iterator, start, self.stopping):
+            async for response in answer_in_order(request_iterator, start, self.stopping, *self.window):
                 last_id = response.infer_response.id
                 yield response
         except StreamCut as cut:

@@ -30,6 +30,7 @@ from specserve.protos.kserve import service_pb2 as kserve
 from specserve.protos.kserve import service_pb2_grpc as kserve_grpc
 from specserve.runtime.embedded.providers import Device
 from specserve.runtime.engine import metrics
+from specserve.runtime.engine.memory import RequestMemory, Trimmer, return_freed_memory
 from specserve.runtime.engine.store import ModelStore
 from specserve.runtime.errors import (
     SpecserveError,
@@ -38,37 +39,46 @@ from specserve.runtime.serving.decoding import add_tolerant_servicer
 from specserve.runtime.serving.domain import DomainServicer
 from specserve.runtime.serving.health import sync_health
 from specserve.runtime.serving.kserve import KServeServicer
+from specserve.runtime.serving.limits import MB, Limits, message_limit
 from specserve.runtime.serving.security import AccessInterceptor, Security
 from specserve.runtime.serving.status import hide_path
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 SWITCH_INTERVAL_S = 0.001
 
 def create_server(repository: str | Path, address: str = "127.0.0.1:0",
-                  device: Device | None = None, security: Security | None = None) -> tuple[grpc.aio.Server, int]:
+                  device: Device | None = None, security: Security | None = None,
+                  limits: Limits | None = None) -> tuple[grpc.aio.Server, int]:
     """A configured, not yet started grpc.aio server and the port it is bound to; the models'
     sessions run on ``device`` (default the CPU), each behind its batcher. ``security`` (default:
     none of TLS, tokens and reflection; model control off; loopback only) is checked here: an
-    unprotected non-loopback address raises :class:`~.security.SecurityError`."""
+    unprotected non-loopback address raises :class:`~.security.SecurityError`. ``limits``
+    (:mod:`.limits`) bound what the server holds at once."""
     security = security or Security()
+    limits = limits or Limits()
     host = address.rsplit(":", 1)[0]
     security.check_address(host)
-    store = ModelStore(repository, device)
+    return_freed_memory()  # before the models load (glibc settings, see .engine.memory)
+    memory = RequestMemory(limits.max_queued_bytes)
+    store = ModelStore(repository, device, memory)
+    message_bytes = limits.max_message_bytes or message_limit(store.models.values())
+    log.info("limits: %d calls at once, messages up to %.0f MB, %.0f MB of queued requests",
+             limits.max_concurrent_rpcs, message_bytes / MB, limits.max_queued_bytes / MB)
     hide_path(repository, "<repository>")  # clients see names, never the server's filesystem
     server = grpc.aio.server(
         interceptors=[AccessInterceptor(security)] if security.tokens is not None else None,
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *limits.channel_options(message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
         ])
     stopping = asyncio.Event()  # set on SIGTERM: open streams answer what they read, then end
     health_servicer = health.aio.HealthServicer()
+    window = (limits.stream_window, limits.stream_window_bytes)
     add_tolerant_servicer(kserve_grpc.add_GRPCInferenceServiceServicer_to_server,
-                          KServeServicer(store, stopping, health_servicer, security.model_control), server)
-    add_tolerant_servicer(pb_grpc.add_SpecServeServicer_to_server, DomainServicer(store, stopping), server)
+                          KServeServicer(store, stopping, health_servicer, security.model_control, window), server)
+    add_tolerant_servicer(pb_grpc.add_SpecServeServicer_to_server, DomainServicer(store, stopping, window), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if security.reflection:
         services = (
@@ -89,6 +99,8 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
     server.store = store  # type: ignore[attr-defined]
     server.stopping = stopping  # type: ignore[attr-defined]
     server.security = security  # type: ignore[attr-defined]
+    server.message_bytes = message_bytes  # type: ignore[attr-defined]
+    server.trimmer = Trimmer(memory, store.shrink_arenas)  # type: ignore[attr-defined]
     metrics.track_models_ready(lambda: sum(m.ready for m in list(store.models.values())))
     return server, port
 
@@ -108,13 +120,14 @@ async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 800
                 grace_seconds: float = 10.0, on_started: Callable[[int], None] | None = None,
                 device: Device | None = None, poll_repository: float = 2.0,
                 metrics_port: int | None = None, on_metrics: Callable[[int], None] | None = None,
-                metrics_required: bool = True, security: Security | None = None) -> None:
+                metrics_required: bool = True, security: Security | None = None,
+                limits: Limits | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then stop accepting and finish what was accepted. Every
     ``poll_repository`` seconds (0: never) changed model folders are reloaded. With
     ``metrics_port`` (0: any free port) Prometheus metrics are served on ``host:metrics_port``;
     a busy port is an error when ``metrics_required``, else a warning. SIGHUP re-reads the TLS
     certificates (they are also re-read when their files change)."""
-    server, bound = create_server(repository, f"{host}:{port}", device, security)
+    server, bound = create_server(repository, f"{host}:{port}", device, security, limits)
     metrics_host = server.security.metrics_host(host)  # scrape them there, or through a proxy
     if metrics_port is not None:
         try:
@@ -129,6 +142,7 @@ async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 800
             if on_metrics is not None:
                 on_metrics(bound_metrics)
     await server.start()
+    server.trimmer.start()
     # everything loaded so far (modules, sessions, descriptors: several 100,000 objects) lives as
     # long as the server; out of the collector's sight, a full collection no longer stalls
     # requests for tens of milliseconds
