@@ -349,6 +349,25 @@ def test_analyze_command_with_tls_and_a_token(tls_server, pki, kit, tmp_path):
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
 
 
+def test_watch_command_with_tls_and_a_token(tls_server, pki, kit, tmp_path):
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for path in sorted((kit / "lamost_dr1/fits").glob("*.fits"))[:2]:
+        (folder / path.name).symlink_to(path)
+    token_file = tmp_path / "token"
+    token_file.write_text(INFER_TOKEN)
+    out = tmp_path / "watched.csv"
+    base = [SPECSERVE, "watch", str(folder), "--server", tls_server.address, "--models", "rbm",
+            "--once", "--tls-ca", str(pki["servers"].cert)]
+    ok = subprocess.run([*base, "--out", str(out), "--token-file", str(token_file)], capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert len(out.read_text().strip().splitlines()) == 3  # a header and one row per file
+    refused = subprocess.run([*base, "--out", str(tmp_path / "other.csv")], capture_output=True, text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if k != "SPECSERVE_TOKEN"})
+    assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
+
+
 # ------------------------------------------------------------------ names and paths
 
 
