@@ -128,6 +128,7 @@ def test_message_limit_is_sized_from_the_shipped_models():
     rbm = ready["rbm"]
     largest = rbm.batching.max_batch_size * rbm.card.dims["n_pixels"] * 4
     assert largest < limit <= 64 * MB, limit / MB  # was 256 MiB for every server
+    assert message_limit([]) == 64 * MB
     assert limit % MB == 0
     with pytest.raises(ValueError, match="max_concurrent_rpcs"):
         Limits(max_concurrent_rpcs=0)

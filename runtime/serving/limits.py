@@ -34,8 +34,9 @@ RAW_SPECTRA_PER_MESSAGE = 64
 """Spectra of one ``specserve.v1`` message the message limit makes room for (``analyze``'s default batch)."""
 RAW_BYTES_PER_PIXEL = 8 + 4 + 4 + 1
 """A raw spectrum's pixel on the wire: wavelength (double), flux and ivar (float), mask (bool)."""
-MIN_MESSAGE_BYTES = 4 * MB
-"""gRPC's own default receive limit: never less."""
+MIN_MESSAGE_BYTES = 64 * MB
+"""Never less: a client sending a whole test split of raw spectra in one Analyze (33 MB for the
+kit's giants) must still be served."""
 STREAM_LOOKAHEAD_BYTES = 4 * MB
 """HTTP/2 receive window of one stream: what gRPC reads ahead of the server."""
 
