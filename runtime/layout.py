@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from specserve.runtime import dtypes
 from specserve.runtime.contract import BATCH, DYNAMIC_DIMS, ModelCard, TensorSpec
 from specserve.runtime.errors import ContractError, InvalidInputError
-from specserve.runtime.kinds import KINDS
+from specserve.runtime.kinds import kind_of
 
 if TYPE_CHECKING:
     from tritonclient.grpc.model_config_pb2 import ModelConfig
@@ -138,8 +138,8 @@ def model_config(name: str, card: ModelCard, max_batch_size: int = DEFAULT_MAX_B
     config.dynamic_batching.default_queue_policy.max_queue_size = max_queue_size
     if not batched:
         # MC models tile every row n_samples times inside the graph: fewer rows per run
-        rows = KINDS[card.kind].mc_rows_per_run if card.kind in KINDS else 64
-        config.parameters[ROWS_PARAMETER].string_value = str(min(max_batch_size, rows))
+        rows = min(max_batch_size, kind_of(card).mc_rows_per_run)
+        config.parameters[ROWS_PARAMETER].string_value = str(rows)
     return config
 
 

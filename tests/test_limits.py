@@ -16,6 +16,7 @@ from specserve.runtime.defaults import SHIPPED
 from specserve.runtime.engine.memory import MB, RequestMemory, return_freed_memory
 from specserve.runtime.engine.repository import load_model_dir, load_repository
 from specserve.runtime.errors import QueueFullError
+from specserve.runtime.serving.decoding import Undecodable
 from specserve.runtime.serving.limits import Limits, message_limit
 from specserve.runtime.serving.streams import answer_in_order, ready_value
 
@@ -84,16 +85,12 @@ def test_an_abandoned_request_leaves_the_queue_and_its_bytes_are_given_back(tmp_
 
 
 def test_a_stream_reads_no_more_than_its_window_in_bytes():
-    class Message:
-        def __init__(self, size: int):
-            self.size = size
-
     read, started = [], []
 
-    async def requests():
+    async def requests():  # 3 MB messages (sized as they came, like an undecodable one)
         for i in range(10):
             read.append(i)
-            yield Message(3 * MB)
+            yield Undecodable("inference.ModelInferRequest", 3 * MB, "test")
 
     async def main() -> list:
         gate = asyncio.Event()

@@ -34,8 +34,6 @@ DEADLINES = (0.005, 0.020)
 """The unary callers' deadlines, seconds."""
 IDLE_WAIT_S = 2.5
 """After the warm-up: the server gives memory back a second after the last request."""
-SERVER_ENV: dict[str, str] = {}
-"""Extra environment of the server process (MALLOC_* experiments)."""
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
@@ -91,7 +89,7 @@ def server(repository: Path, *extra: str):
                "--port", "0", "--metrics-port", "-1", "--poll-repository", "0", "--device", "cpu", *extra]
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
-                            env={**os.environ, "ORT_DISABLE_TELEMETRY": "1", **SERVER_ENV})
+                            env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
     try:
         line = proc.stdout.readline()
         if "serving" not in line:
@@ -109,27 +107,11 @@ def server(repository: Path, *extra: str):
 
 def model_requests(repository: Path, rows: int) -> dict[str, bytes]:
     """For each spectrum model of ``repository``: a serialised ModelInferRequest of ``rows`` kit
-    LAMOST spectra prepared onto its grid by the runtime's own recipe."""
-    from specserve.export.bench.serving import infer_request, lamost_inputs
-    from specserve.runtime.contract import fill_masked
+    LAMOST spectra prepared onto its grid by the runtime's own data path."""
+    from specserve.export.bench import serving
     from specserve.runtime.datakit import data_dir
-    from specserve.runtime.engine.repository import load_model_dir
-    from specserve.runtime.layout import model_folders
 
-    spectra = lamost_inputs(data_dir())[:rows]
-    out = {}
-    for folder in model_folders(repository):
-        model = load_model_dir(folder)
-        names = model.card.contract.input_names if model.ready else ()
-        if "flux" not in names:
-            continue
-        prepared = [model.card.preprocessing.apply(s.wavelength, s.flux, s.ivar, s.mask, z=s.redshift or None)
-                    for s in spectra]
-        inputs = {"flux": np.stack([fill_masked(p.flux, p.mask) for p in prepared])}
-        if "ivar" in names:
-            inputs["ivar"] = np.stack([np.where(p.mask, 0, p.ivar).astype(np.float32) for p in prepared])
-        out[folder.name] = infer_request(folder.name, inputs).SerializeToString()
-    return out
+    return serving.model_requests(repository, serving.lamost_inputs(data_dir())[:rows])
 
 
 @dataclass

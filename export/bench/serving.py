@@ -279,24 +279,30 @@ def lamost_inputs(root: Path) -> list:
     return [SpectrumInput.from_spectrum(s, Path(s.meta.file).stem) for s in lamost_spectra(root)]
 
 
-def single_requests(repository: Path, spectra: list) -> dict[str, bytes]:
-    """The first spectrum on each spectrum model's grid, as a serialised ModelInferRequest."""
-    from specserve.runtime.contract import fill_masked
+def model_requests(repository: Path, spectra: list) -> dict[str, bytes]:
+    """``spectra`` through each spectrum model's own preprocessing (the runtime's data path), as
+    one serialised ModelInferRequest per model."""
     from specserve.runtime.engine.repository import load_model_dir
     from specserve.runtime.layout import model_folders
+    from specserve.runtime.pipeline import checked, prepare
 
+    spectra = [checked(s) for s in spectra]
     out = {}
-    s = spectra[0]
     for folder in model_folders(repository):
         model = load_model_dir(folder)
         if not model.ready or "flux" not in model.card.contract.input_names:
             continue
-        prepared = model.card.preprocessing.apply(s.wavelength, s.flux, s.ivar, s.mask, z=s.redshift or None)
-        inputs = {"flux": fill_masked(prepared.flux, prepared.mask)[None, :]}
+        prepared = prepare(model.card.preprocessing, spectra)
+        inputs = {"flux": prepared.model_flux()}
         if "ivar" in model.card.contract.input_names:
-            inputs["ivar"] = np.where(prepared.mask, 0, prepared.ivar).astype(np.float32)[None, :]
+            inputs["ivar"] = prepared.model_ivar()
         out[folder.name] = infer_request(folder.name, inputs).SerializeToString()
     return out
+
+
+def single_requests(repository: Path, spectra: list) -> dict[str, bytes]:
+    """The first spectrum on each spectrum model's grid, as a serialised ModelInferRequest."""
+    return model_requests(repository, spectra[:1])
 
 
 # ------------------------------------------------------------------ results

@@ -24,12 +24,10 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import numpy as np
-
 from specserve.runtime import dtypes
 from specserve.runtime.contract import DYNAMIC_DIMS
-
-MB = 1024 * 1024
+from specserve.runtime.engine.memory import MB
+from specserve.runtime.serving.streams import STREAM_WINDOW, STREAM_WINDOW_BYTES
 RAW_SPECTRA_PER_MESSAGE = 64
 """Spectra of one ``specserve.v1`` message the message limit makes room for (``analyze``'s default batch)."""
 RAW_BYTES_PER_PIXEL = 8 + 4 + 4 + 1
@@ -47,8 +45,8 @@ class Limits:
     max_message_bytes: int | None = None
     """None: sized from the models when the server starts (:func:`message_limit`)."""
     max_queued_bytes: int = 64 * MB
-    stream_window: int = 64
-    stream_window_bytes: int = 8 * MB
+    stream_window: int = STREAM_WINDOW
+    stream_window_bytes: int = STREAM_WINDOW_BYTES
     keepalive_s: float = 60.0
     keepalive_timeout_s: float = 20.0
     idle_connection_s: float = 300.0
@@ -86,7 +84,7 @@ def _input_row_bytes(model) -> tuple[int, int]:
     row, pixels = 0, card.dims.get("n_pixels", 0)
     for spec in card.contract.inputs:
         fixed = [d for d in spec.resolve(card.dims) if d not in DYNAMIC_DIMS]
-        row += int(np.prod(fixed or [1])) * dtypes.from_name(spec.dtype).numpy.itemsize
+        row += math.prod(fixed) * dtypes.from_name(spec.dtype).numpy.itemsize
     return row, pixels
 
 

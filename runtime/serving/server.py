@@ -99,7 +99,6 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
     server.store = store  # type: ignore[attr-defined]
     server.stopping = stopping  # type: ignore[attr-defined]
     server.security = security  # type: ignore[attr-defined]
-    server.message_bytes = message_bytes  # type: ignore[attr-defined]
     server.trimmer = Trimmer(memory, store.shrink_arenas)  # type: ignore[attr-defined]
     metrics.track_models_ready(lambda: sum(m.ready for m in list(store.models.values())))
     return server, port

@@ -6,6 +6,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from specserve.runtime.serving.decoding import Undecodable
+
 log = logging.getLogger(__name__)
 
 STREAM_WINDOW = 64
@@ -16,8 +18,7 @@ STREAM_WINDOW_BYTES = 8 * 1024 * 1024
 
 def message_size(message) -> int:
     """Bytes of a request message as it came (an Undecodable's size, else protobuf's ByteSize)."""
-    size = getattr(message, "size", None)
-    return size if isinstance(size, int) else message.ByteSize()
+    return message.size if isinstance(message, Undecodable) else message.ByteSize()
 
 
 class StreamCut(Exception):
