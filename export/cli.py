@@ -120,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="MB of requests queued or running, server-wide; more get RESOURCE_EXHAUSTED (default 64)")
     lim.add_argument("--stream-window", type=int, default=64,
                      help="messages of one stream read and not yet answered (default 64)")
+    lim.add_argument("--keepalive-s", type=float, default=60,
+                     help="ping a quiet connection after this many seconds and drop it when the ping goes unanswered "
+                          "for a third of that, at most 20 s (dead peers, stalled half-sent calls; default 60)")
     lim.add_argument("--memory-arena", choices=("on", "off"), default="on",
                      help="ONNX Runtime's CPU memory arena: on (default) reuses working memory during a burst and "
                           "gives it back a second after; off allocates per run (PhysFormer at half speed)")
@@ -226,7 +229,8 @@ def _limits(args: argparse.Namespace):
     try:
         return Limits(max_concurrent_rpcs=args.max_concurrent_rpcs,
                       max_message_bytes=None if args.max_message_mb is None else int(args.max_message_mb * MB),
-                      max_queued_bytes=int(args.max_queued_mb * MB), stream_window=args.stream_window)
+                      max_queued_bytes=int(args.max_queued_mb * MB), stream_window=args.stream_window,
+                      keepalive_s=args.keepalive_s, keepalive_timeout_s=min(20.0, args.keepalive_s / 3))
     except ValueError as exc:
         raise SpecserveError(f"serve: {exc}") from exc
 

@@ -6,10 +6,14 @@ message refused at once)."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
-from test_batching import _direct, _flux, _repo, toy_onnx  # noqa: F401 - the module fixture
+import grpc
+from test_batching import ENV, SPECSERVE, _direct, _flux, _repo, toy_onnx  # noqa: F401 - the module fixture
 
 from specserve.export.bench import hostile
 from specserve.runtime.defaults import SHIPPED
@@ -160,3 +164,72 @@ def test_a_200_mb_message_is_refused_at_once_and_leaves_no_memory_behind(base_re
     assert out["status"].startswith("RESOURCE_EXHAUSTED") and "larger than max" in out["status"], out
     assert out["seconds"] < 5
     assert out["after_mb"] <= 1.2 * out["idle_mb"], out
+
+
+def _h2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _h2_frame_types(data: bytes) -> list[int]:
+    """The types of the whole HTTP/2 frames in ``data`` (a server's bytes, after no preface)."""
+    types, at = [], 0
+    while at + 9 <= len(data):
+        length = int.from_bytes(data[at:at + 3], "big")
+        types.append(data[at + 3])
+        at += 9 + length
+    return types
+
+
+def _literal_header(name: str, value: str) -> bytes:
+    """HPACK literal header field without indexing, new name, no Huffman (names and values < 127 bytes)."""
+    return bytes([0, len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+
+def test_a_stalled_half_sent_call_is_dropped_by_keepalive(tmp_path, toy_onnx):  # noqa: F811
+    """A client that opens a call, sends 10 bytes of a 1,000-byte message and then stalls, never
+    answering HTTP/2 pings. On main its socket stayed open for good (220 of them after the probe);
+    now the keepalive ping goes unanswered and the server closes the connection. A real client
+    that stays idle as long answers the pings and keeps its connection."""
+    import socket
+
+    proc = subprocess.Popen([SPECSERVE, "serve", "--repository", str(_repo(tmp_path, toy_onnx)), "--port", "0",
+                             "--device", "cpu", "--metrics-port", "-1", "--keepalive-s", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+    try:
+        line = proc.stdout.readline()
+        assert "serving" in line
+        address = line.strip().rsplit(" on ", 1)[1]
+        host, port = address.rsplit(":", 1)
+        idle_client = grpc.insecure_channel(address)
+        infer = idle_client.unary_unary("/inference.GRPCInferenceService/ServerReady")
+        from specserve.protos.kserve import service_pb2 as kserve
+
+        assert kserve.ServerReadyResponse.FromString(infer(kserve.ServerReadyRequest().SerializeToString())).ready
+        headers = b"".join(_literal_header(k, v) for k, v in (
+            (":method", "POST"), (":scheme", "http"), (":path", "/inference.GRPCInferenceService/ModelInfer"),
+            (":authority", address), ("content-type", "application/grpc"), ("te", "trailers")))
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0)  # preface, SETTINGS
+                     + _h2_frame(1, 4, 1, headers)  # HEADERS (END_HEADERS) on stream 1
+                     + _h2_frame(0, 0, 1, b"\x00" + (1000).to_bytes(4, "big") + b"x" * 10))  # a partial message
+        t0 = time.monotonic()
+        received = b""
+        settings_acked = False
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+            if not settings_acked and len(received) >= 9:  # acknowledge the server's SETTINGS, as clients do
+                sock.sendall(_h2_frame(4, 1, 0))
+                settings_acked = True
+        closed_after = time.monotonic() - t0
+        sock.close()
+        assert closed_after < 20, f"the stalled connection was closed only after {closed_after:.0f} s"
+        assert 7 in _h2_frame_types(received), "no GOAWAY before the close"
+        # the well-behaved client idle meanwhile still has its connection and is answered
+        assert kserve.ServerReadyResponse.FromString(infer(kserve.ServerReadyRequest().SerializeToString())).ready
+        idle_client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

@@ -14,8 +14,10 @@ Each bound answers with a status, never with memory growth:
 - A stream has at most ``stream_window`` messages, and ``stream_window_bytes`` of them, read and
   not yet answered; beyond that the server stops reading it, so HTTP/2 flow control slows the
   sender instead of the server buffering.
-- Keepalive pings find dead peers; a connection with no call for ``idle_connection_s`` is closed
-  (clients reconnect on their next call).
+- A connection quiet for ``keepalive_s`` is pinged and dropped when the ping goes unanswered for
+  ``keepalive_timeout_s``: dead peers, and clients that stall halfway through a message (gRPC
+  calls the handler only once the whole message is in, so nothing else would end such a call). A
+  connection with no call for ``idle_connection_s`` is closed (clients reconnect on their next call).
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ class Limits:
     idle_connection_s: float = 300.0
 
     def __post_init__(self) -> None:
-        for name in ("max_concurrent_rpcs", "max_queued_bytes", "stream_window", "stream_window_bytes"):
-            if getattr(self, name) < 1:
+        for name in ("max_concurrent_rpcs", "max_queued_bytes", "stream_window", "stream_window_bytes",
+                     "keepalive_s", "keepalive_timeout_s"):
+            if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_message_bytes is not None and self.max_message_bytes < 1:
             raise ValueError(f"max_message_bytes must be positive, got {self.max_message_bytes}")
@@ -65,6 +68,9 @@ class Limits:
             ("grpc.max_send_message_length", message_bytes),
             ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+            # current gRPC core waits for the ping's answer this long, whatever keepalive_timeout says
+            # (60 s by default: a stalled half-sent call was dropped only after 62 s with --keepalive-s 2)
+            ("grpc.http2.ping_timeout_ms", int(self.keepalive_timeout_s * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
             # clients may ping every 10 s (grpc's own clients back off on a GOAWAY for pinging too often)
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
