@@ -13,6 +13,8 @@ Subcommands:
   transport ceiling, serving overhead, latency under load, one exposure), written to a report.
 - ``specserve bench embedded [--repository DIR]``: every model and variant on one thread, one
   process each; rewrites the report's Embedded section.
+- ``specserve bench load [--server HOST:PORT] [--model rbm] [--tls-ca ...] [--token-file ...]``:
+  unary, stream and latency figures of a running (possibly protected) server, measured from here.
 - ``specserve bench gpu [--device cuda]``: CUDA parity checks and benchmarks; rewrites the report's
   CUDA section.
 - ``specserve serve [--repository DIR] [--host H] [--port N] [--device auto|cpu|cuda[:N]] [--threads N]``:
@@ -87,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
                      "rewritten (default BENCHMARKS.md)")
     emb.add_argument("--quick", action="store_true", help="few rounds (a smoke run, not for the report)")
     emb.set_defaults(handler=_cmd_bench_embedded)
+    load = bench_sub.add_parser("load", help="measure a running server from here (TLS and tokens as for analyze)")
+    load.add_argument("--server", default="localhost:8001", help="HOST:PORT (default localhost:8001)")
+    load.add_argument("--model", default="rbm", help="the spectrum model to send requests to (default rbm)")
+    load.add_argument("--repository", type=Path,
+                      help="where that model's preprocessing is read from (default: the default repository)")
+    load.add_argument("--rate", type=float, default=200.0, help="requests per second for the latency run (default 200)")
+    load.add_argument("--seconds", type=float, default=3.0, help="seconds per measurement (default 3)")
+    _add_credentials(load)
+    load.set_defaults(handler=_cmd_bench_load)
     gpu = bench_sub.add_parser("gpu", help="CUDA parity checks and benchmarks on a GPU (`make gpu-check`)")
     gpu.add_argument("--repository", type=Path, help=REPOSITORY_HELP)
     gpu.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"),
@@ -406,6 +417,20 @@ def _cmd_bench_embedded(args: argparse.Namespace) -> int:
 
     print(run(_repository(args), args.out, quick=args.quick))
     print(f"wrote the Embedded section of {args.out}")
+    return 0
+
+
+def _cmd_bench_load(args: argparse.Namespace) -> int:
+    import grpc
+
+    from specserve.export.bench.serving import remote_load
+
+    try:
+        lines = remote_load(args.server, _repository(args), args.model, _credentials(args), args.rate, args.seconds)
+    except grpc.RpcError as exc:
+        print(f"specserve: error: server {args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
     return 0
 
 

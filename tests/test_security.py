@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -366,6 +367,21 @@ def test_watch_command_with_tls_and_a_token(tls_server, pki, kit, tmp_path):
     refused = subprocess.run([*base, "--out", str(tmp_path / "other.csv")], capture_output=True, text=True, timeout=120,
                              env={k: v for k, v in os.environ.items() if k != "SPECSERVE_TOKEN"})
     assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
+
+
+def test_load_benchmark_measures_a_protected_server(tls_server, pki, repo, kit, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(INFER_TOKEN)
+    base = [SPECSERVE, "bench", "load", "--server", tls_server.address, "--repository", str(repo[0]), "--model", "rbm",
+            "--seconds", "0.3", "--rate", "100", "--tls-ca", str(pki["servers"].cert)]
+    ok = subprocess.run([*base, "--token-file", str(token_file)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    figures = dict(re.findall(r"rbm: (unary|stream|at) ([\d,]+)", ok.stdout))
+    assert set(figures) == {"unary", "stream", "at"} and all(float(v.replace(",", "")) > 0 for v in figures.values())
+    assert ", 0 failed" in ok.stdout
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if k != "SPECSERVE_TOKEN"})
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
 
 
 # ------------------------------------------------------------------ names and paths

@@ -39,6 +39,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from specserve.runtime.client import Credentials
 from specserve.runtime.errors import SpecserveError
 
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -162,16 +163,23 @@ async def _echo(response_file: str, skeleton: bool = False) -> None:
 # ------------------------------------------------------------------ clients
 
 
-async def stream_rate(address: str, payload: bytes, n_streams: int = 4, per_stream: int = 1000) -> tuple[float, bytes]:
+def _channel(address: str, credentials: Credentials | None) -> grpc.aio.Channel:
+    """A load generator's channel: plaintext, or as ``credentials`` say (TLS, mTLS)."""
+    return (credentials or Credentials()).aio_channel(address, CHANNEL_OPTIONS)
+
+
+async def stream_rate(address: str, payload: bytes, n_streams: int = 4, per_stream: int = 1000,
+                      credentials: Credentials | None = None) -> tuple[float, bytes]:
     """Messages per second over ``n_streams`` ModelStreamInfer streams of ``per_stream`` raw
     messages each (written as fast as flow control allows), and the last answer's bytes."""
     last = b""
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    headers = credentials.metadata if credentials else ()
+    async with _channel(address, credentials) as channel:
         call = channel.stream_stream(STREAM_METHOD)
 
         async def one() -> int:
             nonlocal last
-            stream = call()
+            stream = call(metadata=headers)
 
             async def write() -> None:
                 for _ in range(per_stream):
@@ -195,20 +203,22 @@ async def stream_rate(address: str, payload: bytes, n_streams: int = 4, per_stre
     return sum(counts) / seconds, last
 
 
-async def closed_loop_rate(address: str, payload: bytes, concurrency: int = 16, seconds: float = 2.0) -> float:
+async def closed_loop_rate(address: str, payload: bytes, concurrency: int = 16, seconds: float = 2.0,
+                           credentials: Credentials | None = None) -> float:
     """Unary ModelInfer requests per second with ``concurrency`` callers, each sending its next
     request when its answer is back."""
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    headers = credentials.metadata if credentials else ()
+    async with _channel(address, credentials) as channel:
         infer = channel.unary_unary(INFER_METHOD)
         for _ in range(10):
-            await infer(payload)
+            await infer(payload, metadata=headers)
         stop_at = time.perf_counter() + seconds
         done = 0
 
         async def caller() -> None:
             nonlocal done
             while time.perf_counter() < stop_at:
-                await infer(payload)
+                await infer(payload, metadata=headers)
                 done += 1
 
         t0 = time.perf_counter()
@@ -217,23 +227,25 @@ async def closed_loop_rate(address: str, payload: bytes, concurrency: int = 16, 
 
 
 async def open_loop_latencies(address: str, payload: bytes, rate: float, seconds: float = 3.0,
-                              max_requests: int = 6000) -> tuple[np.ndarray, float, int]:
+                              max_requests: int = 6000, credentials: Credentials | None = None,
+                              ) -> tuple[np.ndarray, float, int]:
     """Send unary ModelInfer requests at a fixed ``rate`` (open loop: a request goes out on
     schedule whether or not earlier ones are back). Returns the latencies in seconds, the rate
     achieved, and the number of failed requests."""
     n = int(min(max_requests, max(50, rate * seconds)))
     latencies = np.full(n, np.nan)
     failed = 0
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    headers = credentials.metadata if credentials else ()
+    async with _channel(address, credentials) as channel:
         infer = channel.unary_unary(INFER_METHOD)
         for _ in range(10):
-            await infer(payload)
+            await infer(payload, metadata=headers)
 
         async def one(i: int) -> None:
             nonlocal failed
             t0 = time.perf_counter()
             try:
-                await infer(payload, timeout=30)
+                await infer(payload, timeout=30, metadata=headers)
             except grpc.aio.AioRpcError:
                 failed += 1
                 return
@@ -279,9 +291,9 @@ def lamost_inputs(root: Path) -> list:
     return [SpectrumInput.from_spectrum(s, Path(s.meta.file).stem) for s in lamost_spectra(root)]
 
 
-def model_requests(repository: Path, spectra: list) -> dict[str, bytes]:
+def model_requests(repository: Path, spectra: list, names: tuple[str, ...] = ()) -> dict[str, bytes]:
     """``spectra`` through each spectrum model's own preprocessing (the runtime's data path), as
-    one serialised ModelInferRequest per model."""
+    one serialised ModelInferRequest per model (only the models ``names``, when given)."""
     from specserve.runtime.engine.repository import load_model_dir
     from specserve.runtime.layout import model_folders
     from specserve.runtime.pipeline import checked, prepare
@@ -289,6 +301,8 @@ def model_requests(repository: Path, spectra: list) -> dict[str, bytes]:
     spectra = [checked(s) for s in spectra]
     out = {}
     for folder in model_folders(repository):
+        if names and folder.name not in names:
+            continue
         model = load_model_dir(folder)
         if not model.ready or "flux" not in model.card.contract.input_names:
             continue
@@ -298,6 +312,31 @@ def model_requests(repository: Path, spectra: list) -> dict[str, bytes]:
             inputs["ivar"] = prepared.model_ivar()
         out[folder.name] = infer_request(folder.name, inputs).SerializeToString()
     return out
+
+
+def remote_load(address: str, repository: Path, model: str, credentials: Credentials | None = None,
+                rate: float = 200.0, seconds: float = 3.0) -> list[str]:
+    """A running server measured from this machine (``specserve bench load``), over TLS and with a
+    token when ``credentials`` say so: unary requests per second with 16 callers, stream messages
+    per second over 4 streams, and latency percentiles at ``rate`` requests a second. The request is
+    the kit's first LAMOST spectrum prepared for ``model`` as ``repository`` holds it (the same
+    model the server serves)."""
+    from specserve.runtime.datakit import data_dir
+
+    payload = model_requests(repository, lamost_inputs(data_dir())[:1], (model,)).get(model)
+    if payload is None:
+        raise SpecserveError(f"{repository} has no spectrum model {model!r} to build its requests from")
+    unary = asyncio.run(closed_loop_rate(address, payload, 16, seconds, credentials))
+    per_stream = max(20, int(unary * seconds / 4))
+    streamed, _ = asyncio.run(stream_rate(address, payload, 4, per_stream, credentials))
+    latencies, achieved, failed = asyncio.run(open_loop_latencies(address, payload, rate, seconds,
+                                                                  credentials=credentials))
+    if not len(latencies):
+        raise SpecserveError(f"none of the {failed} requests at {rate:.0f}/s was answered")
+    p50, p99 = np.percentile(latencies, [50, 99]) * 1e3
+    return [f"{address} {model}: unary {unary:,.0f} requests/s (16 callers)",
+            f"{address} {model}: stream {streamed:,.0f} messages/s (4 streams of {per_stream})",
+            f"{address} {model}: at {achieved:,.0f} requests/s: p50 {p50:.2f} ms, p99 {p99:.2f} ms, {failed} failed"]
 
 
 def single_requests(repository: Path, spectra: list) -> dict[str, bytes]:

@@ -86,7 +86,15 @@ class Credentials:
     def channel(self, address: str, options: Sequence[tuple[str, object]]) -> grpc.Channel:
         if not self.tls:
             return grpc.insecure_channel(address, options=list(options))
+        return grpc.secure_channel(address, self._ssl(), options=list(options))
 
+    def aio_channel(self, address: str, options: Sequence[tuple[str, object]]) -> grpc.aio.Channel:
+        """The same channel for asyncio callers (the load benchmarks)."""
+        if not self.tls:
+            return grpc.aio.insecure_channel(address, options=list(options))
+        return grpc.aio.secure_channel(address, self._ssl(), options=list(options))
+
+    def _ssl(self) -> grpc.ChannelCredentials:
         def read(path: Path | None, what: str) -> bytes | None:
             if path is None:
                 return None
@@ -95,9 +103,8 @@ class Credentials:
             except OSError as exc:
                 raise SpecserveError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
 
-        credentials = grpc.ssl_channel_credentials(read(self.tls_ca, "TLS CA"), read(self.client_key, "client key"),
-                                                   read(self.client_cert, "client certificate"))
-        return grpc.secure_channel(address, credentials, options=list(options))
+        return grpc.ssl_channel_credentials(read(self.tls_ca, "TLS CA"), read(self.client_key, "client key"),
+                                            read(self.client_cert, "client certificate"))
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
