@@ -77,9 +77,34 @@ def catalogue_table(rows: Sequence[tuple[str, Row]]):
     return table
 
 
+TEXT_COLUMNS = ("file", "id", "models", "notes")
+"""Catalogue columns that are text whatever they hold (ids may be all digits, notes all empty)."""
+FORMATS = {".fits": "fits", ".fit": "fits", ".ecsv": "ascii.ecsv", ".csv": "ascii.csv"}
+
+
 def catalogue_format(path: str | Path) -> str:
-    """astropy's format for a catalogue path: FITS for .fits/.fit, CSV otherwise."""
-    return "fits" if Path(path).suffix.lower() in (".fits", ".fit") else "ascii.csv"
+    """astropy's format for a catalogue path: FITS for .fits/.fit, ECSV (units and dtypes kept in
+    its header) for .ecsv, CSV otherwise."""
+    return FORMATS.get(Path(path).suffix.lower(), "ascii.csv")
+
+
+def read_catalogue(path: str | Path):
+    """A catalogue written by :func:`write_catalogue` (or appended to by ``watch``), with the text
+    columns read as text: a CSV reader would take numeric ids such as LAMOST obsids for integers
+    and an all-empty ``notes`` column for masked integers, and the next append would not stack."""
+    from astropy.table import MaskedColumn, Table
+
+    fmt = catalogue_format(path)
+    if fmt == "ascii.csv":
+        table = Table.read(Path(path), format=fmt, converters={name: str for name in TEXT_COLUMNS})
+    else:
+        table = Table.read(Path(path), format=fmt)
+    for name in TEXT_COLUMNS:
+        if name in table.colnames:
+            column = table[name]
+            text = column.filled("") if isinstance(column, MaskedColumn) else column
+            table.replace_column(name, np.asarray(text, dtype=str))
+    return table
 
 
 def write_catalogue(path: str | Path, rows: Sequence[tuple[str, Row]]) -> None:

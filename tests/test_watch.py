@@ -129,3 +129,23 @@ def test_results_find_their_files_by_id_even_when_object_ids_repeat(kit):
         ("copy-2.fits", f"{base}#3"), ("copy-0.fits", base), ("copy-1.fits", f"{base}#2")]
     with pytest.raises(SpecserveError, match="not sent"):
         sources.pair([Row("someone-else")])
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".ecsv", ".fits"])
+def test_resume_keeps_numeric_ids_and_empty_notes_as_text(tmp_path, suffix):
+    """LAMOST DR5+ spectra are named by numeric obsids; a CSV read back took them for integers
+    (and an all-empty notes column for masked integers), and the next append raised
+    TableMergeError. Every format now resumes and appends with the ids as they were."""
+    from specserve.runtime.catalogue import Row, read_catalogue
+
+    out = tmp_path / f"night{suffix}"
+    state = WatchState.load(out)
+    state.append([("a.fits", Row("359910161", {"p_cv": 0.25}, ["rbm"])),
+                  ("b.fits", Row("359910162", {"p_cv": 0.75}, ["rbm"]))])
+    resumed = WatchState.load(out)
+    assert resumed.done == {"a.fits", "b.fits"} and resumed.n_rows == 2
+    resumed.append([("c.fits", Row("LAMOST J063715.90+271356.5", {"p_cv": 0.5}, ["rbm"], ["a note"]))])
+    table = read_catalogue(out)
+    assert list(table["id"]) == ["359910161", "359910162", "LAMOST J063715.90+271356.5"]
+    assert table["id"].dtype.kind == "U" and list(table["notes"]) == ["", "", "a note"]
+    np.testing.assert_allclose(np.asarray(table["p_cv"], dtype=float), [0.25, 0.75, 0.5])

@@ -1,7 +1,8 @@
 """``specserve watch DIR --out CATALOGUE``: stream every spectrum file that appears in a folder to
 a server and append the results to a catalogue as they arrive.
 
-The catalogue (FITS table for ``.fits``, CSV otherwise) and a rejects file
+The catalogue (FITS table for ``.fits``, ECSV for ``.ecsv``, CSV otherwise; read back with its ids
+and notes as text, whatever they hold) and a rejects file
 (``CATALOGUE.rejects.tsv``: path, reason) are the whole state. A file is done when its rows are
 in the catalogue or its line is in the rejects file. On start both are read and those files are
 skipped, so a restart resumes without duplicating or losing rows:
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import grpc
 
-from specserve.runtime.catalogue import Row, Sources, catalogue_format, catalogue_table
+from specserve.runtime.catalogue import Row, Sources, catalogue_format, catalogue_table, read_catalogue
 from specserve.runtime.client.client import Client, Credentials, StreamError
 from specserve.runtime.errors import SpecserveError, SpectrumReadError
 from specserve.runtime.io import read_spectra
@@ -56,12 +57,10 @@ class WatchState:
 
     @classmethod
     def load(cls, catalogue: Path, rejects: Path | None = None) -> WatchState:
-        from astropy.table import Table
-
         state = cls(Path(catalogue), Path(rejects) if rejects else Path(str(catalogue) + REJECTS_SUFFIX))
         if state.catalogue.exists():
             try:
-                state.table = Table.read(state.catalogue, format=catalogue_format(state.catalogue))
+                state.table = read_catalogue(state.catalogue)
             except Exception as exc:  # noqa: BLE001 - astropy raises many types for a bad file
                 raise SpecserveError(f"cannot read the catalogue {state.catalogue} to resume: {exc}") from exc
             if "file" not in state.table.colnames:
