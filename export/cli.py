@@ -271,7 +271,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _analyze_remote(args: argparse.Namespace, models: list[str], skipped) -> list | int:
+def _analyze_remote(args: argparse.Namespace, models: list[str], skipped) -> tuple[list, object] | int:
     import grpc
 
     from specserve.runtime.catalogue import Sources
@@ -293,8 +293,9 @@ def _analyze_remote(args: argparse.Namespace, models: list[str], skipped) -> lis
 
     with Client(args.server, credentials=_credentials(args)) as client:
         try:
-            return sources.pair(list(client.stream(spectra(), models=models, batch_size=args.batch,
+            rows = sources.pair(list(client.stream(spectra(), models=models, batch_size=args.batch,
                                                    mc_samples=args.mc_samples, variant=args.variant)))
+            return rows, client.provenance()
         except StreamError as exc:
             print(f"specserve: error: {exc}", file=sys.stderr)
             return 1
@@ -303,13 +304,15 @@ def _analyze_remote(args: argparse.Namespace, models: list[str], skipped) -> lis
             return 1
 
 
-def _analyze_local(args: argparse.Namespace, models: list[str], skipped) -> list:
+def _analyze_local(args: argparse.Namespace, models: list[str], skipped) -> tuple[list, object]:
+    from specserve.runtime.catalogue import Provenance
     from specserve.runtime.embedded.local import LocalRuntime
 
     runtime = LocalRuntime(_repository(args), threads=args.threads, memory_arena=args.arena,
                            variant=args.variant or None)
-    return runtime.analyze_files(args.files, models, mc_samples=args.mc_samples, batch=args.batch,
+    rows = runtime.analyze_files(args.files, models, mc_samples=args.mc_samples, batch=args.batch,
                                  on_unreadable=skipped)
+    return rows, Provenance.from_models(runtime.models)
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -323,9 +326,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         print(f"specserve: skipped {path}: {reason}", file=sys.stderr)
 
     models = [m for m in args.models.split(",") if m]
-    rows = (_analyze_local if args.local else _analyze_remote)(args, models, skipped)
-    if isinstance(rows, int):
-        return rows
+    outcome = (_analyze_local if args.local else _analyze_remote)(args, models, skipped)
+    if isinstance(outcome, int):
+        return outcome
+    rows, provenance = outcome
     # the headline value of each model on the terminal (the catalogue has every column)
     present = {k for _, r in rows for k in r.values}
     columns = [c for c in TERMINAL_COLUMNS if c in present][:6]
@@ -337,7 +341,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     errors = sum(1 for _, r in rows if not r.ok)
     print(f"{len(rows)} spectra analysed, {errors} rejected, {failed} files unreadable")
     if args.out:
-        write_catalogue(args.out, rows)
+        write_catalogue(args.out, rows, provenance)
         print(f"catalogue written to {args.out}")
     return 1 if failed or errors else 0
 

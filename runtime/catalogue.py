@@ -1,17 +1,24 @@
 """Catalogue rows: one spectrum's results flattened (:class:`Row`), the file each spectrum came
-from (:class:`Sources`), and catalogue tables written as CSV or FITS. Shared by the gRPC client
+from (:class:`Sources`), and catalogue tables written as CSV, ECSV or FITS. Shared by the gRPC client
 (``specserve analyze``, ``specserve watch``) and the embedded runtime (``specserve analyze --local``),
-so both write the same catalogue."""
+so both write the same catalogue.
+
+A catalogue made with a :class:`Provenance` carries each value column's unit and description from
+the model cards (FITS: ``TUNITn``/``TCOMMn``; ECSV: its header) and, in its metadata, the
+specserve version, each model's ``name:version``, the date, and the numbers of files and spectra.
+CSV keeps only the values."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from specserve.runtime.errors import SpecserveError
+from specserve.runtime.kinds import KINDS
 from specserve.runtime.spectrum import Spectrum, SpectrumInput
 
 
@@ -61,9 +68,79 @@ class Sources:
             raise SpecserveError(f"the server answered for spectrum {exc.args[0]!r}, which was not sent") from None
 
 
-def catalogue_table(rows: Sequence[tuple[str, Row]]):
+TEXT_DESCRIPTIONS = {
+    "file": "the file the spectrum was read from",
+    "id": "the spectrum's identifier in its file (designation, obsid or object name)",
+    "models": "the models that gave values for this spectrum",
+    "notes": "why a model gave no values (coverage, ...), or why the spectrum was rejected",
+}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """The models a catalogue's values come from (``name:version``) and the unit and description
+    of every value column, from their cards (:data:`~.kinds.KINDS`)."""
+
+    models: tuple[str, ...] = ()
+    """``name:version`` of each model."""
+    columns: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, models: Iterable[tuple[str, str, str, Sequence[str], Sequence[str], Sequence[str]]]) -> Provenance:
+        """From ``(name, version, kind, class names, label names, label units)`` of each model."""
+        names, columns = [], {}
+        for name, version, kind, classes, labels, units in models:
+            names.append(f"{name}:{version}")
+            describe = KINDS[kind].columns if kind in KINDS else None
+            if describe is not None:
+                columns.update(describe(tuple(classes), tuple(labels), tuple(units)))
+        return cls(tuple(sorted(names)), columns)
+
+    @classmethod
+    def from_models(cls, models) -> Provenance:
+        """From loaded models (name -> a model with ``ready``, ``version`` and ``card``)."""
+        return cls.of((name, m.version, m.card.kind, m.card.class_names, m.card.label_names, m.card.label_units)
+                      for name, m in models.items() if m.ready)
+
+
+def specserve_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("specserve")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def describe(table, provenance: Provenance | None) -> None:
+    """Set the units and descriptions of ``table``'s columns and its metadata (FITS-sized keys)."""
+    import astropy.units as u
+
+    for name in table.colnames:
+        if name in TEXT_DESCRIPTIONS:
+            table[name].description = TEXT_DESCRIPTIONS[name]
+        elif provenance is not None and name in provenance.columns:
+            unit, text = provenance.columns[name]
+            table[name].unit = u.Unit(unit) if unit else None
+            table[name].description = text
+    if provenance is None:
+        return
+    models = provenance.models
+    if "models" in table.colnames:  # the models that gave values here, not every one served
+        used = {m for cell in table["models"] for m in str(cell).split(";") if m}
+        models = tuple(m for m in models if m in used)  # the column holds name:version too
+    table.meta.update({
+        "SPECSERV": specserve_version(),
+        "MODELS": ", ".join(models),
+        "DATE": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+        "NFILES": len(set(table["file"])) if "file" in table.colnames else 0,
+        "NSPECTRA": len(table),
+    })
+
+
+def catalogue_table(rows: Sequence[tuple[str, Row]], provenance: Provenance | None = None):
     """``(file, row)`` pairs as an astropy Table: file, id, one float column per value (NaN where a
-    row has none), models, notes."""
+    row has none), models, notes; described by ``provenance`` when given."""
     from astropy.table import Table
 
     value_names = sorted({k for _, row in rows for k in row.values})
@@ -74,6 +151,7 @@ def catalogue_table(rows: Sequence[tuple[str, Row]]):
         table[name] = np.array([row.values.get(name, np.nan) for _, row in rows], dtype=np.float64)
     table["models"] = [";".join(row.models) for _, row in rows]
     table["notes"] = ["; ".join(row.notes + ([row.error] if row.error else [])) for _, row in rows]
+    describe(table, provenance)
     return table
 
 
@@ -97,6 +175,19 @@ def read_catalogue(path: str | Path):
     fmt = catalogue_format(path)
     if fmt == "ascii.csv":
         table = Table.read(Path(path), format=fmt, converters={name: str for name in TEXT_COLUMNS})
+    elif fmt == "fits":
+        import warnings
+
+        import astropy.units as u
+        from astropy.io import fits
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # units outside the FITS standard: restored below
+            table = Table.read(Path(path), format=fmt)
+        header = fits.getheader(path, 1)
+        for i, name in enumerate(table.colnames, start=1):
+            if table[name].unit is None and f"TUNIT{i}" in header:
+                table[name].unit = u.Unit(header[f"TUNIT{i}"], parse_strict="silent")
     else:
         table = Table.read(Path(path), format=fmt)
     for name in TEXT_COLUMNS:
@@ -107,6 +198,29 @@ def read_catalogue(path: str | Path):
     return table
 
 
-def write_catalogue(path: str | Path, rows: Sequence[tuple[str, Row]]) -> None:
-    """Write ``(file, row)`` pairs as CSV, or as a FITS table when the name ends in .fits/.fit."""
-    catalogue_table(rows).write(Path(path), format=catalogue_format(path), overwrite=True)
+def write_table(table, path: str | Path, fmt: str) -> None:
+    """Write a catalogue table in astropy's format ``fmt``. A FITS table gets ``TUNITn`` for every
+    unit (astropy leaves out those outside the FITS standard, such as dex, which catalogues use
+    all the same) and a ``TCOMMn`` comment per described column."""
+    if fmt != "fits":
+        table.write(Path(path), format=fmt, overwrite=True)
+        return
+    import warnings
+
+    from astropy.io import fits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "dex could not be saved in native FITS format": written below
+        table.write(Path(path), format=fmt, overwrite=True)
+    with fits.open(path, mode="update") as hdus:
+        header = hdus[1].header
+        for i, name in enumerate(table.colnames, start=1):
+            if table[name].unit is not None:
+                header[f"TUNIT{i}"] = table[name].unit.to_string()
+            if table[name].description:
+                header[f"TCOMM{i}"] = table[name].description[:68]
+
+
+def write_catalogue(path: str | Path, rows: Sequence[tuple[str, Row]], provenance: Provenance | None = None) -> None:
+    """Write ``(file, row)`` pairs as CSV, ECSV (.ecsv) or a FITS table (.fits/.fit)."""
+    write_table(catalogue_table(rows, provenance), path, catalogue_format(path))

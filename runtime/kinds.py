@@ -17,6 +17,8 @@ from specserve.runtime.errors import ContractError, InvalidInputError
 
 Interpreter = Callable[[ModelCard, Mapping[str, np.ndarray], int], dict[str, float]]
 """(card, the outputs of one run, a row) -> that row's named values."""
+Columns = Callable[[tuple[str, ...], tuple[str, ...], tuple[str, ...]], dict[str, tuple[str, str]]]
+"""(class names, label names, label units) -> each named value's (unit, description), for catalogues."""
 
 
 def _rbm_values(card: ModelCard, outputs: Mapping[str, np.ndarray], row: int) -> dict[str, float]:
@@ -25,6 +27,28 @@ def _rbm_values(card: ModelCard, outputs: Mapping[str, np.ndarray], row: int) ->
         values[f"p_{name}"] = float(outputs["probabilities"][row, j])
         values[f"free_energy_{name}"] = float(outputs["free_energy"][row, j])
     return values
+
+
+def _rbm_columns(classes: tuple[str, ...], labels: tuple[str, ...], units: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    out = {}
+    for name in classes:
+        out[f"p_{name}"] = ("", f"probability of class {name} (softmax of the negative free energies)")
+        out[f"free_energy_{name}"] = ("", f"free energy of the spectrum under the class-{name} RBM")
+    return out
+
+
+def _estimate_columns(chi2: bool) -> Columns:
+    def columns(classes: tuple[str, ...], labels: tuple[str, ...], units: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+        out = {}
+        for name, unit in zip(labels, units + ("",) * (len(labels) - len(units))):
+            out[name] = (unit, f"{name}: estimate (mean of the Monte Carlo dropout draws)")
+            out[f"{name}_err"] = (unit, f"{name}: 1-sigma uncertainty (spread of the Monte Carlo dropout draws)")
+        if chi2:
+            out["reduced_chi2"] = ("", "reduced chi-square of the generated spectrum against the input (NaN without ivar)")
+        out["n_samples"] = ("", "Monte Carlo dropout samples drawn")
+        return out
+
+    return columns
 
 
 def _estimates(mean: str, std: str) -> Callable[[ModelCard, Mapping[str, np.ndarray], int], dict[str, float]]:
@@ -50,6 +74,8 @@ class Kind:
     contract: ModelContract
     interpret: Interpreter | None
     """None: the kind's outputs are not results of a spectrum (physformer-generate)."""
+    columns: Columns | None = None
+    """Unit and description of each value ``interpret`` gives."""
     mc_rows_per_run: int = 64
     """Rows of one session run of an MC model (each row is tiled n_samples times inside the graph):
     a run's working memory grows with it, its speed per row does not. PhysFormer at its default 32
@@ -63,9 +89,10 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("rbm", CONTRACTS["rbm"], _rbm_values),
-    Kind("spt", CONTRACTS["spt"], _estimates("mean", "std")),
-    Kind("physformer", CONTRACTS["physformer"], _estimates("parameters", "parameters_std"), mc_rows_per_run=16),
+    Kind("rbm", CONTRACTS["rbm"], _rbm_values, _rbm_columns),
+    Kind("spt", CONTRACTS["spt"], _estimates("mean", "std"), _estimate_columns(chi2=False)),
+    Kind("physformer", CONTRACTS["physformer"], _estimates("parameters", "parameters_std"),
+         _estimate_columns(chi2=True), mc_rows_per_run=16),
     Kind("physformer-generate", CONTRACTS["physformer-generate"], None),
 )}
 

@@ -149,3 +149,50 @@ def test_resume_keeps_numeric_ids_and_empty_notes_as_text(tmp_path, suffix):
     assert list(table["id"]) == ["359910161", "359910162", "LAMOST J063715.90+271356.5"]
     assert table["id"].dtype.kind == "U" and list(table["notes"]) == ["", "", "a note"]
     np.testing.assert_allclose(np.asarray(table["p_cv"], dtype=float), [0.25, 0.75, 0.5])
+
+
+def test_catalogues_carry_units_descriptions_and_provenance(lamost, tmp_path):
+    """``analyze --local`` with the shipped models, written as FITS and ECSV: each value column has
+    its card's unit and a description (FITS: TUNITn/TCOMMn), and the metadata names the specserve
+    version, every model used as name:version, the date and the counts. CSV keeps values only."""
+    from astropy.io import fits
+
+    from specserve.runtime.catalogue import read_catalogue
+
+    files = [str(f) for f in lamost[:4]]
+    for suffix in (".fits", ".ecsv", ".csv"):
+        out = tmp_path / f"cat{suffix}"
+        done = subprocess.run([SPECSERVE, "analyze", "--local", "--models", "rbm,physformer", *files, "--out", str(out)],
+                              capture_output=True, text=True, timeout=300, env=ENV)
+        assert done.returncode in (0, 1), done.stderr  # 1: a spectrum outside a model's coverage
+        table = read_catalogue(out)
+        assert len(table) == 4 and table["id"].dtype.kind == "U"
+        if suffix == ".csv":
+            assert table["teff"].unit is None
+            continue
+        assert str(table["teff"].unit) == "K" and str(table["logg"].unit) == "dex"
+        assert str(table["teff_err"].unit) == "K" and table["p_cv"].unit is None
+        assert "probability of class cv" in table["p_cv"].description
+        assert "1-sigma" in table["feh_err"].description
+        meta = table.meta
+        assert meta["MODELS"] == "physformer:1, rbm:1", meta
+        assert meta["NSPECTRA"] == 4 and meta["NFILES"] == 4 and meta["SPECSERV"] and meta["DATE"].startswith("20")
+        if suffix == ".fits":
+            header = fits.getheader(out, 1)
+            column = table.colnames.index("teff") + 1
+            assert header[f"TUNIT{column}"] == "K" and "estimate" in header[f"TCOMM{column}"]
+
+
+def test_watch_catalogue_names_the_served_models_and_keeps_units_when_it_grows(server, lamost, tmp_path):  # noqa: F811
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    shutil.copy(lamost[0], folder)
+    out = tmp_path / "night.ecsv"
+    assert _watch(folder, out, server, "--once").returncode == 0
+    shutil.copy(lamost[1], folder)
+    assert _watch(folder, out, server, "--once").returncode == 0
+    from specserve.runtime.catalogue import read_catalogue
+
+    table = read_catalogue(out)
+    assert len(table) == 2 and table.meta["NSPECTRA"] == 2 and table.meta["MODELS"] == "rbm:1", table.meta
+    assert "probability" in table["p_cv"].description

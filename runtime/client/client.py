@@ -22,7 +22,7 @@ import numpy as np
 
 from specserve.protos import specserve_pb2 as pb
 from specserve.protos import specserve_pb2_grpc as pb_grpc
-from specserve.runtime.catalogue import Row
+from specserve.runtime.catalogue import Provenance, Row
 from specserve.runtime.errors import SpecserveError
 from specserve.runtime.wire import to_proto
 
@@ -135,6 +135,15 @@ class Client:
 
     def list_models(self) -> list[pb.ModelInfo]:
         return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata).models)
+
+    def provenance(self) -> Provenance:
+        """The served models' ``name:version`` and their value columns' units and descriptions,
+        for the catalogue (from ListModels: the cards' kind, classes, labels and units)."""
+        def listed(info: pb.ModelInfo, key: str) -> list[str]:
+            return [v for v in info.metadata.get(key, "").split(",") if v]
+
+        return Provenance.of((m.name, m.version, m.metadata.get("kind", ""), listed(m, "classes"),
+                              listed(m, "labels"), listed(m, "units")) for m in self.list_models() if m.ready)
 
     def analyze(self, spectra: Iterable, models: Sequence[str] = (), mc_samples: int = 0,
                 model_spectrum: bool = False, variant: str = "") -> list[Row]:

@@ -33,7 +33,16 @@ from pathlib import Path
 
 import grpc
 
-from specserve.runtime.catalogue import Row, Sources, catalogue_format, catalogue_table, read_catalogue
+from specserve.runtime.catalogue import (
+    Provenance,
+    Row,
+    Sources,
+    catalogue_format,
+    catalogue_table,
+    describe,
+    read_catalogue,
+    write_table,
+)
 from specserve.runtime.client.client import Client, Credentials, StreamError
 from specserve.runtime.errors import SpecserveError, SpectrumReadError
 from specserve.runtime.io import read_spectra
@@ -54,6 +63,8 @@ class WatchState:
     done: set[str] = field(default_factory=set)
     n_rows: int = 0
     n_rejected: int = 0
+    provenance: Provenance | None = None
+    """The served models, for the catalogue's units, descriptions and metadata (set by the watcher)."""
 
     @classmethod
     def load(cls, catalogue: Path, rejects: Path | None = None) -> WatchState:
@@ -88,10 +99,11 @@ class WatchState:
 
         if not rows:
             return
-        new = catalogue_table(rows)
+        new = catalogue_table(rows, self.provenance)
         table = new if self.table is None else _stack(self.table, new, vstack)
+        describe(table, self.provenance)  # units on the older columns too; counts and date of the whole
         tmp = self.catalogue.with_name(f".{self.catalogue.name}.tmp")
-        table.write(tmp, format=catalogue_format(self.catalogue), overwrite=True)
+        write_table(table, tmp, catalogue_format(self.catalogue))
         os.replace(tmp, self.catalogue)
         self.table = table
         self.done.update(f for f, _ in rows)
@@ -108,7 +120,7 @@ def _stack(old, new, vstack):
                 a[name] = np.full(len(a), np.nan) if b[name].dtype.kind == "f" else [""] * len(a)
     order = ["file", "id"] + sorted(c for c in old.colnames if c not in ("file", "id", "models", "notes")) \
         + ["models", "notes"]
-    return vstack([old[order], new[order]], join_type="exact")
+    return vstack([old[order], new[order]], join_type="exact", metadata_conflicts="silent")
 
 
 class Watcher:
@@ -188,6 +200,8 @@ class Watcher:
         while not self.stop.is_set():
             try:
                 with Client(self.server, credentials=self.credentials) as client:
+                    if self.state.provenance is None:
+                        self.state.provenance = client.provenance()
                     rows = list(client.stream(spectra, models=self.models, mc_samples=self.mc_samples))
                 break
             except StreamError as exc:  # the server refused the request itself (unknown model...)
