@@ -359,7 +359,9 @@ def test_drain_under_streaming_load_accounts_for_every_id(tmp_path, toy_onnx):
     """Streams writing without pause and unary callers in a loop when SIGTERM comes: every stream's
     answers are the first ids it sent, in order, and it ends UNAVAILABLE naming how many were
     answered and the last id (never OK with answers missing); every unary call is answered or
-    refused UNAVAILABLE, none CANCELLED; the server exits 0 within its grace."""
+    refused UNAVAILABLE, none CANCELLED; the server exits 0 within its grace. (A grpc.aio client
+    still writing when the stream ends can see its own failed write as INTERNAL instead of the
+    server's status, in about 1 run of 8 here; such a stream is held to the rest.)"""
     import asyncio
     import re
 
@@ -413,6 +415,10 @@ def test_drain_under_streaming_load_accounts_for_every_id(tmp_path, toy_onnx):
                         answered.append(answer.infer_response.id)
                 except grpc.aio.AioRpcError as exc:
                     status, details = exc.code().name, exc.details()
+                    if status == "INTERNAL" and "SendMessageOperation" in exc.debug_error_string():
+                        # grpc.aio: this client's own write raced the end of the call and failed,
+                        # and the call then reports that failure instead of the server's status
+                        status = "client write raced the end"
                 writer.cancel()
                 streams.append((sent, answered, status, details))
 
@@ -434,9 +440,12 @@ def test_drain_under_streaming_load_accounts_for_every_id(tmp_path, toy_onnx):
     for sent, answered, status, details in streams:
         assert answered, "a stream got nothing answered in 1.5 s"
         assert answered == sent[:len(answered)], "answers are not the first ids sent, in order"
+        if status == "client write raced the end":  # the server's status never reached this client
+            continue
         assert status == "UNAVAILABLE", (status, details)
         match = re.search(r"the first (\d+) messages of this stream were answered \(the last id '([^']+)'\)", details)
         assert match, details
         assert int(match.group(1)) == len(answered) and match.group(2) == answered[-1]
+    assert sum(status == "UNAVAILABLE" for _, _, status, _ in streams) >= 1
     assert unary_codes.count("OK") > 0
     assert set(unary_codes) <= {"OK", "UNAVAILABLE"}, sorted(set(unary_codes))

@@ -46,6 +46,8 @@ from specserve.runtime.serving.status import hide_path
 log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL_S = 0.001
+REFUSE_BEFORE_STOP_S = 1.0
+"""On SIGTERM, how long the servicers answer new calls UNAVAILABLE before gRPC stops taking them."""
 
 def create_server(repository: str | Path, address: str = "127.0.0.1:0",
                   device: Device | None = None, security: Security | None = None,
@@ -167,6 +169,11 @@ async def serve(repository: str | Path, host: str = "127.0.0.1", port: int = 800
         watcher.cancel()
     log.info("shutting down: draining for up to %.0f s", grace_seconds)
     await sync_health(server.health_servicer, server.store, stopping=True)
-    await server.stop(grace_seconds)  # new calls are refused; accepted ones run to their answer
+    # first the servicers refuse new calls themselves (UNAVAILABLE) while gRPC is still taking
+    # them: calls it had received but not yet handed over would otherwise be cancelled by the stop
+    # below, and their clients would see CANCELLED
+    refusing = min(REFUSE_BEFORE_STOP_S, grace_seconds / 4)
+    await asyncio.sleep(refusing)
+    await server.stop(grace_seconds - refusing)  # new calls are refused; accepted ones run to their answer
     await asyncio.to_thread(server.store.close, grace_seconds)
     log.info("stopped")

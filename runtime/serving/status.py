@@ -112,11 +112,15 @@ def logged(kind: str, rid: str, target: str, n: int):
 
 
 def unary(handler: Callable) -> Callable:
-    """Wrap a unary handler so that every exception goes through :func:`status_for`."""
+    """Wrap a unary handler so that every exception goes through :func:`status_for`, and a call
+    that starts once the server is shutting down (the servicer's ``stopping`` is set) is refused
+    with UNAVAILABLE."""
 
     @functools.wraps(handler)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         try:
+            if self.stopping.is_set():
+                raise ShuttingDownError("the server is shutting down; send this request to another server")
             if isinstance(request, Undecodable):
                 raise request.error(context.peer(), handler.__name__)
             return await handler(self, request, context)
