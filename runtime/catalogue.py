@@ -33,10 +33,48 @@ class Row:
     error: str = ""
     model_spectra: dict[str, np.ndarray] = field(default_factory=dict)
     """Model name -> its reconstruction on its grid (when asked for and produced)."""
+    identity: dict[str, str | float] = field(default_factory=dict)
+    """The spectrum's identity from its file (:data:`IDENTITY` columns), set by :meth:`Sources.pair`."""
 
     @property
     def ok(self) -> bool:
         return not self.error
+
+
+IDENTITY: dict[str, tuple[str, str]] = {
+    "designation": ("", "the survey's designation of the object, from the file"),
+    "obsid": ("", "the survey's observation id, from the file"),
+    "ra": ("deg", "right ascension, from the file"),
+    "dec": ("deg", "declination, from the file"),
+    "mjd": ("d", "modified Julian date of the observation, from the file"),
+    "lmjd": ("d", "LAMOST local modified Julian date of the observation, from the file"),
+    "snr": ("", "signal-to-noise ratio per pixel, from the file (LAMOST: g band)"),
+}
+"""Columns that say which spectrum a row is, where its file has them: (unit, description)."""
+TEXT_IDENTITY = ("designation", "obsid")
+
+
+def identity_of(meta) -> dict[str, str | float]:
+    """The :data:`IDENTITY` values a reader found (a SpectrumMeta); absent ones are left out."""
+    extra = meta.extra
+    found = {
+        "designation": extra.get("designation"),
+        "obsid": extra.get("obsid"),
+        "ra": meta.ra,
+        "dec": meta.dec,
+        "mjd": extra.get("mjd"),
+        "lmjd": extra.get("lmjd"),
+        "snr": extra.get("snr", extra.get("snr_g")),
+    }
+    out: dict[str, str | float] = {}
+    for key, value in found.items():
+        if value in (None, ""):
+            continue
+        try:
+            out[key] = str(value).strip() if key in TEXT_IDENTITY else float(value)
+        except (TypeError, ValueError):
+            continue  # a header value that is not a number: left out, not guessed
+    return out
 
 
 class Sources:
@@ -46,6 +84,7 @@ class Sources:
 
     def __init__(self) -> None:
         self._files: dict[str, str] = {}
+        self._identity: dict[str, dict[str, str | float]] = {}
         self._seen: dict[str, int] = {}
 
     def add(self, spectrum: Spectrum, path: str | Path) -> SpectrumInput:
@@ -58,14 +97,19 @@ class Sources:
             sid = f"{base}#{n + 1}"
         self._seen[base] = n
         self._files[sid] = str(path)
+        self._identity[sid] = identity_of(spectrum.meta)
         return SpectrumInput.from_spectrum(spectrum, id=sid)
 
     def pair(self, rows: Sequence[Row]) -> list[tuple[str, Row]]:
-        """``(file, row)`` for each result, found by the result's id."""
+        """``(file, row)`` for each result, found by the result's id; each row gets its spectrum's
+        identity from the file."""
         try:
-            return [(self._files[row.id], row) for row in rows]
+            pairs = [(self._files[row.id], row) for row in rows]
         except KeyError as exc:
             raise SpecserveError(f"the server answered for spectrum {exc.args[0]!r}, which was not sent") from None
+        for _, row in pairs:
+            row.identity = self._identity[row.id]
+        return pairs
 
 
 TEXT_DESCRIPTIONS = {
@@ -119,6 +163,10 @@ def describe(table, provenance: Provenance | None) -> None:
     for name in table.colnames:
         if name in TEXT_DESCRIPTIONS:
             table[name].description = TEXT_DESCRIPTIONS[name]
+        elif name in IDENTITY:
+            unit, text = IDENTITY[name]
+            table[name].unit = u.Unit(unit) if unit else None
+            table[name].description = text
         elif provenance is not None and name in provenance.columns:
             unit, text = provenance.columns[name]
             table[name].unit = u.Unit(unit) if unit else None
@@ -138,6 +186,20 @@ def describe(table, provenance: Provenance | None) -> None:
     })
 
 
+def identity_columns(rows: Sequence[tuple[str, Row]]) -> list[str]:
+    """The :data:`IDENTITY` columns some row has, in their order."""
+    present = {k for _, row in rows for k in row.identity}
+    return [name for name in IDENTITY if name in present]
+
+
+def column_order(names: Iterable[str]) -> list[str]:
+    """A catalogue's column order: file, id, identity, values (sorted), models, notes."""
+    names = set(names)
+    fixed = {"file", "id", "models", "notes", *IDENTITY}
+    return ([n for n in ("file", "id") if n in names] + [n for n in IDENTITY if n in names]
+            + sorted(names - fixed) + [n for n in ("models", "notes") if n in names])
+
+
 def catalogue_table(rows: Sequence[tuple[str, Row]], provenance: Provenance | None = None):
     """``(file, row)`` pairs as an astropy Table: file, id, one float column per value (NaN where a
     row has none), models, notes; described by ``provenance`` when given."""
@@ -147,6 +209,11 @@ def catalogue_table(rows: Sequence[tuple[str, Row]], provenance: Provenance | No
     table = Table()
     table["file"] = [f for f, _ in rows]
     table["id"] = [row.id for _, row in rows]
+    for name in identity_columns(rows):
+        if name in TEXT_IDENTITY:
+            table[name] = [str(row.identity.get(name, "")) for _, row in rows]
+        else:
+            table[name] = np.array([row.identity.get(name, np.nan) for _, row in rows], dtype=np.float64)
     for name in value_names:
         table[name] = np.array([row.values.get(name, np.nan) for _, row in rows], dtype=np.float64)
     table["models"] = [";".join(row.models) for _, row in rows]
@@ -155,7 +222,7 @@ def catalogue_table(rows: Sequence[tuple[str, Row]], provenance: Provenance | No
     return table
 
 
-TEXT_COLUMNS = ("file", "id", "models", "notes")
+TEXT_COLUMNS = ("file", "id", "models", "notes", *TEXT_IDENTITY)
 """Catalogue columns that are text whatever they hold (ids may be all digits, notes all empty)."""
 FORMATS = {".fits": "fits", ".fit": "fits", ".ecsv": "ascii.ecsv", ".csv": "ascii.csv"}
 

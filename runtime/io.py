@@ -234,6 +234,7 @@ def _lamost_meta(header: fits.Header, path: Path, fmt: str, resolution: float, *
         "plan_id": _header_value(header, "PLANID"),
         "fiber_id": _header_value(header, "FIBERID"),
         "lmjd": _header_value(header, "LMJD"),
+        "mjd": _header_value(header, "MJD"),
         "z": _float_or_none(_header_value(header, "Z")),
         "snr_g": _float_or_none(_header_value(header, "SNRG", _header_value(header, "SN_G"))),
         "data_release": _header_value(header, "DATA_V"),

@@ -177,6 +177,16 @@ def test_catalogues_carry_units_descriptions_and_provenance(lamost, tmp_path):
         meta = table.meta
         assert meta["MODELS"] == "physformer:1, rbm:1", meta
         assert meta["NSPECTRA"] == 4 and meta["NFILES"] == 4 and meta["SPECSERV"] and meta["DATE"].startswith("20")
+        # which spectrum each row is, from its file: LAMOST DR1 headers give the designation,
+        # position, local MJD and g-band S/N
+        for row in table:
+            primary = fits.getheader(row["file"], 0)
+            assert row["designation"] == primary["DESIG"]
+            np.testing.assert_allclose([row["ra"], row["dec"], row["mjd"], row["lmjd"]],
+                                       [primary["RA"], primary["DEC"], primary["MJD"], primary["LMJD"]], rtol=1e-12)
+            assert row["snr"] == pytest.approx(primary["SN_G"])
+        assert str(table["ra"].unit) == "deg" and str(table["lmjd"].unit) == "d"
+        assert table.colnames[:8] == ["file", "id", "designation", "ra", "dec", "mjd", "lmjd", "snr"]
         if suffix == ".fits":
             header = fits.getheader(out, 1)
             column = table.colnames.index("teff") + 1

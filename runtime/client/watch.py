@@ -39,6 +39,7 @@ from specserve.runtime.catalogue import (
     Sources,
     catalogue_format,
     catalogue_table,
+    column_order,
     describe,
     read_catalogue,
     write_table,
@@ -118,8 +119,7 @@ def _stack(old, new, vstack):
         for name in b.colnames:
             if name not in a.colnames:
                 a[name] = np.full(len(a), np.nan) if b[name].dtype.kind == "f" else [""] * len(a)
-    order = ["file", "id"] + sorted(c for c in old.colnames if c not in ("file", "id", "models", "notes")) \
-        + ["models", "notes"]
+    order = column_order(old.colnames)
     return vstack([old[order], new[order]], join_type="exact", metadata_conflicts="silent")
 
 
