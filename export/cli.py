@@ -152,7 +152,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="allow a non-loopback --host without TLS and tokens (anyone who reaches it may use it)")
 
     ana = sub.add_parser("analyze", help="analyse spectrum files on a running server")
-    ana.add_argument("files", nargs="+", type=Path)
+    ana.add_argument("files", nargs="*", help="spectrum files, folders (read recursively) or quoted globs")
+    ana.add_argument("--files-from", help="a file of paths, folders or globs, one per line ('-': standard input)")
+    ana.add_argument("--wait", type=float, default=10.0,
+                     help="seconds to wait for the server to answer with a model ready (default 10)")
+    ana.add_argument("--quiet", action="store_true", help="no progress line (there is none when stderr is not a terminal)")
     ana.add_argument("--server", default="localhost:8001", help="HOST:PORT (default localhost:8001)")
     ana.add_argument("--out", type=Path, help="catalogue to write: .csv, .ecsv, or .fits/.fit for a FITS table")
     ana.add_argument("--models", default="", help="comma-separated model names (default: every applicable model)")
@@ -280,22 +284,30 @@ def _analyze_remote(args: argparse.Namespace, models: list[str], skipped) -> tup
     from specserve.runtime.io import read_spectra
 
     sources = Sources()
+    progress = _Progress(args)
 
     def spectra():
-        for path in args.files:
+        for path in _inputs(args):
             try:
                 items = read_spectra(path)
             except SpectrumReadError as exc:
                 skipped(str(path), exc.reason)
                 continue
+            progress.files += 1
             for spectrum in items:
                 yield sources.add(spectrum, path)
 
     with Client(args.server, credentials=_credentials(args)) as client:
         try:
-            rows = sources.pair(list(client.stream(spectra(), models=models, batch_size=args.batch,
-                                                   mc_samples=args.mc_samples, variant=args.variant)))
-            return rows, client.provenance()
+            client.wait_until_ready(args.wait)
+            answered = []
+            for row in client.stream(spectra(), models=models, batch_size=args.batch, mc_samples=args.mc_samples,
+                                     variant=args.variant):
+                answered.append(row)
+                progress.spectra += 1
+                progress.show()
+            progress.done()
+            return sources.pair(answered), client.provenance()
         except StreamError as exc:
             print(f"specserve: error: {exc}", file=sys.stderr)
             return 1
@@ -310,9 +322,42 @@ def _analyze_local(args: argparse.Namespace, models: list[str], skipped) -> tupl
 
     runtime = LocalRuntime(_repository(args), threads=args.threads, memory_arena=args.arena,
                            variant=args.variant or None)
-    rows = runtime.analyze_files(args.files, models, mc_samples=args.mc_samples, batch=args.batch,
+    rows = runtime.analyze_files(_inputs(args), models, mc_samples=args.mc_samples, batch=args.batch,
                                  on_unreadable=skipped)
     return rows, Provenance.from_models(runtime.models)
+
+
+def _inputs(args: argparse.Namespace):
+    """The files of ``analyze``: its arguments and ``--files-from``, folders and globs expanded, one at a time."""
+    from specserve.runtime.io import iter_inputs
+
+    return iter_inputs(args.files, args.files_from)
+
+
+class _Progress:
+    """One progress line on stderr, rewritten at most twice a second: files read, spectra
+    answered, spectra per second. Silent with --quiet or when stderr is not a terminal."""
+
+    def __init__(self, args: argparse.Namespace):
+        import time
+
+        self.on = not args.quiet and sys.stderr.isatty()
+        self.files = self.spectra = 0
+        self._t0 = self._shown = time.monotonic()
+
+    def show(self, final: bool = False) -> None:
+        import time
+
+        now = time.monotonic()
+        if not self.on or (not final and now - self._shown < 0.5):
+            return
+        self._shown = now
+        rate = self.spectra / max(now - self._t0, 1e-9)
+        print(f"\rspecserve: {self.files} files read, {self.spectra} spectra answered, {rate:,.0f} spectra/s",
+              end="\n" if final else "", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        self.show(final=True)
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -326,6 +371,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         print(f"specserve: skipped {path}: {reason}", file=sys.stderr)
 
     models = [m for m in args.models.split(",") if m]
+    if not args.files and args.files_from is None:
+        print("specserve: error: analyze needs spectrum files, folders or --files-from", file=sys.stderr)
+        return 2
     outcome = (_analyze_local if args.local else _analyze_remote)(args, models, skipped)
     if isinstance(outcome, int):
         return outcome

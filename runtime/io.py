@@ -44,8 +44,12 @@ estimated from the flux with DER_SNR; their metadata says ``ivar_estimated=True`
 from __future__ import annotations
 
 import csv
+import glob
 import logging
+import os
+import sys
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Callable
 
@@ -68,6 +72,47 @@ MAX_ESTIMATED_SNR = 1000.0
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz")
 
 Reader = Callable[[fits.HDUList, Path], list[Spectrum]]
+
+
+def iter_inputs(items: Iterable[str | Path] = (), files_from: str | Path | None = None) -> Iterator[Path]:
+    """The files named by ``items`` and by the lines of ``files_from`` (a file of paths, ``-`` for
+    standard input; blank lines and ``#`` comments skipped), one at a time, never all held: a
+    folder gives its files recursively in name order (hidden ones left out), a pattern not naming
+    an existing file is expanded as a glob (``**`` recursive), anything else is passed as it is
+    (reading it then says what is wrong)."""
+
+    def lines() -> Iterator[str]:
+        if files_from is None:
+            return
+        handle = sys.stdin if str(files_from) == "-" else open(files_from)
+        try:
+            for line in handle:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    yield line
+        finally:
+            if handle is not sys.stdin:
+                handle.close()
+
+    def expand(item: str | Path) -> Iterator[Path]:
+        path = Path(item)
+        if path.is_dir():
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(names):
+                    if not name.startswith("."):
+                        yield Path(root) / name
+        elif not path.exists() and glob.has_magic(str(item)):
+            for name in sorted(glob.iglob(str(item), recursive=True)):
+                if Path(name).is_file():
+                    yield Path(name)
+        else:
+            yield path
+
+    for item in items:
+        yield from expand(item)
+    for item in lines():
+        yield from expand(item)
 
 
 def read_spectra(path: str | Path) -> list[Spectrum]:

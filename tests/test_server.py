@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -253,10 +254,51 @@ def test_cli_analyze_writes_catalogues(server, kit, tmp_path):
 
 
 def test_cli_analyze_reports_unreachable_server(kit):
-    result = subprocess.run([SPECSERVE, "analyze", "--server", "127.0.0.1:1",
+    t0 = time.monotonic()
+    result = subprocess.run([SPECSERVE, "analyze", "--server", "127.0.0.1:1", "--wait", "1",
                              str(kit / "lamost_dr1/fits/spec-55862-B6212_sp06-003.fits")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "UNAVAILABLE" in result.stderr
+    assert "no server answers at 127.0.0.1:1 after 1 s" in result.stderr and time.monotonic() - t0 < 30
+
+
+def test_cli_analyze_takes_folders_globs_and_files_from_and_waits_for_a_late_server(repo, kit, tmp_path):
+    """Inputs as an archive user gives them: a folder (recursive), a quoted glob, and a list on
+    standard input; the command started before the server waits for it instead of failing."""
+    import socket
+
+    fits_dir = kit / "lamost_dr1" / "fits"
+    files = sorted(fits_dir.glob("*.fits"))
+    folder = tmp_path / "night" / "deep"
+    folder.mkdir(parents=True)
+    for f in files[:2]:
+        (folder / f.name).symlink_to(f)
+    with socket.socket() as probe:  # a free port for the server that comes later
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "cat.ecsv"
+    analyze = subprocess.Popen([SPECSERVE, "analyze", "--server", f"127.0.0.1:{port}", "--wait", "60", "--models", "rbm",
+                                str(tmp_path / "night"), str(fits_dir / (files[2].name[:-6] + "[" + files[2].name[-6] + "].fits")),
+                                "--files-from", "-", "--out", str(out)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    analyze.stdin.write(f"# tonight\n{files[3]}\n\n")
+    analyze.stdin.close()
+    analyze.stdin = None  # written and closed: communicate() below only reads
+    time.sleep(2)
+    assert analyze.poll() is None, "analyze gave up before the server came"
+    server = subprocess.Popen([SPECSERVE, "serve", "--repository", str(repo[0]), "--port", str(port),
+                               "--metrics-port", "-1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        stdout, stderr = analyze.communicate(timeout=120)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    from specserve.runtime.catalogue import read_catalogue
+
+    table = read_catalogue(out)
+    expected = [str(folder / f.name) for f in files[:2]] + [str(fits_dir / files[2].name), str(files[3])]
+    assert sorted(table["file"]) == sorted(expected), (stdout, stderr)
+    assert "4 spectra analysed" in stdout
 
 
 def test_second_server_on_a_busy_port_fails_clearly(server, repo):
@@ -357,3 +399,8 @@ def test_variant_selection_names_what_is_missing(server, repo):
         LocalRuntime(repo[0], variant="int4").analyze([spectrum])
     (outcome,) = LocalRuntime(repo[0]).analyze([spectrum])
     assert [r.model for r in outcome.results] == ["rbm"]
+
+
+def test_cli_analyze_without_inputs_says_what_it_needs():
+    result = subprocess.run([SPECSERVE, "analyze", "--server", "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "needs spectrum files, folders or --files-from" in result.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -135,6 +136,35 @@ class Client:
 
     def list_models(self) -> list[pb.ModelInfo]:
         return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata).models)
+
+    def wait_until_ready(self, timeout: float = 10.0, poll: float = 0.5) -> list[str]:
+        """Wait up to ``timeout`` seconds for the server to answer with at least one model ready;
+        the ready models' names. :class:`SpecserveError` says which of the two it was not: no
+        server answering at the address (UNAVAILABLE), or a server with no model ready (still
+        loading, or every model failed: their reasons are given). Other refusals (a token, TLS)
+        raise as gRPC errors."""
+        deadline = time.monotonic() + timeout
+        infos: list[pb.ModelInfo] = []
+        while True:
+            left = deadline - time.monotonic()
+            try:  # wait_for_ready: the call waits for a connection instead of failing at once
+                infos = list(self.stub.ListModels(pb.ListModelsRequest(), timeout=max(left, 0.05),
+                                                  metadata=self.metadata, wait_for_ready=True).models)
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                if time.monotonic() < deadline:
+                    continue
+                raise SpecserveError(f"no server answers at {self.address} after {timeout:g} s (UNAVAILABLE: is "
+                                     "`specserve serve` running there, on that port?)") from None
+            ready = [m.name for m in infos if m.ready]
+            if ready:
+                return ready
+            if time.monotonic() >= deadline:
+                reasons = "; ".join(f"{m.name}: {m.reason}" for m in infos if m.reason) or "none listed"
+                raise SpecserveError(f"the server at {self.address} has no model ready after {timeout:g} s "
+                                     f"(UNAVAILABLE: still loading, or every model failed: {reasons})")
+            time.sleep(min(poll, max(deadline - time.monotonic(), 0)))
 
     def provenance(self) -> Provenance:
         """The served models' ``name:version`` and their value columns' units and descriptions,
