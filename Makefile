@@ -6,11 +6,11 @@ BIN    := $(VENV)/bin
 ORT    ?= cpu
 OTHER_ORT := $(if $(filter gpu,$(ORT)),onnxruntime,onnxruntime-gpu)
 # Two installs, each marked by a stamp: serving (the ONNX Runtime build and the [serve] extra: no
-# torch) and everything (plus [train] and [dev]: training, tests, benchmarks). The full install
+# torch) and everything (plus [train], [archive] and [dev]: training, reprocessing, tests, benchmarks). The full install
 # also satisfies serving.
 SERVE_STAMP := $(VENV)/.specserve-serve-$(ORT)
 FULL_STAMP  := $(VENV)/.specserve-full-$(ORT)
-FULL_EXTRAS := serve,train,dev
+FULL_EXTRAS := serve,train,archive,dev
 # where `make ship-models` builds the models it ships (emptied first)
 SHIP_CACHE ?= build/ship-cache
 export ORT_DISABLE_TELEMETRY := 1

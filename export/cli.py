@@ -275,7 +275,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _analyze_remote(args: argparse.Namespace, models: list[str], skipped) -> tuple[list, object] | int:
+def _analyze_remote(args: argparse.Namespace, models: list[str], skipped, output: _AnalyzeOutput) -> int:
+    import time
+
     import grpc
 
     from specserve.runtime.catalogue import Sources
@@ -298,33 +300,90 @@ def _analyze_remote(args: argparse.Namespace, models: list[str], skipped) -> tup
                 yield sources.add(spectrum, path)
 
     with Client(args.server, credentials=_credentials(args)) as client:
+        answered: list = []
         try:
             client.wait_until_ready(args.wait)
-            answered = []
+            output.start(client.provenance())
+            written = time.monotonic()
             for row in client.stream(spectra(), models=models, batch_size=args.batch, mc_samples=args.mc_samples,
                                      variant=args.variant):
                 answered.append(row)
                 progress.spectra += 1
                 progress.show()
+                if len(answered) >= args.batch or time.monotonic() - written > 1.0:  # rows written as they arrive
+                    output.add(sources.pair(answered))
+                    answered, written = [], time.monotonic()
             progress.done()
-            return sources.pair(answered), client.provenance()
+            return 0
         except StreamError as exc:
             print(f"specserve: error: {exc}", file=sys.stderr)
             return 1
         except grpc.RpcError as exc:
             print(f"specserve: error: server {args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
+        finally:
+            output.add(sources.pair(answered))  # what was answered before an error is kept
 
 
-def _analyze_local(args: argparse.Namespace, models: list[str], skipped) -> tuple[list, object]:
+def _analyze_local(args: argparse.Namespace, models: list[str], skipped, output: _AnalyzeOutput) -> int:
     from specserve.runtime.catalogue import Provenance
     from specserve.runtime.embedded.local import LocalRuntime
 
     runtime = LocalRuntime(_repository(args), threads=args.threads, memory_arena=args.arena,
                            variant=args.variant or None)
-    rows = runtime.analyze_files(_inputs(args), models, mc_samples=args.mc_samples, batch=args.batch,
-                                 on_unreadable=skipped)
-    return rows, Provenance.from_models(runtime.models)
+    output.start(Provenance.from_models(runtime.models))
+    progress = _Progress(args)
+    for pairs in runtime.iter_files(_inputs(args), models, mc_samples=args.mc_samples, batch=args.batch,
+                                    on_unreadable=skipped):
+        output.add(pairs)
+        progress.files = len(output.files)
+        progress.spectra += len(pairs)
+        progress.show()
+    progress.done()
+    return 0
+
+
+class _AnalyzeOutput:
+    """Where analyze's rows go as they arrive: a table on the terminal (each model's headline
+    values; the catalogue has every column) and the catalogue (``--out``), appended batch by batch,
+    so a crash loses nothing already answered."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.out = args.out
+        self.writer = None
+        self.columns: list[str] | None = None
+        self.files: set[str] = set()
+        self.n_rows = self.n_errors = 0
+
+    def start(self, provenance) -> None:
+        from specserve.runtime.catalogue import CatalogueWriter
+
+        if self.out:
+            self.writer = CatalogueWriter(self.out, provenance)
+
+    def add(self, pairs) -> None:
+        if not pairs:
+            return
+        if self.columns is None:
+            present = {k for _, r in pairs for k in r.values}
+            self.columns = [c for c in TERMINAL_COLUMNS if c in present][:6]
+            print("  ".join(["file".ljust(40), "id".ljust(28)] + [c.rjust(14) for c in self.columns]))
+        for path, row in pairs:
+            cells = [f"{row.values[c]:14.5g}" if c in row.values else " " * 14 for c in self.columns]
+            note = row.error or "; ".join(row.notes)
+            print("  ".join([Path(path).name[:40].ljust(40), row.id[:28].ljust(28)] + cells)
+                  + (f"  {note}" if note else ""))
+        if self.writer is not None:
+            self.writer.add(pairs)
+        self.files.update(path for path, _ in pairs)
+        self.n_rows += len(pairs)
+        self.n_errors += sum(1 for _, r in pairs if not r.ok)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            if self.n_rows:
+                print(f"catalogue written to {self.out}")
 
 
 def _inputs(args: argparse.Namespace):
@@ -361,8 +420,6 @@ class _Progress:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from specserve.runtime.catalogue import write_catalogue
-
     failed = 0
 
     def skipped(path: str, reason: str) -> None:
@@ -374,24 +431,15 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if not args.files and args.files_from is None:
         print("specserve: error: analyze needs spectrum files, folders or --files-from", file=sys.stderr)
         return 2
-    outcome = (_analyze_local if args.local else _analyze_remote)(args, models, skipped)
-    if isinstance(outcome, int):
-        return outcome
-    rows, provenance = outcome
-    # the headline value of each model on the terminal (the catalogue has every column)
-    present = {k for _, r in rows for k in r.values}
-    columns = [c for c in TERMINAL_COLUMNS if c in present][:6]
-    print("  ".join(["file".ljust(40), "id".ljust(28)] + [c.rjust(14) for c in columns]))
-    for path, row in rows:
-        cells = [f"{row.values[c]:14.5g}" if c in row.values else " " * 14 for c in columns]
-        note = row.error or "; ".join(row.notes)
-        print("  ".join([Path(path).name[:40].ljust(40), row.id[:28].ljust(28)] + cells) + (f"  {note}" if note else ""))
-    errors = sum(1 for _, r in rows if not r.ok)
-    print(f"{len(rows)} spectra analysed, {errors} rejected, {failed} files unreadable")
-    if args.out:
-        write_catalogue(args.out, rows, provenance)
-        print(f"catalogue written to {args.out}")
-    return 1 if failed or errors else 0
+    output = _AnalyzeOutput(args)
+    try:
+        code = (_analyze_local if args.local else _analyze_remote)(args, models, skipped, output)
+    finally:
+        output.close()
+    if code:
+        return code
+    print(f"{output.n_rows} spectra analysed, {output.n_errors} rejected, {failed} files unreadable")
+    return 1 if failed or output.n_errors else 0
 
 
 TERMINAL_COLUMNS = ("p_cv", "teff", "logg", "feh", "age", "mass", "reduced_chi2", "teff_err", "age_err", "mass_err")

@@ -1,15 +1,21 @@
 """Catalogue rows: one spectrum's results flattened (:class:`Row`), the file each spectrum came
 from (:class:`Sources`), and catalogue tables written as CSV, ECSV or FITS. Shared by the gRPC client
 (``specserve analyze``, ``specserve watch``) and the embedded runtime (``specserve analyze --local``),
-so both write the same catalogue.
+so both write the same catalogue, and by ``specserve reprocess`` (its part files are Parquet).
 
 A catalogue made with a :class:`Provenance` carries each value column's unit and description from
-the model cards (FITS: ``TUNITn``/``TCOMMn``; ECSV: its header) and, in its metadata, the
+the model cards (FITS: ``TUNITn``/``TCOMMn``; ECSV: its header; Parquet: each field's metadata) and, in its
+metadata, the
 specserve version, each model's ``name:version``, the date, and the numbers of files and spectra.
-CSV keeps only the values."""
+CSV keeps only the values.
+
+:class:`CatalogueWriter` writes rows as they arrive: a CSV or ECSV catalogue is appended to, a
+FITS or Parquet one (formats that cannot grow in place) gets its rows in an appended journal beside
+it, and is written once from it when the writer closes."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -224,13 +230,66 @@ def catalogue_table(rows: Sequence[tuple[str, Row]], provenance: Provenance | No
 
 TEXT_COLUMNS = ("file", "id", "models", "notes", *TEXT_IDENTITY)
 """Catalogue columns that are text whatever they hold (ids may be all digits, notes all empty)."""
-FORMATS = {".fits": "fits", ".fit": "fits", ".ecsv": "ascii.ecsv", ".csv": "ascii.csv"}
+FORMATS = {".fits": "fits", ".fit": "fits", ".ecsv": "ascii.ecsv", ".csv": "ascii.csv", ".parquet": "parquet",
+           ".pq": "parquet"}
 
 
 def catalogue_format(path: str | Path) -> str:
-    """astropy's format for a catalogue path: FITS for .fits/.fit, ECSV (units and dtypes kept in
-    its header) for .ecsv, CSV otherwise."""
+    """astropy's format name for a catalogue path: FITS for .fits/.fit, ECSV (units and dtypes kept
+    in its header) for .ecsv, Parquet for .parquet/.pq, CSV otherwise."""
     return FORMATS.get(Path(path).suffix.lower(), "ascii.csv")
+
+
+PARQUET_META = b"specserve"
+"""The Parquet schema metadata key holding the table's metadata (JSON)."""
+
+
+def _write_parquet(table, path: Path) -> None:
+    """A catalogue as one Parquet file with pyarrow: each field's unit and description in its
+    field metadata, the table's metadata as JSON under :data:`PARQUET_META` (any Parquet reader
+    reads the values; :func:`read_catalogue` restores the rest)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fields, arrays = [], []
+    for name in table.colnames:
+        column = table[name]
+        values = np.asarray(column)
+        array = pa.array(values.tolist(), type=pa.string()) if values.dtype.kind in "US" else pa.array(values)
+        meta = {}
+        if column.unit is not None:
+            meta[b"unit"] = column.unit.to_string().encode()
+        if column.description:
+            meta[b"description"] = str(column.description).encode()
+        fields.append(pa.field(name, array.type, metadata=meta or None))
+        arrays.append(array)
+    schema = pa.schema(fields, metadata={PARQUET_META: json.dumps(dict(table.meta), default=str).encode()})
+    pq.write_table(pa.Table.from_arrays(arrays, schema=schema), path)
+
+
+def _read_parquet(path: Path):
+    import json
+
+    import astropy.units as u
+    import pyarrow.parquet as pq
+    from astropy.table import Table
+
+    # one thread: astropy's own Parquet reader (through pandas) made the interpreter abort at exit
+    # with pyarrow 26 ("terminate called without an active exception")
+    data = pq.read_table(path, use_threads=False)
+    table = Table()
+    for column in data.schema:
+        values = data.column(column.name).to_numpy(zero_copy_only=False)
+        table[column.name] = np.asarray(values, dtype=str) if values.dtype == object else values
+        meta = column.metadata or {}
+        if b"unit" in meta:
+            table[column.name].unit = u.Unit(meta[b"unit"].decode(), parse_strict="silent")
+        if b"description" in meta:
+            table[column.name].description = meta[b"description"].decode()
+    table.meta.update(json.loads((data.schema.metadata or {}).get(PARQUET_META, b"{}")))
+    return table
 
 
 def read_catalogue(path: str | Path):
@@ -240,7 +299,9 @@ def read_catalogue(path: str | Path):
     from astropy.table import MaskedColumn, Table
 
     fmt = catalogue_format(path)
-    if fmt == "ascii.csv":
+    if fmt == "parquet":
+        table = _read_parquet(Path(path))
+    elif fmt == "ascii.csv":
         table = Table.read(Path(path), format=fmt, converters={name: str for name in TEXT_COLUMNS})
     elif fmt == "fits":
         import warnings
@@ -269,6 +330,9 @@ def write_table(table, path: str | Path, fmt: str) -> None:
     """Write a catalogue table in astropy's format ``fmt``. A FITS table gets ``TUNITn`` for every
     unit (astropy leaves out those outside the FITS standard, such as dex, which catalogues use
     all the same) and a ``TCOMMn`` comment per described column."""
+    if fmt == "parquet":
+        _write_parquet(table, Path(path))
+        return
     if fmt != "fits":
         table.write(Path(path), format=fmt, overwrite=True)
         return
@@ -289,5 +353,169 @@ def write_table(table, path: str | Path, fmt: str) -> None:
 
 
 def write_catalogue(path: str | Path, rows: Sequence[tuple[str, Row]], provenance: Provenance | None = None) -> None:
-    """Write ``(file, row)`` pairs as CSV, ECSV (.ecsv) or a FITS table (.fits/.fit)."""
+    """Write ``(file, row)`` pairs as CSV, ECSV (.ecsv), Parquet (.parquet) or a FITS table (.fits/.fit)."""
     write_table(catalogue_table(rows, provenance), path, catalogue_format(path))
+
+
+def stack_tables(old, new):
+    """``old`` then ``new`` rows with the union of their columns (a value column one side lacks is
+    NaN there, a text column empty), in catalogue column order."""
+    from astropy.table import vstack
+
+    for a, b in ((old, new), (new, old)):
+        for name in b.colnames:
+            if name not in a.colnames:
+                a[name] = np.full(len(a), np.nan) if b[name].dtype.kind == "f" else [""] * len(a)
+    order = column_order(old.colnames)
+    return vstack([old[order], new[order]], join_type="exact", metadata_conflicts="silent")
+
+
+def _body(table, fmt: str) -> str:
+    """``table``'s data lines in ``fmt`` (CSV or ECSV) without the header: what an append adds.
+    astropy does the quoting."""
+    import io
+
+    buffer = io.StringIO()
+    table.write(buffer, format=fmt)
+    lines = buffer.getvalue().splitlines(keepends=True)
+    start = 0
+    while start < len(lines) and lines[start].startswith("#"):
+        start += 1
+    return "".join(lines[start + 1:])  # after the line of column names
+
+
+def _cut_partial_line(path: Path) -> None:
+    """Drop a last line cut short (a machine that stopped mid-write), so the file reads again."""
+    with open(path, "rb+") as f:
+        size = f.seek(0, 2)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        start = max(0, size - (1 << 20))
+        f.seek(start)
+        cut = f.read().rfind(b"\n")
+        f.truncate(start + cut + 1 if cut >= 0 else 0)
+
+
+class CatalogueWriter:
+    """Catalogue rows written as they arrive, so that a crash loses nothing already answered, and
+    never the whole file again per batch (which costs O(N^2) over an archive).
+
+    - CSV and ECSV: each batch is appended to the catalogue itself, in one write, flushed and synced.
+    - FITS and Parquet cannot grow in place: each batch is appended to a journal beside the
+      catalogue (``.NAME.rows.ecsv``), and :meth:`close` writes the catalogue once (a temporary file
+      renamed over it) from its earlier rows and the journal, then removes the journal.
+    - An ECSV catalogue is rewritten once at :meth:`close` for its final metadata (counts, date).
+
+    The columns are those of the first batch; a batch with a column not seen yet (a model that had
+    not applied so far) rewrites the appended file once with the wider set.
+
+    With ``resume`` the catalogue and journal already there are read: :attr:`files` holds the
+    files done, and new rows follow them. Otherwise they are replaced."""
+
+    def __init__(self, path: str | Path, provenance: Provenance | None = None, *, resume: bool = False):
+        self.path = Path(path)
+        self.fmt = catalogue_format(self.path)
+        self.provenance = provenance
+        self.in_place = self.fmt in ("ascii.csv", "ascii.ecsv")
+        self.journal = self.path if self.in_place else self.path.with_name(f".{self.path.name}.rows.ecsv")
+        self._journal_fmt = self.fmt if self.in_place else "ascii.ecsv"
+        self.columns: list[str] | None = None
+        self.files: set[str] = set()
+        self.n_rows = 0
+        self._base = None
+        """FITS, Parquet: the catalogue's rows from before this writer (resume)."""
+        if resume:
+            self._resume()
+        elif not self.in_place:
+            self.journal.unlink(missing_ok=True)
+
+    def _read(self, path: Path):
+        try:
+            table = read_catalogue(path)
+        except Exception as exc:  # noqa: BLE001 - astropy raises many types for a bad file
+            raise SpecserveError(f"cannot read the catalogue {path} to resume: {exc}") from exc
+        if "file" not in table.colnames:
+            raise SpecserveError(f"{path} has no 'file' column: not a specserve catalogue")
+        return table
+
+    def _resume(self) -> None:
+        if not self.in_place and self.path.exists():
+            self._base = self._read(self.path)
+            self.files.update(str(f) for f in self._base["file"])
+            self.n_rows = len(self._base)
+        if self.journal.exists() and self.journal.stat().st_size:
+            _cut_partial_line(self.journal)
+            rows = self._read(self.journal)
+            if self._base is not None:  # a close cut short after the rename: its journal rows are in the base
+                keep = np.array([str(f) not in self.files for f in rows["file"]], dtype=bool)
+                if not keep.all():
+                    rows = rows[keep]
+                    write_table(rows, self.journal, self._journal_fmt)
+            self.columns = list(rows.colnames)
+            self.files.update(str(f) for f in rows["file"])
+            self.n_rows += len(rows)
+
+    def add(self, rows: Sequence[tuple[str, Row]]) -> None:
+        """Append ``(file, row)`` pairs."""
+        if not rows:
+            return
+        table = catalogue_table(rows, None)
+        if self.columns is None:
+            self.columns = column_order(table.colnames)
+            write_table(table[self.columns], self.journal, self._journal_fmt)
+        else:
+            new = [name for name in table.colnames if name not in self.columns]
+            if new:
+                self._widen({name: table[name].dtype.kind for name in new})
+            for name in self.columns:
+                if name not in table.colnames:
+                    table[name] = np.full(len(table), np.nan) if name not in TEXT_COLUMNS and name not in (
+                        TEXT_IDENTITY) else [""] * len(table)
+            with open(self.journal, "a") as f:
+                f.write(_body(table[self.columns], self._journal_fmt))
+                f.flush()
+                os.fsync(f.fileno())
+        self.files.update(f for f, _ in rows)
+        self.n_rows += len(rows)
+
+    def _widen(self, kinds: dict[str, str]) -> None:
+        """Rewrite the appended file once with new columns (NaN, or empty text, in earlier rows)."""
+        table = read_catalogue(self.journal)
+        for name, kind in kinds.items():
+            table[name] = np.full(len(table), np.nan) if kind == "f" else [""] * len(table)
+        self.columns = column_order(table.colnames)
+        tmp = self.journal.with_name(f".{self.journal.name}.tmp")
+        write_table(table[self.columns], tmp, self._journal_fmt)
+        os.replace(tmp, self.journal)
+
+    def table(self):
+        """Every row so far, described (units, descriptions, metadata)."""
+        parts = [t for t in (self._base, self._read(self.journal) if self.columns is not None else None)
+                 if t is not None]
+        if not parts:
+            table = catalogue_table([], None)
+        else:
+            table = parts[0] if len(parts) == 1 else stack_tables(*parts)
+        describe(table, self.provenance)
+        return table
+
+    def close(self) -> None:
+        """Write the catalogue's final form (see the class); a CSV is complete already. Without
+        any row (none added, none resumed from a journal) nothing is written."""
+        if self.fmt == "ascii.csv" or self.columns is None:
+            return
+        table = self.table()
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        write_table(table, tmp, self.fmt)
+        os.replace(tmp, self.path)
+        if not self.in_place:
+            self.journal.unlink(missing_ok=True)
+
+    def __enter__(self) -> CatalogueWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

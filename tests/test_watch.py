@@ -145,6 +145,7 @@ def test_resume_keeps_numeric_ids_and_empty_notes_as_text(tmp_path, suffix):
     resumed = WatchState.load(out)
     assert resumed.done == {"a.fits", "b.fits"} and resumed.n_rows == 2
     resumed.append([("c.fits", Row("LAMOST J063715.90+271356.5", {"p_cv": 0.5}, ["rbm"], ["a note"]))])
+    resumed.close()  # the first state was never closed, as after a crash: its rows came back from the journal
     table = read_catalogue(out)
     assert list(table["id"]) == ["359910161", "359910162", "LAMOST J063715.90+271356.5"]
     assert table["id"].dtype.kind == "U" and list(table["notes"]) == ["", "", "a note"]

@@ -1,14 +1,16 @@
 """``specserve watch DIR --out CATALOGUE``: stream every spectrum file that appears in a folder to
 a server and append the results to a catalogue as they arrive.
 
-The catalogue (FITS table for ``.fits``, ECSV for ``.ecsv``, CSV otherwise; read back with its ids
-and notes as text, whatever they hold) and a rejects file
+The catalogue (FITS table for ``.fits``, Parquet for ``.parquet``, ECSV for ``.ecsv``, CSV
+otherwise; read back with its ids and notes as text, whatever they hold) and a rejects file
 (``CATALOGUE.rejects.tsv``: path, reason) are the whole state. A file is done when its rows are
-in the catalogue or its line is in the rejects file. On start both are read and those files are
-skipped, so a restart resumes without duplicating or losing rows:
+in the catalogue (or its journal) or its line is in the rejects file. On start both are read and
+those files are skipped, so a restart resumes without duplicating or losing rows:
 
-- the catalogue is rewritten whole into a temporary file and renamed over the old one (atomic), so
-  a stop at any moment leaves either the old or the new catalogue;
+- each batch's rows are appended as they arrive, never the whole catalogue rewritten: a CSV or
+  ECSV catalogue grows in place, a FITS or Parquet one through a journal beside it
+  (``.CATALOGUE.rows.ecsv``) that is written into the catalogue when watch stops
+  (:class:`~specserve.runtime.catalogue.CatalogueWriter`);
 - a file whose results were not yet written is sent again after the restart.
 
 A file is taken once its size and modification time have not changed between two scans, so files
@@ -28,22 +30,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
-from specserve.runtime.catalogue import (
-    Provenance,
-    Row,
-    Sources,
-    catalogue_format,
-    catalogue_table,
-    column_order,
-    describe,
-    read_catalogue,
-    write_table,
-)
+from specserve.runtime.catalogue import CatalogueWriter, Provenance, Row, Sources
 from specserve.runtime.client.client import Client, Credentials, StreamError
 from specserve.runtime.errors import SpecserveError, SpectrumReadError
 from specserve.runtime.io import read_spectra
@@ -54,37 +45,38 @@ log = logging.getLogger(__name__)
 REJECTS_SUFFIX = ".rejects.tsv"
 
 
-@dataclass
 class WatchState:
-    """What is done: the catalogue's rows so far (an astropy Table) and the rejected files."""
+    """What is done: the catalogue (a :class:`~specserve.runtime.catalogue.CatalogueWriter`,
+    resumed) and the rejected files."""
 
-    catalogue: Path
-    rejects: Path
-    table: object = None
-    done: set[str] = field(default_factory=set)
-    n_rows: int = 0
-    n_rejected: int = 0
-    provenance: Provenance | None = None
-    """The served models, for the catalogue's units, descriptions and metadata (set by the watcher)."""
+    def __init__(self, catalogue: Path, rejects: Path | None = None):
+        self.catalogue = Path(catalogue)
+        self.rejects = Path(rejects) if rejects else Path(str(catalogue) + REJECTS_SUFFIX)
+        self.writer = CatalogueWriter(self.catalogue, resume=True)
+        self.done: set[str] = set(self.writer.files)
+        self.n_rejected = 0
+        if self.rejects.exists():
+            for line in self.rejects.read_text().splitlines():
+                if line.strip():
+                    self.done.add(line.split("\t", 1)[0])
+                    self.n_rejected += 1
 
     @classmethod
     def load(cls, catalogue: Path, rejects: Path | None = None) -> WatchState:
-        state = cls(Path(catalogue), Path(rejects) if rejects else Path(str(catalogue) + REJECTS_SUFFIX))
-        if state.catalogue.exists():
-            try:
-                state.table = read_catalogue(state.catalogue)
-            except Exception as exc:  # noqa: BLE001 - astropy raises many types for a bad file
-                raise SpecserveError(f"cannot read the catalogue {state.catalogue} to resume: {exc}") from exc
-            if "file" not in state.table.colnames:
-                raise SpecserveError(f"{state.catalogue} has no 'file' column: not a specserve catalogue")
-            state.done.update(str(f) for f in state.table["file"])
-            state.n_rows = len(state.table)
-        if state.rejects.exists():
-            for line in state.rejects.read_text().splitlines():
-                if line.strip():
-                    state.done.add(line.split("\t", 1)[0])
-                    state.n_rejected += 1
-        return state
+        return cls(catalogue, rejects)
+
+    @property
+    def n_rows(self) -> int:
+        return self.writer.n_rows
+
+    @property
+    def provenance(self) -> Provenance | None:
+        """The served models, for the catalogue's units, descriptions and metadata (set by the watcher)."""
+        return self.writer.provenance
+
+    @provenance.setter
+    def provenance(self, value: Provenance | None) -> None:
+        self.writer.provenance = value
 
     def reject(self, path: str, reason: str) -> None:
         with open(self.rejects, "a") as f:
@@ -95,32 +87,13 @@ class WatchState:
         self.n_rejected += 1
 
     def append(self, rows: Sequence[tuple[str, Row]]) -> None:
-        """Add rows to the catalogue: write the whole table to a temporary file, then rename."""
-        from astropy.table import vstack
-
-        if not rows:
-            return
-        new = catalogue_table(rows, self.provenance)
-        table = new if self.table is None else _stack(self.table, new, vstack)
-        describe(table, self.provenance)  # units on the older columns too; counts and date of the whole
-        tmp = self.catalogue.with_name(f".{self.catalogue.name}.tmp")
-        write_table(table, tmp, catalogue_format(self.catalogue))
-        os.replace(tmp, self.catalogue)
-        self.table = table
+        """Add rows to the catalogue (appended: see CatalogueWriter)."""
+        self.writer.add(rows)
         self.done.update(f for f, _ in rows)
-        self.n_rows = len(table)
 
-
-def _stack(old, new, vstack):
-    """Old and new rows with the union of their columns (a value column a side lacks is NaN)."""
-    import numpy as np
-
-    for a, b in ((old, new), (new, old)):
-        for name in b.colnames:
-            if name not in a.colnames:
-                a[name] = np.full(len(a), np.nan) if b[name].dtype.kind == "f" else [""] * len(a)
-    order = column_order(old.colnames)
-    return vstack([old[order], new[order]], join_type="exact", metadata_conflicts="silent")
+    def close(self) -> None:
+        """The catalogue's final form: FITS and Parquet written from their journal, ECSV's metadata."""
+        self.writer.close()
 
 
 class Watcher:
@@ -246,5 +219,6 @@ def watch(folder: Path, catalogue: Path, server: str, *, rejects: Path | None = 
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        state.close()
     watcher.out(f"specserve watch: stopped; catalogue {state.n_rows} rows, {state.n_rejected} rejected files")
     return code

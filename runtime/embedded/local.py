@@ -16,7 +16,7 @@ use ``<model>-<variant>`` wherever the repository has it).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from specserve.runtime.catalogue import Row, Sources
@@ -64,6 +64,13 @@ class LocalRuntime:
                       batch: int = 64, on_unreadable=None) -> list[tuple[str, Row]]:
         """Read spectrum files and analyse them in batches of ``batch`` spectra: ``(file, row)``
         pairs in file order. An unreadable file is skipped (``on_unreadable(path, reason)`` is told)."""
+        return [pair for pairs in self.iter_files(paths, models, mc_samples, batch, on_unreadable) for pair in pairs]
+
+    def iter_files(self, paths: Iterable[str | Path], models: Sequence[str] = (), mc_samples: int = 0,
+                   batch: int = 64, on_unreadable=None) -> Iterator[list[tuple[str, Row]]]:
+        """:meth:`analyze_files` one batch at a time, reading the files as it goes (an archive's
+        list is never held): each batch's ``(file, row)`` pairs as soon as they are answered."""
+        batch = max(1, batch)
         sources, spectra = Sources(), []
         for path in paths:
             try:
@@ -73,8 +80,9 @@ class LocalRuntime:
                     on_unreadable(str(path), exc.reason)
                 continue
             spectra += [sources.add(spectrum, path) for spectrum in items]
-        rows: list[Row] = []
-        for lo in range(0, len(spectra), max(1, batch)):
-            rows += [row_of(o) for o in self.analyze(spectra[lo:lo + batch], models, mc_samples)]
-        return sources.pair(rows)
+            while len(spectra) >= batch:
+                head, spectra = spectra[:batch], spectra[batch:]
+                yield sources.pair([row_of(o) for o in self.analyze(head, models, mc_samples)])
+        if spectra:
+            yield sources.pair([row_of(o) for o in self.analyze(spectra, models, mc_samples)])
 
