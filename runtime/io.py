@@ -29,6 +29,16 @@ Formats (``source_format`` in the metadata):
 ``miles_1d``           MILES 1-D image (air, ``CRVAL1``/``CDELT1``, FWHM 2.5 A)
 ``stelib_1d``          STELIB 1-D image (air, ``CRVAL1``/``CDELT1``)
 ``fits_1d``            any other 1-D image with a linear (``DC-FLAG`` 0) or log-linear (1) WCS
+``apogee_apstar``      SDSS-IV APOGEE apStar/asStar (DR17): HDU1 flux (1e-17 erg/s/cm2/A), HDU2 error,
+                       HDU3 pixel bitmask, each 1-D (one visit) or rows combined (pixel-weighted),
+                       combined (global-weighted), visits; log-linear vacuum wavelengths from
+                       ``CRVAL1``/``CDELT1`` (4.179, 6e-6, 8575 pixels). The first row only
+``apogee_apvisit``     APOGEE apVisit/asVisit: HDU1-3 flux, error, bitmask and HDU4 vacuum wavelengths,
+                       3 chips x 4096 (red chip first, wavelength decreasing within a chip), joined
+                       into one increasing spectrum with the chip gaps absent
+``apogee_aspcapstar``  APOGEE aspcapStar: HDU1 ASPCAP pseudo-continuum-normalised flux (log-linear as
+                       apStar, 0 in the chip gaps), HDU2 error, HDU3 best fit, HDU4 the ASPCAP row;
+                       ``extra['normalised']`` is True
 ``payne_apogee_npz``   The Payne's APOGEE spectra (``spectrum``/``spec_err`` or ``spectra``/
                        ``spec_errs``) with ``apogee_wavelength.npz`` beside them
 ``npz``                user arrays: ``wavelength``, ``flux`` (1-D or 2-D), optional ``ivar`` or
@@ -39,14 +49,28 @@ Formats (``source_format`` in the metadata):
 
 Spectra without per-pixel errors (MILES, STELIB, templates) get a constant inverse variance
 estimated from the flux with DER_SNR; their metadata says ``ivar_estimated=True``.
+
+APOGEE files are recognised by their layout (three images of one shape; a log-linear H-band WCS, or
+a wavelength image in HDU4; an integer bitmask or a float best fit in HDU3; an ASPCAP table) once
+the header or the name says APOGEE (``TELESCOP`` apo25m/lco25m/apo1m, ``SURVEY``, a 2MASS-style
+``OBJID``/``APOGEE_ID``, pipeline ``HISTORY``, or an apStar/asStar/apVisit/asVisit/aspcapStar file
+name); an APOGEE file cut short or in none of the three layouts is refused with the reason. A pixel
+is unusable where its error is not positive, its flux not finite, or its ``APOGEE_PIXMASK`` has a
+bit the DR17 pipeline (apogee_drp ``PixelBitMask``) calls bad: BADPIX, CRPIX, SATPIX, UNFIXABLE,
+BADDARK, BADFLAT, BADERR, NOSKY (bits 0-7) and NOT_ENOUGH_PSF (14); the warning bits (Littrow ghost,
+persistence, significant sky or telluric line) are kept. Elsewhere ivar = 1/error^2. Metadata: the
+APOGEE id as ``object_id`` and ``extra['designation']``, RA/Dec, ``extra['snr']`` and, for a visit,
+``extra['mjd']``.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import gzip
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
@@ -68,6 +92,16 @@ LAMOST_MRS_RESOLUTION = 7500.0
 SDSS_RESOLUTION = 2000.0
 STELIB_FWHM = 3.0
 MAX_ESTIMATED_SNR = 1000.0
+
+APOGEE_RESOLUTION = 22500.0
+APOGEE_TELESCOPES = ("apo25m", "lco25m", "apo1m")
+APOGEE_BAD_PIXEL_BITS = 0x00FF | 0x4000
+"""APOGEE_PIXMASK bits that make a pixel unusable: BADPIX, CRPIX, SATPIX, UNFIXABLE, BADDARK,
+BADFLAT, BADERR, NOSKY (0-7) and NOT_ENOUGH_PSF (14), the bits the DR17 pipeline marks BAD."""
+APOGEE_LOG_START = (4.1, 4.3)
+"""log10 of the first wavelength an APOGEE log-linear WCS may have (apStar: 4.179, 15100.8 A)."""
+_APOGEE_NAME = re.compile(r"^(ap|as)(star|visit)-|^aspcapstar-", re.IGNORECASE)
+_TWOMASS_ID = re.compile(r"2M\d{8}[+-]\d{7}")
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz")
 
@@ -211,6 +245,9 @@ def _detect_fits(hdul: fits.HDUList, path: Path) -> str:
     primary = hdul[0]
     header = primary.header
     names = {hdu.name.upper() for hdu in hdul}
+    apogee = _apogee_layout(hdul, path)
+    if apogee is not None:
+        return apogee
     if {"COADD_B", "COADD_R"} & names:
         return "lamost_mrs"
     if "BASIS_VECTORS" in names and _header_value(hdul["BASIS_VECTORS"].header, "RRTYPE"):
@@ -245,6 +282,118 @@ def _detect_fits(hdul: fits.HDUList, path: Path) -> str:
             path, "a table without wavelength and flux columns (a catalogue, not a spectrum)"
         )
     raise SpectrumReadError(path, f"unknown layout (primary NAXIS={naxis}, HDUs={sorted(names)})")
+
+
+def _image_shape(hdu) -> tuple[int, ...] | None:
+    """Numpy shape of an image HDU from its header alone (None for tables and empty HDUs)."""
+    if not isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
+        return None
+    naxis = int(hdu.header.get("NAXIS", 0) or 0)
+    if naxis == 0:
+        return None
+    return tuple(int(hdu.header.get(f"NAXIS{i}", 0) or 0) for i in range(naxis, 0, -1))
+
+
+def _apogee_evidence(hdul: fits.HDUList, path: Path) -> str | None:
+    """What says the file is an APOGEE product, or None."""
+    header = hdul[0].header
+    telescope = str(_header_value(header, "TELESCOP", "")).lower()
+    if telescope in APOGEE_TELESCOPES:
+        return f"TELESCOP={telescope}"
+    if "apogee" in str(_header_value(header, "SURVEY", "")).lower():
+        return "SURVEY"
+    for key in ("APOGEE_ID", "OBJID"):
+        if _TWOMASS_ID.fullmatch(str(_header_value(header, key, ""))):
+            return key
+    history = " ".join(str(line) for line in header.get("HISTORY", [])).upper()
+    if "APOGEE" in history or "AP1DVISIT" in history:
+        return "HISTORY"
+    if _APOGEE_NAME.match(path.name):
+        return "file name"
+    return None
+
+
+def _apogee_loglinear_header(hdul: fits.HDUList) -> fits.Header | None:
+    """The header (HDU1, else the primary) holding an H-band log-linear WCS, or None."""
+    for header in (hdul[1].header, hdul[0].header):
+        crval = _float_or_none(_header_value(header, "CRVAL1"))
+        cdelt = _float_or_none(_header_value(header, "CDELT1"))
+        if crval is not None and cdelt is not None:
+            lo, hi = APOGEE_LOG_START
+            if lo < crval < hi and 0 < cdelt < 1e-4:
+                return header
+    return None
+
+
+def _aspcap_table(hdul: fits.HDUList):
+    """The ASPCAP result table of an aspcapStar file (HDU4 or later), or None."""
+    for hdu in hdul[4:]:
+        cols = _table_columns(hdu)
+        if cols and ({"aspcapflag", "fparam", "param"} & set(cols)):
+            return hdu
+    return None
+
+
+def _apogee_complete(hdul: fits.HDUList, path: Path) -> None:
+    """Raise unless the HDUs astropy found end where the file ends: a cut file still opens, with the
+    HDUs before the cut or a last HDU whose data runs past the end."""
+    last = hdul.fileinfo(len(hdul) - 1)
+    end = int(last["datLoc"]) + int(last["datSpan"])
+    size = int(getattr(last["file"], "size", 0) or 0)
+    if not size:  # gzip: astropy does not know the size; count the decompressed bytes
+        with open(path, "rb") as fh:
+            gzipped = fh.read(2) == b"\x1f\x8b"
+        if gzipped:
+            try:
+                with gzip.open(path, "rb") as fh:
+                    while chunk := fh.read(1 << 20):
+                        size += len(chunk)
+            except (OSError, EOFError) as exc:
+                raise SpectrumReadError(path, f"truncated or corrupt gzip stream ({exc})") from exc
+    if size and end != size:
+        raise SpectrumReadError(path, f"truncated or corrupt: its {len(hdul)} readable HDUs end at byte {end} "
+                                      f"but the file holds {size} bytes")
+
+
+def _is_wavelength_image(hdu) -> bool:
+    """An apVisit wavelength image: labelled so (BUNIT, EXTNAME) or holding H-band Angstroms."""
+    label = f"{_header_value(hdu.header, 'BUNIT', '')} {hdu.name}".upper()
+    if "WAVE" in label:
+        return True
+    data = np.asarray(hdu.data, dtype=np.float64)
+    return bool(np.all((data > 14000.0) & (data < 18000.0)))
+
+
+def _apogee_layout(hdul: fits.HDUList, path: Path) -> str | None:
+    """``apogee_apstar``, ``apogee_apvisit`` or ``apogee_aspcapstar`` from the HDU layout; None for
+    a file nothing marks as APOGEE; raises for a cut APOGEE file or one in none of these layouts."""
+    evidence = _apogee_evidence(hdul, path)
+    if evidence is None:
+        return None
+    _apogee_complete(hdul, path)
+
+    def refuse(why: str) -> SpectrumReadError:
+        return SpectrumReadError(path, f"an APOGEE file ({evidence}) but not an apStar, apVisit or "
+                                       f"aspcapStar layout: {why}")
+
+    shapes = [_image_shape(hdu) for hdu in hdul[1:4]]
+    if len(hdul) < 4 or any(shape is None for shape in shapes):
+        found = ", ".join(f"HDU{i}={type(hdu).__name__}{_image_shape(hdu) or ''}" for i, hdu in enumerate(hdul))
+        raise refuse(f"HDUs 1-3 must be flux, error and bitmask (or best-fit) images; found {found}")
+    if len(set(shapes)) != 1 or len(shapes[0]) > 2:
+        raise refuse(f"flux, error and bitmask images have shapes {shapes}")
+    shape = shapes[0]
+    if _apogee_loglinear_header(hdul) is None:
+        if len(shape) == 2 and shape[0] == 3 and len(hdul) > 4 and _image_shape(hdul[4]) == shape \
+                and _is_wavelength_image(hdul[4]):
+            return "apogee_apvisit"
+        raise refuse("no H-band log-linear wavelengths (CRVAL1/CDELT1) and no 3-chip wavelength image in HDU4")
+    mask_is_integer = int(hdul[3].header.get("BITPIX", 0)) > 0
+    if _aspcap_table(hdul) is not None or not mask_is_integer:
+        if len(shape) != 1:
+            raise refuse(f"an aspcapStar spectrum is 1-D, HDU1 has shape {shape}")
+        return "apogee_aspcapstar"
+    return "apogee_apstar"
 
 
 def _wave_column(cols: dict[str, str]) -> str | None:
@@ -562,6 +711,141 @@ def _read_1d(fmt: str) -> Reader:
     return reader
 
 
+def _apogee_image(hdu, path: Path, what: str) -> np.ndarray:
+    data = hdu.data
+    if data is None:
+        raise SpectrumReadError(path, f"the {what} HDU holds no data")
+    return np.asarray(data)
+
+
+def _apogee_first_row(hdu, path: Path, what: str) -> np.ndarray:
+    """An apStar image's first row (the pixel-weighted combined spectrum), or the image when 1-D."""
+    data = _apogee_image(hdu, path, what)
+    return data[0] if data.ndim == 2 else data
+
+
+def _apogee_unusable(flux: np.ndarray, error: np.ndarray, bits: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(ivar, mask): ivar = 1/error^2; masked where the error is not positive, the flux not finite
+    or a bad APOGEE_PIXMASK bit is set."""
+    error = np.asarray(error, dtype=np.float64)
+    good = np.isfinite(error) & (error > 0) & np.isfinite(flux)
+    if bits is not None:
+        if bits.dtype.kind not in "iu":
+            bits = np.where(np.isfinite(bits), bits, 0).astype(np.int64)
+        good &= (bits.astype(np.int64) & APOGEE_BAD_PIXEL_BITS) == 0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ivar = np.where(good, 1.0 / error**2, 0.0)
+    return ivar, ~good
+
+
+def _apogee_id(hdul: fits.HDUList, path: Path, table=None) -> str | None:
+    header = hdul[0].header
+    for key in ("APOGEE_ID", "OBJID"):
+        value = str(_header_value(header, key, "") or "").strip()
+        if value:
+            return value
+    if table is not None:
+        cols = _table_columns(table)
+        if "apogee_id" in cols and len(table.data):
+            value = str(table.data[cols["apogee_id"]][0]).strip()
+            if value:
+                return value
+    found = _TWOMASS_ID.search(path.name)
+    return found.group(0) if found else None
+
+
+def _apogee_meta(hdul: fits.HDUList, path: Path, fmt: str, table=None, **extra) -> SpectrumMeta:
+    header = hdul[0].header
+    apogee_id = _apogee_id(hdul, path, table)
+    ra = _float_or_none(_header_value(header, "RA"))
+    dec = _float_or_none(_header_value(header, "DEC"))
+    row = {}
+    if table is not None and len(table.data):
+        cols = _table_columns(table)
+        row = {k: table.data[cols[k]][0] for k in ("ra", "dec", "snr", "teff", "logg", "m_h") if k in cols}
+        ra = ra if ra is not None else _float_or_none(row.get("ra"))
+        dec = dec if dec is not None else _float_or_none(row.get("dec"))
+    telescope = _header_value(header, "TELESCOP")
+    info = {
+        "designation": apogee_id,
+        "snr": _float_or_none(_header_value(header, "SNR", row.get("snr"))),
+        "telescope": str(telescope).strip() if telescope not in (None, "") else None,
+        "field": _header_value(header, "FIELD") or None,
+        "starflag": _header_value(header, "STARFLAG"),
+    }
+    for key in ("teff", "logg", "m_h"):
+        info[key] = _float_or_none(row.get(key))
+    info.update(extra)
+    return SpectrumMeta(
+        object_id=apogee_id or _stem(path),
+        source_format=fmt,
+        file=str(path),
+        ra=ra,
+        dec=dec,
+        resolution=APOGEE_RESOLUTION,
+        extra={k: v for k, v in info.items() if v is not None},
+    )
+
+
+def _apogee_loglinear_wave(hdul: fits.HDUList, n: int) -> np.ndarray:
+    return 10.0 ** _wcs_axis(_apogee_loglinear_header(hdul), n)
+
+
+def _read_apogee_apstar(hdul: fits.HDUList, path: Path) -> list[Spectrum]:
+    flux = _apogee_first_row(hdul[1], path, "flux").astype(np.float64)
+    error = _apogee_first_row(hdul[2], path, "error")
+    bits = _apogee_first_row(hdul[3], path, "bitmask")
+    ivar, mask = _apogee_unusable(flux, error, bits)
+    nvisits = _header_value(hdul[0].header, "NVISITS")
+    meta = _apogee_meta(hdul, path, "apogee_apstar", nvisits=None if nvisits in (None, "") else int(nvisits))
+    return [Spectrum.build(_apogee_loglinear_wave(hdul, flux.size), flux, meta, ivar=ivar, mask=mask)]
+
+
+def _read_apogee_aspcapstar(hdul: fits.HDUList, path: Path) -> list[Spectrum]:
+    flux = _apogee_image(hdul[1], path, "flux").astype(np.float64)
+    error = _apogee_image(hdul[2], path, "error")
+    ivar, mask = _apogee_unusable(flux, error, None)
+    mask |= flux == 0  # the chip gaps of the normalised spectrum
+    meta = _apogee_meta(hdul, path, "apogee_aspcapstar", table=_aspcap_table(hdul), normalised=True)
+    return [Spectrum.build(_apogee_loglinear_wave(hdul, flux.size), flux, meta, ivar=ivar, mask=mask)]
+
+
+def _read_apogee_apvisit(hdul: fits.HDUList, path: Path) -> list[Spectrum]:
+    flux, error, bits, wave = (_apogee_image(hdul[i], path, what)
+                               for i, what in ((1, "flux"), (2, "error"), (3, "bitmask"), (4, "wavelength")))
+    wave = wave.astype(np.float64)
+    if not np.all(np.isfinite(wave) & (wave > 0)):
+        raise SpectrumReadError(path, "the apVisit wavelength image (HDU4) is not all finite and positive")
+    chips = []  # (chip rows, pixels) -> flat indices of each chip in increasing wavelength
+    for row in range(wave.shape[0]):
+        step = np.diff(wave[row])
+        if np.all(step < 0):
+            order = np.arange(wave.shape[1])[::-1]
+        elif np.all(step > 0):
+            order = np.arange(wave.shape[1])
+        else:
+            raise SpectrumReadError(path, f"apVisit chip {row}: wavelengths are not monotonic")
+        chips.append(row * wave.shape[1] + order)
+    chips.sort(key=lambda index: wave.reshape(-1)[index[0]])
+    index = np.concatenate(chips)
+    wave, flux = wave.reshape(-1)[index], flux.reshape(-1)[index].astype(np.float64)
+    if np.any(np.diff(wave) <= 0):
+        raise SpectrumReadError(path, "apVisit chips overlap in wavelength")
+    ivar, mask = _apogee_unusable(flux, error.reshape(-1)[index], bits.reshape(-1)[index])
+    header = hdul[0].header
+    mjd = _header_value(header, "MJD5")
+    if mjd in (None, ""):
+        jd = _float_or_none(_header_value(header, "JD-MID"))
+        mjd = None if jd is None else jd - 2400000.5
+    meta = _apogee_meta(
+        hdul, path, "apogee_apvisit",
+        mjd=None if mjd in (None, "") else (int(mjd) if float(mjd).is_integer() else float(mjd)),
+        plate=_header_value(header, "PLATE"),
+        fiber_id=_header_value(header, "FIBERID"),
+    )
+    return [Spectrum.build(wave, flux, meta, ivar=ivar, mask=mask)]
+
+
 _FITS_READERS: dict[str, Reader] = {
     "lamost_lrs_dr1": _read_lamost_lrs_dr1,
     "lamost_lrs_image": _read_lamost_lrs_image,
@@ -575,6 +859,9 @@ _FITS_READERS: dict[str, Reader] = {
     "miles_1d": _read_1d("miles_1d"),
     "stelib_1d": _read_1d("stelib_1d"),
     "fits_1d": _read_1d("fits_1d"),
+    "apogee_apstar": _read_apogee_apstar,
+    "apogee_apvisit": _read_apogee_apvisit,
+    "apogee_aspcapstar": _read_apogee_aspcapstar,
 }
 
 FORMATS = tuple(_FITS_READERS) + ("payne_apogee_npz", "npz", "csv")
