@@ -25,6 +25,9 @@ Subcommands:
 - ``specserve watch DIR --out CATALOGUE [--server HOST:PORT] [--once]``: stream every spectrum file
   that appears in DIR to a server, appending to the catalogue; resumes after a restart
   (:mod:`specserve.runtime.client.watch`).
+- ``specserve reprocess INPUT... --out CATALOGUE [--scheduler tcp://HOST:8786] [--workers N]``: an
+  archive through every model on Dask distributed, no server; resumable
+  (:mod:`specserve.runtime.archive.reprocess`).
 - ``specserve train ...`` / ``specserve eval ...``: training and evaluation (the ``train`` extra).
 - ``specserve export rbm ...`` / ``specserve models build``: ONNX export into a model repository
   and the default repository that ``make serve`` serves (the ``train`` extra).
@@ -186,6 +189,26 @@ def _parser() -> argparse.ArgumentParser:
     wat.add_argument("--once", action="store_true", help="handle the files there now, then exit")
     for command in (ana, wat):
         _add_credentials(command)
+
+    rep = sub.add_parser("reprocess", help="reprocess an archive of spectrum files on Dask (no server; "
+                                           "the archive extra)")
+    rep.add_argument("inputs", nargs="*", help="spectrum files, folders (read recursively) or quoted globs")
+    rep.add_argument("--files-from", help="a file of paths, folders or globs, one per line ('-': standard input)")
+    rep.add_argument("--out", type=Path, required=True,
+                     help="catalogue: .parquet, .fits/.fit, .ecsv or .csv; parts and resume state in CATALOGUE.parts/")
+    rep.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://HOST:8786); "
+                                         "default: a local cluster sized to this machine")
+    rep.add_argument("--workers", type=int, help="local cluster: worker processes (default: one per core)")
+    rep.add_argument("--batch-files", type=int, default=16, help="files per task (default 16)")
+    rep.add_argument("--models", default="", help="comma-separated model names (default: every applicable model)")
+    rep.add_argument("--variant", default="", help="use <model>-VARIANT (e.g. int8, fp16) wherever it exists")
+    rep.add_argument("--repository", help="model repository, at the same path on every worker "
+                                          "(default: each worker's default repository)")
+    rep.add_argument("--mc-samples", type=int, default=0, help="Monte Carlo samples (default: each model's)")
+    rep.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per model on each worker (default 1)")
+    rep.add_argument("--fresh", action="store_true", help="forget the earlier runs' parts and start over")
+    rep.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
+    rep.set_defaults(handler=_cmd_reprocess)
 
     from specserve.export.commands import register as register_export
     from specserve.training.commands import register as register_training
@@ -440,6 +463,29 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         return code
     print(f"{output.n_rows} spectra analysed, {output.n_errors} rejected, {failed} files unreadable")
     return 1 if failed or output.n_errors else 0
+
+
+def _cmd_reprocess(args: argparse.Namespace) -> int:
+    if not args.inputs and args.files_from is None:
+        print("specserve: error: reprocess needs spectrum files, folders or --files-from", file=sys.stderr)
+        return 2
+    try:
+        from specserve.runtime.archive.reprocess import Job, reprocess, rejects_path
+    except ImportError as exc:
+        print(f"specserve: error: reprocess needs the archive extra (pip install 'specserve[archive]'): {exc}",
+              file=sys.stderr)
+        return 1
+    job = Job(repository=args.repository, models=tuple(m for m in args.models.split(",") if m),
+              variant=args.variant or None, mc_samples=args.mc_samples, threads=args.threads)
+    summary = reprocess(args.inputs, args.out, job, scheduler=args.scheduler, workers=args.workers,
+                        batch_files=args.batch_files, files_from=args.files_from, fresh=args.fresh,
+                        progress=False if args.quiet else None)
+    print(f"{summary.files} files ({summary.spectra} spectra) analysed in {summary.seconds:.1f} s "
+          f"({summary.rate:,.0f} spectra/s on {summary.workers} workers), {summary.rejected} rejected, "
+          f"{summary.skipped} already done")
+    print(f"catalogue {args.out}: {summary.catalogue_rows} rows"
+          + (f"; rejects {rejects_path(args.out)}: {summary.catalogue_rejects} files" if summary.catalogue_rejects else ""))
+    return 0
 
 
 TERMINAL_COLUMNS = ("p_cv", "teff", "logg", "feh", "age", "mass", "reduced_chi2", "teff_err", "age_err", "mass_err")

@@ -316,6 +316,8 @@ def read_catalogue(path: str | Path):
         for i, name in enumerate(table.colnames, start=1):
             if table[name].unit is None and f"TUNIT{i}" in header:
                 table[name].unit = u.Unit(header[f"TUNIT{i}"], parse_strict="silent")
+            if f"TCOMM{i}" in table.meta:  # the column's description, not the table's metadata
+                table[name].description = table[name].description or table.meta.pop(f"TCOMM{i}")
     else:
         table = Table.read(Path(path), format=fmt)
     for name in TEXT_COLUMNS:

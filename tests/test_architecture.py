@@ -72,7 +72,7 @@ def room(module: str) -> str:
         return "runtime.core"
     if parts[1] == "runtime":
         return f"runtime.{parts[2]}" if len(parts) > 3 or (len(parts) == 3 and parts[2] in {
-            "embedded", "engine", "serving", "client"}) else "runtime.core"
+            "embedded", "engine", "serving", "client", "archive"}) else "runtime.core"
     return parts[1]
 
 
@@ -82,10 +82,11 @@ ALLOWED = {
     "runtime.engine": {"runtime.core", "runtime.embedded", "runtime.engine"},
     "runtime.serving": {"runtime.core", "runtime.embedded", "runtime.engine", "runtime.serving", "protos"},
     "runtime.client": {"runtime.core", "runtime.client", "protos"},
+    "runtime.archive": {"runtime.core", "runtime.embedded", "runtime.archive"},
     "protos": {"protos"},
     "training": {"runtime.core", "training"},
     "export": {"runtime.core", "runtime.embedded", "runtime.engine", "runtime.serving", "runtime.client",
-               "training", "export", "protos"},
+               "runtime.archive", "training", "export", "protos"},
 }
 """Which rooms each room may import. The core reaches protos in two places: ``wire.py`` (the
 specserve.v1 Spectrum message) and ``layout.py``, which imports Triton's config schema only
