@@ -1,8 +1,10 @@
 """The ``specserve.v1`` ``Spectrum`` message in both directions: one module for the wire.
 
 :func:`to_proto` is how a client sends a spectrum (log-linear wavelengths as a grid, masked pixels
-as ivar 0). :func:`spectrum_from_proto` is how the server reads it back: wavelengths (explicit or
-a grid), flux, optional ivar and mask, redshift and source resolution into a
+as ivar 0); what is not a SpectrumInput goes through :func:`specserve.runtime.astro.as_input`
+first (specutils spectra, astropy Quantities and Tables in any wavelength unit).
+:func:`spectrum_from_proto` is how the server reads it back: wavelengths (explicit or a grid),
+flux, optional ivar and mask, redshift and source resolution into a
 :class:`~specserve.runtime.spectrum.SpectrumInput`, which then goes through
 :mod:`specserve.runtime.pipeline`. Both sides import only the core and the domain proto, so the
 client never loads the engine and tests can round-trip exactly as client and server do.
@@ -13,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from specserve.protos import specserve_pb2 as pb
+from specserve.runtime.astro import as_input
 from specserve.runtime.errors import InvalidSpectrumError
-from specserve.runtime.spectrum import Spectrum, SpectrumInput
+from specserve.runtime.spectrum import SpectrumInput
 
 
 def _as_array(values, name: str, n: int | None, dtype=np.float64) -> np.ndarray | None:
@@ -75,15 +78,16 @@ def log_linear(wave: np.ndarray) -> tuple[float, float] | None:
 
 
 def to_proto(item) -> pb.Spectrum:
-    """A Spectrum, SpectrumInput or (id, wavelength, flux[, ivar]) tuple as a proto message (a
-    message already built is passed through). Sent compactly, meaning the same to the server:
-    log-linear wavelengths as a grid, masked pixels as ivar 0 when there is an ivar."""
+    """One spectrum as a proto message (a message already built is passed through): a
+    SpectrumInput, a read Spectrum, an ``(id, wavelength, flux[, ivar])`` tuple of arrays, or what
+    :func:`specserve.runtime.astro.as_input` converts (specutils spectra, astropy Quantities and
+    Tables; one that cannot be converted raises InvalidSpectrumError here, before it is sent).
+    Sent compactly, meaning the same to the server: log-linear wavelengths as a grid, masked pixels
+    as ivar 0 when there is an ivar."""
     if isinstance(item, pb.Spectrum):
         return item
-    if isinstance(item, Spectrum):
-        item = SpectrumInput.from_spectrum(item)
-    if isinstance(item, tuple):
-        item = SpectrumInput(str(item[0]), *item[1:])
+    if not isinstance(item, SpectrumInput):
+        item = as_input(item)
     flux = np.asarray(item.flux, dtype=np.float32)
     ivar = None if item.ivar is None else np.asarray(item.ivar, dtype=np.float32)
     mask = None if item.mask is None or not np.any(item.mask) else np.asarray(item.mask, dtype=bool)

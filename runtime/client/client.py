@@ -3,8 +3,13 @@
 ``Client.analyze`` sends spectra in one request. ``Client.stream`` sends them over one
 ``AnalyzeStream`` in batches and yields results as they come back. Both accept
 :class:`~.spectrum.Spectrum` objects (from :func:`~.io.read_spectra`),
-:class:`~.spectrum.SpectrumInput` objects, or ``(id, wavelength, flux[, ivar])`` tuples of numpy
-arrays. Results come back as :class:`Row` objects: the spectrum id, one plain value per result
+:class:`~.spectrum.SpectrumInput` objects, ``(id, wavelength, flux[, ivar])`` tuples of numpy
+arrays (wavelengths in vacuum Angstrom), and the astronomy objects that
+:func:`specserve.runtime.astro.as_input` converts: specutils ``Spectrum``/``Spectrum1D`` objects,
+``([id,] wavelength, flux[, ivar])`` tuples of astropy Quantities and astropy Tables, with
+wavelengths in any spectral unit (nm, micron, GHz...) taken as vacuum, flux in its own unit, the
+uncertainty as inverse variance, the mask and a specutils redshift. ``(id, obj)`` names one.
+Results come back as :class:`Row` objects: the spectrum id, one plain value per result
 (``p_cv``, ``free_energy_cv``...), the models used, and any error or not-applicable note.
 """
 
@@ -177,9 +182,14 @@ class Client:
 
     def analyze(self, spectra: Iterable, models: Sequence[str] = (), mc_samples: int = 0,
                 model_spectrum: bool = False, variant: str = "") -> list[Row]:
-        """Analyse spectra in one request. ``mc_samples``: Monte Carlo samples for the models that
-        draw them (0: each model's default); ``model_spectrum``: also return reconstructions;
-        ``variant``: run each model's ``int8``/``fp16`` variant."""
+        """Analyse spectra in one request, one row each in order. ``spectra``: any of the forms of
+        the module docstring (a specutils spectrum in nm or GHz, a QTable... are converted by
+        :func:`specserve.runtime.astro.as_input`; several spectra in one 2-D flux are refused:
+        split them with :func:`specserve.runtime.astro.as_inputs`). One that cannot be converted
+        raises :class:`~specserve.runtime.errors.InvalidSpectrumError` before anything is sent.
+        ``mc_samples``: Monte Carlo samples for the models that draw them (0: each model's
+        default); ``model_spectrum``: also return reconstructions; ``variant``: run each model's
+        ``int8``/``fp16`` variant."""
         request = pb.AnalyzeRequest(spectra=[to_proto(s) for s in spectra], models=list(models),
                                     mc_samples=mc_samples, return_model_spectrum=model_spectrum, variant=variant)
         response = self.stub.Analyze(request, timeout=self.timeout, metadata=self.metadata)
@@ -192,17 +202,27 @@ class Client:
         A stream has no deadline by default (a night's pipeline may keep one open); a server that
         goes away ends it with ``UNAVAILABLE``.
 
+        ``spectra`` take the forms of :meth:`analyze` (converted by
+        :func:`specserve.runtime.astro.as_input` as they are sent). One that cannot be converted
+        (:class:`~specserve.runtime.errors.InvalidSpectrumError`, e.g. a wavelength in kg) ends the
+        stream: the rows of the spectra before it are yielded, then the error is raised.
+
         A message the server rejects as a whole (e.g. an unknown model) raises
         :class:`StreamError` after the rows before it were yielded.
         """
 
         stream_id = uuid.uuid4().hex[:8]  # message ids "<stream>-<n>": unique in the server's request log
+        unsendable: list[SpecserveError] = []  # raised here: gRPC would hide an error of the request iterator
 
         def requests() -> Iterator[pb.AnalyzeRequest]:
             batch: list[pb.Spectrum] = []
             number = 0
             for item in spectra:
-                batch.append(to_proto(item))
+                try:
+                    batch.append(to_proto(item))
+                except SpecserveError as exc:
+                    unsendable.append(exc)
+                    break
                 if len(batch) == batch_size:
                     yield pb.AnalyzeRequest(request_id=f"{stream_id}-{number}", spectra=batch, models=list(models),
                                             mc_samples=mc_samples, variant=variant)
@@ -217,6 +237,8 @@ class Client:
                 raise StreamError(f"message {response.request_id}: {response.error.message}")
             for result in response.results:
                 yield row_from_proto(result)
+        if unsendable:
+            raise unsendable[0]
 
 
 class StreamError(RuntimeError):

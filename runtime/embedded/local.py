@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from specserve.runtime.astro import as_input
 from specserve.runtime.catalogue import Row, Sources
 from specserve.runtime.embedded.analysis import Analyzer, SpectrumOutcome
 from specserve.runtime.embedded.providers import Device
@@ -57,8 +58,11 @@ class LocalRuntime:
 
     def analyze(self, spectra: Sequence[SpectrumInput], models: Sequence[str] = (),
                 mc_samples: int = 0) -> list[SpectrumOutcome]:
-        """Run the models on raw spectra, as the server's Analyze does."""
-        return self.analyzer.analyze(list(spectra), list(models), mc_samples=mc_samples, variant=self.variant or "")
+        """Run the models on raw spectra, as the server's Analyze does: SpectrumInput objects, or
+        anything :func:`~specserve.runtime.astro.as_input` takes (specutils spectra, astropy
+        Quantities and Tables)."""
+        return self.analyzer.analyze([as_input(s) for s in spectra], list(models), mc_samples=mc_samples,
+                                     variant=self.variant or "")
 
     def analyze_files(self, paths: Iterable[str | Path], models: Sequence[str] = (), mc_samples: int = 0,
                       batch: int = 64, on_unreadable=None) -> list[tuple[str, Row]]:
