@@ -13,6 +13,8 @@ Subcommands:
   transport ceiling, serving overhead, latency under load, one exposure), written to a report.
 - ``specserve bench embedded [--repository DIR]``: every model and variant on one thread, one
   process each; rewrites the report's Embedded section.
+- ``specserve bench reprocess``: ``reprocess`` on 1 and 2 Dask workers against the in-process pipeline;
+  rewrites the report's Reprocess section.
 - ``specserve bench load [--server HOST:PORT] [--model rbm] [--tls-ca ...] [--token-file ...]``:
   unary, stream and latency figures of a running (possibly protected) server, measured from here.
 - ``specserve bench gpu [--device cuda]``: CUDA parity checks and benchmarks; rewrites the report's
@@ -92,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
                      "rewritten (default BENCHMARKS.md)")
     emb.add_argument("--quick", action="store_true", help="few rounds (a smoke run, not for the report)")
     emb.set_defaults(handler=_cmd_bench_embedded)
+    rpb = bench_sub.add_parser("reprocess", help="`reprocess` on 1 and 2 Dask workers against the in-process "
+                                                 "pipeline, and its cost from 1,000 to 16,000 spectra")
+    rpb.add_argument("--repository", type=Path, help=REPOSITORY_HELP)
+    rpb.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report whose Reprocess section is "
+                     "rewritten (default BENCHMARKS.md)")
+    rpb.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for the report)")
+    rpb.set_defaults(handler=_cmd_bench_reprocess)
     load = bench_sub.add_parser("load", help="measure a running server from here (TLS and tokens as for analyze)")
     load.add_argument("--server", default="localhost:8001", help="HOST:PORT (default localhost:8001)")
     load.add_argument("--model", default="rbm", help="the spectrum model to send requests to (default rbm)")
@@ -563,6 +572,14 @@ def _cmd_bench_embedded(args: argparse.Namespace) -> int:
 
     print(run(_repository(args), args.out, quick=args.quick))
     print(f"wrote the Embedded section of {args.out}")
+    return 0
+
+
+def _cmd_bench_reprocess(args: argparse.Namespace) -> int:
+    from specserve.export.bench.reprocess import run
+
+    print(run(Path(_repository(args)).resolve(), args.out, quick=args.quick))
+    print(f"wrote the Reprocess section of {args.out}")
     return 0
 
 

@@ -317,7 +317,8 @@ def read_catalogue(path: str | Path):
             if table[name].unit is None and f"TUNIT{i}" in header:
                 table[name].unit = u.Unit(header[f"TUNIT{i}"], parse_strict="silent")
             if f"TCOMM{i}" in table.meta:  # the column's description, not the table's metadata
-                table[name].description = table[name].description or table.meta.pop(f"TCOMM{i}")
+                comment = table.meta.pop(f"TCOMM{i}")
+                table[name].description = table[name].description or comment
     else:
         table = Table.read(Path(path), format=fmt)
     for name in TEXT_COLUMNS:

@@ -87,13 +87,15 @@ class Job:
 
 class SpecserveModels(WorkerPlugin):
     """The Dask worker plugin: loads the job's models once per worker, on the worker (ONNX
-    Runtime sessions cannot travel between processes)."""
+    Runtime sessions cannot travel between processes). Its name says which job it serves, and it
+    is idempotent: registering the same job again (a second run on the same cluster) keeps the
+    models already loaded."""
 
-    name = PLUGIN
-    idempotent = False
+    idempotent = True
 
     def __init__(self, job: Job):
         self.job = job
+        self.name = plugin_name(job)
         self.runtime = None
         self.provenance: Provenance | None = None
 
@@ -112,10 +114,14 @@ class SpecserveModels(WorkerPlugin):
         self.runtime = None
 
 
-def _plugin() -> SpecserveModels:
+def plugin_name(job: Job) -> str:
+    return f"{PLUGIN}-{hashlib.sha256(repr(job).encode()).hexdigest()[:12]}"
+
+
+def _plugin(name: str) -> SpecserveModels:
     from distributed import get_worker
 
-    plugin = get_worker().plugins.get(PLUGIN)
+    plugin = get_worker().plugins.get(name)
     if plugin is None or plugin.runtime is None:
         raise SpecserveError("this worker has no specserve models (the worker plugin was not registered)")
     return plugin
@@ -180,10 +186,11 @@ def analyse_files(runtime, files: Sequence[str], job: Job) -> tuple[list[tuple[s
     return rows, rejects
 
 
-def process_batch(files: tuple[str, ...], parts: str) -> BatchResult:
-    """The Dask task: analyse a batch of files on this worker's models and write its part files."""
+def process_batch(files: tuple[str, ...], parts: str, plugin: str) -> BatchResult:
+    """The Dask task: analyse a batch of files on the models of this worker's ``plugin`` and write
+    its part files."""
     t0 = time.perf_counter()
-    plugin = _plugin()
+    plugin = _plugin(plugin)
     key = batch_key(files)
     rows, rejects = analyse_files(plugin.runtime, files, plugin.job)
     folder = Path(parts)
@@ -194,8 +201,19 @@ def process_batch(files: tuple[str, ...], parts: str) -> BatchResult:
     from distributed import get_worker
 
     return BatchResult(key, len(files) - len(rejects), len(rows), len(rejects), time.perf_counter() - t0,
-                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, plugin.provenance,
-                       get_worker().address)
+                       peak_rss_mb(), plugin.provenance, get_worker().address)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): VmHWM, which, unlike ``ru_maxrss``, does not carry
+    over the peak of the process a worker was started from."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def parts_folder(out: str | Path) -> Path:
@@ -330,7 +348,8 @@ def reprocess(inputs: Iterable[str | Path], out: str | Path, job: Job = Job(), *
         except TimeoutError:
             raise SpecserveError(f"no Dask worker joined the scheduler {client.scheduler.address} within "
                                  f"{WAIT_FOR_WORKERS_S:.0f} s (start some with `dask worker ADDRESS`)") from None
-        client.register_plugin(SpecserveModels(job), name=PLUGIN)
+        plugin = SpecserveModels(job)
+        client.register_plugin(plugin, name=plugin.name)
         summary.workers = len(client.scheduler_info(n_workers=-1)["workers"])
         summary.dashboard = client.dashboard_link if _has_dashboard(client) else None
         say(f"specserve reprocess: {summary.workers} workers on {client.scheduler.address}"
@@ -365,8 +384,8 @@ def reprocess(inputs: Iterable[str | Path], out: str | Path, job: Job = Job(), *
 
         for batch in _batches(iter_inputs(inputs, files_from), done, batch_files, skipped):
             listed += len(batch)
-            future = client.submit(process_batch, batch, str(parts), key=f"specserve-batch-{batch_key(batch)}",
-                                   pure=False)
+            future = client.submit(process_batch, batch, str(parts), plugin.name,
+                                   key=f"specserve-batch-{batch_key(batch)}", pure=False)
             in_flight[future] = batch
             pending.add(future)
             while len(in_flight) >= limit:
@@ -376,7 +395,7 @@ def reprocess(inputs: Iterable[str | Path], out: str | Path, job: Job = Job(), *
         bar.show(summary.files + summary.rejected, listed, summary.spectra, final=True)
         summary.skipped = skipped[0]
         if provenance is None:
-            provenance = client.run(_worker_provenance).popitem()[1] if summary.workers else None
+            provenance = client.run(_worker_provenance, plugin.name).popitem()[1] if summary.workers else None
     finally:
         if own_client and client is not None:
             client.close()
@@ -387,8 +406,8 @@ def reprocess(inputs: Iterable[str | Path], out: str | Path, job: Job = Job(), *
     return summary
 
 
-def _worker_provenance(dask_worker) -> Provenance | None:
-    plugin = dask_worker.plugins.get(PLUGIN)
+def _worker_provenance(name: str, dask_worker=None) -> Provenance | None:
+    plugin = dask_worker.plugins.get(name)
     return plugin.provenance if plugin is not None else None
 
 
