@@ -412,9 +412,18 @@ def _worker_provenance(name: str, dask_worker=None) -> Provenance | None:
 
 
 def _has_dashboard(client) -> bool:
+    """Whether the scheduler's dashboard address answers (``dask scheduler --no-dashboard`` still
+    lists one)."""
+    import socket
+    from urllib.parse import urlparse
+
     try:
-        return bool(client.scheduler_info().get("services", {}).get("dashboard"))
-    except Exception:  # noqa: BLE001
+        if not client.scheduler_info().get("services", {}).get("dashboard"):
+            return False
+        link = urlparse(client.dashboard_link)
+        with socket.create_connection((link.hostname, link.port), timeout=0.5):
+            return True
+    except Exception:  # noqa: BLE001 - no dashboard then
         return False
 
 
