@@ -219,6 +219,30 @@ def overload_probe(repository: Path, *server_args: str, seconds: float = 6.0, ca
         return Outcome(idle, sampler.peak, after, elapsed, statuses, answers)
 
 
+def largest_request_probe(repository: Path, *server_args: str, rows: int = 64, gap: float = 3.0) -> dict:
+    """The peak memory of one legal request of ``rows`` spectra per model, alone on an idle
+    server, then of one to each model at once: the floor under any overload bound. Returns
+    ``{"idle": MB, model: peak MB, ..., "all at once": peak MB}``."""
+    large = model_requests(repository, rows)
+    out: dict[str, float] = {}
+    with server(repository, *server_args) as (proc, address):
+        asyncio.run(_warm(address, {**model_requests(repository, 1), **large}))
+        time.sleep(IDLE_WAIT_S)
+        out["idle"] = rss_mb(proc.pid)
+
+        async def send(payloads) -> None:
+            async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+                infer = channel.unary_unary(INFER_METHOD)
+                await asyncio.gather(*(infer(p, timeout=60) for p in payloads))
+
+        for name, payload in [*large.items(), ("all at once", None)]:
+            time.sleep(gap)  # the arenas shrink a second after the last request
+            with RssSampler(proc.pid) as sampler:
+                asyncio.run(send(list(large.values()) if payload is None else [payload]))
+            out[name] = sampler.peak
+    return out
+
+
 def big_message_probe(repository: Path, *server_args: str, megabytes: int = 200, settle: float = 6.0) -> dict:
     """One ``megabytes`` ModelInfer request to the RBM: its status, seconds, and the server's
     memory before and ``settle`` seconds after."""
@@ -265,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with base_models(args.repository or default_repository().path) as repository:
         print("overload:", overload_probe(repository, *args.server_args, seconds=args.seconds).line(), flush=True)
+        alone = largest_request_probe(repository, *args.server_args)
+        print("one 64-spectrum request, alone:", ", ".join(
+            f"{k} {v:.0f} MB" + ("" if k == "idle" else f" ({v / alone['idle']:.2f}x)") for k, v in alone.items()),
+            flush=True)
         big = big_message_probe(repository, *args.server_args)
     print("big message:", ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in big.items()))
     return 0
