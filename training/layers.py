@@ -75,16 +75,19 @@ class Block(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 
-def encode_patches(model: nn.Module, flux: torch.Tensor) -> torch.Tensor:
+def encode_patches(model: nn.Module, flux: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
     """Shared by the SPT and PhysFormer encoders: ``flux - 1`` zero-padded to whole patches,
-    patches -> tokens (``model.embed`` + ``model.position``) -> ``model.blocks``: (B, N, D).
-    ``model.config`` gives ``n_pixels``, ``patch_size`` and ``n_tokens``."""
+    patches -> tokens (``model.embed`` + ``model.position``, + ``extra`` (B, N, D) when given:
+    e.g. a noise embedding) -> ``model.blocks``: (B, N, D). ``model.config`` gives ``n_pixels``,
+    ``patch_size`` and ``n_tokens``."""
     c = model.config
     x = flux - 1.0
     pad = c.n_tokens * c.patch_size - c.n_pixels
     if pad:
         x = F.pad(x, (0, pad))
     tokens = model.embed(x.reshape(x.shape[0], c.n_tokens, c.patch_size)) + model.position
+    if extra is not None:
+        tokens = tokens + extra
     for block in model.blocks:
         tokens = block(tokens)
     return tokens

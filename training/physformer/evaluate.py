@@ -220,7 +220,7 @@ def evaluate_physformer(model: PhysFormer, bench: BenchmarkSet, run_dir: str | P
     y_tr, y_val, truth = a["labels"][train], a["labels"][val], a["labels"][test]
 
     def pf_predictor(m: PhysFormer) -> Predictor:
-        return lambda f, iv: physformer_predict(m, f, config.mc_samples, config.seed, config.batch_size)[0]
+        return lambda f, iv: physformer_predict(m, f, config.mc_samples, config.seed, config.batch_size, ivar=iv)[0]
 
     t0 = time.perf_counter()
     ridge, ridge_info = fit_ridge(x_tr, y_tr, x_val, y_val, config.ridge_alphas)
@@ -254,7 +254,7 @@ def evaluate_physformer(model: PhysFormer, bench: BenchmarkSet, run_dir: str | P
 
     # physformer: uncertainties, reconstruction chi-square, non-stellar inputs
     f, iv, _ = variants["native"]
-    mean, std, latent, recon = physformer_predict(model, f, config.mc_samples, config.seed, config.batch_size)
+    mean, std, latent, recon = physformer_predict(model, f, config.mc_samples, config.seed, config.batch_size, ivar=iv)
     chi2 = reduced_chi2(torch.from_numpy(recon), torch.from_numpy(f), torch.from_numpy(iv)).numpy()
     rng = np.random.default_rng(config.seed)
     n_pix = f.shape[1]

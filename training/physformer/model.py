@@ -49,6 +49,10 @@ __all__ = ["PhysFormerConfig", "PhysFormer", "PhysFormerInference", "PhysFormerG
            "PARAMETER_UNITS", "reduced_chi2"]
 
 PARAMETER_NAMES = ("teff", "logg", "feh")
+NOISE_UNIT = 0.2
+"""The noise feature's unit: a normalised sigma of 0.2 (S/N 5) is 1."""
+NOISE_MASKED = 2.0
+"""The noise feature of a masked pixel (ivar 0), and its ceiling."""
 PARAMETER_UNITS = ("K", "dex", "dex")
 
 
@@ -69,6 +73,10 @@ class PhysFormerConfig:
     """How the encoder's tokens become one feature vector: "mean" or "flatten" (a linear map of all
     tokens, as in the SPT)."""
     n_latent: int = 4
+    noise_input: str = "none"
+    """"none": the encoder sees the flux only; "sigma": each token also embeds its pixels' noise,
+    ``min(sigma / NOISE_UNIT, NOISE_MASKED)`` from the input ivar (``NOISE_MASKED`` where a pixel
+    is masked), so the encoder knows how far to trust each part of the spectrum (issue 20)."""
     dropout: float = 0.1
     decoder: str = "physics"
     """"physics" (flux layer) or "plain" (the ablation)."""
@@ -125,6 +133,8 @@ class PhysFormerConfig:
     def __post_init__(self) -> None:
         if self.decoder not in ("physics", "plain"):
             raise ValueError(f"PhysFormerConfig.decoder must be 'physics' or 'plain', got {self.decoder!r}")
+        if self.noise_input not in ("none", "sigma"):
+            raise ValueError(f"PhysFormerConfig.noise_input must be 'none' or 'sigma', got {self.noise_input!r}")
         if self.pool not in ("mean", "flatten"):
             raise ValueError(f"PhysFormerConfig.pool must be 'mean' or 'flatten', got {self.pool!r}")
         if self.parameter_loss not in ("mse", "huber"):
@@ -164,6 +174,8 @@ class PhysFormer(nn.Module):
         c = self.config = config
         # encoder
         self.embed = nn.Linear(c.patch_size, c.d_model)
+        if c.noise_input == "sigma":
+            self.embed_noise = nn.Linear(c.patch_size, c.d_model)
         self.position = nn.Parameter(torch.zeros(1, c.n_tokens, c.d_model))
         nn.init.normal_(self.position, std=0.02)
         self.blocks = nn.ModuleList(Block(c.d_model, c.n_heads, c.ffn, "dot") for _ in range(c.depth))
@@ -217,13 +229,30 @@ class PhysFormer(nn.Module):
         return model.eval()
 
     # ---------------------------------------------------------------- encoder
-    def encode(self, flux: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """flux (B, P) -> (parameters in physical units (B, 3): Teff [K], logg, [Fe/H]; latent (B, L))."""
-        return self.encode_head(self.encode_features(flux), offset)
+    def encode(self, flux: torch.Tensor, offset: torch.Tensor, ivar: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """flux (B, P) (and its ivar, used with ``noise_input="sigma"``) -> (parameters in physical
+        units (B, 3): Teff [K], logg, [Fe/H]; latent (B, L))."""
+        return self.encode_head(self.encode_features(flux, ivar), offset)
 
-    def encode_features(self, flux: torch.Tensor) -> torch.Tensor:
-        """The deterministic part of the encoder: flux (B, P) -> pooled features (B, D)."""
-        tokens = encode_patches(self, flux)
+    def noise_tokens(self, ivar: torch.Tensor) -> torch.Tensor:
+        """ivar (B, P) -> the noise embedding of each token (B, N, D)."""
+        c = self.config
+        sigma = torch.rsqrt(ivar.clamp_min(1e-12)) / NOISE_UNIT
+        noise = torch.where(ivar > 0, sigma.clamp_max(NOISE_MASKED), torch.full_like(sigma, NOISE_MASKED))
+        pad = c.n_tokens * c.patch_size - c.n_pixels
+        if pad:
+            noise = F.pad(noise, (0, pad), value=NOISE_MASKED)
+        return self.embed_noise(noise.reshape(noise.shape[0], c.n_tokens, c.patch_size))
+
+    def encode_features(self, flux: torch.Tensor, ivar: torch.Tensor | None = None) -> torch.Tensor:
+        """The deterministic part of the encoder: flux (B, P) (and ivar) -> pooled features (B, D)."""
+        if self.config.noise_input == "sigma":
+            if ivar is None:
+                raise ValueError("this PhysFormer's encoder needs the ivar (noise_input='sigma')")
+            tokens = encode_patches(self, flux, extra=self.noise_tokens(ivar))
+        else:
+            tokens = encode_patches(self, flux)
         if self.config.pool == "flatten":
             return self.pool(self.norm(tokens).reshape(tokens.shape[0], -1))
         return self.norm(tokens.mean(dim=1))
@@ -286,15 +315,18 @@ class PhysFormer(nn.Module):
         return slice(start, start + c.train_window), slice(start + half, start + c.train_window - half)
 
     def forward(self, flux: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        params, latent = self.encode(flux, seed.reshape(1, 1).to(flux.dtype))
+        params, latent = self.encode(flux, seed.reshape(1, 1).to(flux.dtype), torch.ones_like(flux))
         return params, latent, self.generate(params, latent)
 
     def loss(self, flux: torch.Tensor, ivar: torch.Tensor, params_true: torch.Tensor,
-             encoder_flux: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Training loss; ``encoder_flux`` (default ``flux``) is what the encoder sees (augmented),
-        ``flux`` with ``ivar`` what the reconstructions are scored against."""
+             encoder_flux: torch.Tensor | None = None, encoder_ivar: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss; ``encoder_flux`` and ``encoder_ivar`` (default ``flux``, ``ivar``) are
+        what the encoder sees (augmented), ``flux`` with ``ivar`` what the reconstructions are
+        scored against."""
         c = self.config
-        params, latent = self.encode(flux if encoder_flux is None else encoder_flux, flux.new_zeros(()))
+        params, latent = self.encode(flux if encoder_flux is None else encoder_flux, flux.new_zeros(()),
+                                     ivar if encoder_ivar is None else encoder_ivar)
         window, scored = self.training_window()
         inner = slice(scored.start - window.start, scored.stop - window.start) if window.start is not None else scored
         flux, ivar = flux[:, scored], ivar[:, scored]
@@ -332,7 +364,7 @@ class PhysFormerInference(nn.Module):
 
     def forward(self, flux: torch.Tensor, ivar: torch.Tensor, n_samples: torch.Tensor, seed: torch.Tensor):
         m = self.model
-        features = TileSamples.apply(m.encode_features(flux), n_samples)
+        features = TileSamples.apply(m.encode_features(flux, ivar), n_samples)
         params, latent = m.encode_head(features, seed.reshape(1, 1).to(flux.dtype))
         samples = params.reshape(-1, flux.shape[0], 3)                      # (T, B, 3)
         latent = latent.reshape(-1, flux.shape[0], m.config.n_latent).mean(dim=0)

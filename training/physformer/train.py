@@ -87,9 +87,11 @@ def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: Bench
 
 
 def physformer_predict(model: PhysFormer, flux: np.ndarray, n_samples: int, seed: int = 0,
-                       batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                       batch_size: int = 64, ivar: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """MC mean and std (calibrated: times ``model.std_scale``) of the parameters, the mean latent and
-    the reconstruction from the mean."""
+    the reconstruction from the mean. ``ivar`` (default: 1 everywhere, i.e. S/N set by the flux
+    scale) is what a noise-aware encoder is told."""
     model.eval()
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -98,7 +100,8 @@ def physformer_predict(model: PhysFormer, flux: np.ndarray, n_samples: int, seed
         with torch.no_grad():
             for lo in range(0, flux.shape[0], batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(flux[lo:lo + batch_size]))
-                draws = [model.encode(x, torch.zeros(())) for _ in range(n_samples)]
+                iv = torch.ones_like(x) if ivar is None else torch.from_numpy(np.ascontiguousarray(ivar[lo:lo + batch_size]))
+                draws = [model.encode(x, torch.zeros(()), iv) for _ in range(n_samples)]
                 p = torch.stack([d[0] for d in draws])              # (T, b, 3)
                 z = torch.stack([d[1] for d in draws]).mean(0)
                 logt = torch.log10(p[..., :1])
@@ -121,7 +124,8 @@ def calibrate(model: PhysFormer, bench: BenchmarkSet, n_samples: int, seed: int 
     val = bench.split_indices("validation")
     truth = bench.arrays["labels"][val]
     model.std_scale.fill_(1.0)
-    mean, std, _, _ = physformer_predict(model, inputs(bench, val)[0], n_samples, seed=seed)
+    flux, ivar = inputs(bench, val)
+    mean, std, _, _ = physformer_predict(model, flux, n_samples, seed=seed, ivar=ivar)
     ratio = np.abs(truth - mean) / np.maximum(std, 1e-12)
     scale = np.quantile(ratio, ONE_SIGMA, axis=0)
     model.std_scale.copy_(torch.from_numpy(scale.astype(np.float32)))
