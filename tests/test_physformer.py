@@ -158,3 +158,32 @@ def test_training_window_generates_exactly_the_full_grid_pixels():
     assert len({w.start for w, _ in windows}) > 10
     # evaluation always sees the whole grid
     assert model.eval().training_window() == (slice(None), slice(None))
+
+
+def test_noise_aware_encoder_reads_the_ivar_and_is_trained_through_it():
+    """noise_input='sigma': the same flux told a different noise gives other parameters, a masked
+    pixel counts as the noisiest, the noise embedding gets gradients, and the encoder refuses to
+    run without an ivar."""
+    torch.manual_seed(0)
+    model = PhysFormer(PhysFormerConfig(n_pixels=300, patch_size=32, d_model=16, n_heads=2, depth=1, ffn=32,
+                                        encoder_hidden=16, decoder_hidden=32, n_layers=8, n_components=4, n_nodes=4,
+                                        noise_input="sigma", dropout=0.0)).eval()
+    flux = 1.0 + 0.01 * torch.randn(2, 300)
+    quiet, noisy = torch.full((2, 300), 1e4), torch.full((2, 300), 25.0)  # S/N 100 and 5
+    with torch.no_grad():
+        a = model.encode(flux, torch.zeros(()), quiet)[0]
+        b = model.encode(flux, torch.zeros(()), noisy)[0]
+        assert not torch.allclose(a, b)
+        masked = quiet.clone()
+        masked[:, :64] = 0.0
+        ceiling = quiet.clone()
+        ceiling[:, :64] = 1e-6  # sigma far above the ceiling: the same feature as masked
+        torch.testing.assert_close(model.noise_tokens(masked), model.noise_tokens(ceiling))
+    with pytest.raises(ValueError, match="needs the ivar"):
+        model.encode_features(flux)
+    model.train()
+    loss, _ = model.loss(flux, quiet, torch.tensor([[5000.0, 4.5, 0.0]] * 2), encoder_ivar=noisy)
+    loss.backward()
+    assert float(model.embed_noise.weight.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="noise_input"):
+        PhysFormerConfig(noise_input="snr")
