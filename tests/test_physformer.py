@@ -108,6 +108,13 @@ def test_quick_training_writes_a_report_with_every_row(tmp_path, capsys):
     assert len(scale) == 3 and all(np.isfinite(v) and v > 0 for v in scale)
     np.testing.assert_allclose(checkpoint["state_dict"]["std_scale"].numpy(), scale, rtol=1e-6)
     assert all(0.4 <= c <= 0.9 for c in pf["uncertainty"]["coverage_1sigma"].values()), pf["uncertainty"]
+    # coverage and spread per S/N bin (constant raw noise); the native row matches the one above
+    by_snr = pf["uncertainty_by_snr"]
+    assert set(by_snr) == {"native", *report["snr_levels"]}
+    assert by_snr["native"]["all"]["coverage_1sigma"] == pytest.approx(pf["uncertainty"]["coverage_1sigma"])
+    for s in report["snr_levels"]:
+        assert by_snr[s]["fgk"]["n"] > 0 and all(0 <= c <= 1 for c in by_snr[s]["fgk"]["coverage_1sigma"].values())
+        assert all(v > 0 for v in by_snr[s]["fgk"]["median_std"].values())
     # re-evaluation from the run folder gives the same baseline numbers
     assert main(["eval", "physformer", "--run", str(run)]) == 0
     again = json.loads((run / "report.json").read_text())

@@ -73,6 +73,11 @@ def headline(report: Mapping[str, Any]) -> str:
     pf = report["rows"]["physformer"]
     lines.append("physformer in box at S/N " + ", ".join(f"{s}: {pf['snr'][s]['in_box_fraction']:.3f}" for s in levels)
                  + "; non-stellar inputs: " + ", ".join(f"{k} {v:.3f}" for k, v in report["in_box_non_stellar"].items()))
+    by_snr = pf.get("uncertainty_by_snr", {})
+    if by_snr:
+        lines.append("FGK 1-sigma coverage Teff/logg/[Fe/H] by S/N: " + ", ".join(
+            f"{s} " + "/".join(f"{v['fgk']['coverage_1sigma'][k]:.2f}" for k in ("teff", "logg", "feh"))
+            for s, v in by_snr.items()))
     chi2 = pf["reduced_chi2"]
     lines.append(f"reduced chi-square p10/p50/p90: {chi2['p10']:.2f}/{chi2['p50']:.2f}/{chi2['p90']:.2f}; generation "
                  f"median residual rms {report['generation']['median_residual_rms']:.4f}")

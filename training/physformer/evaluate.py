@@ -186,6 +186,37 @@ def summarise(truth: np.ndarray, predictions: Mapping[str, np.ndarray], bounds: 
     return row
 
 
+def coverage(truth: np.ndarray, mean: np.ndarray, std: np.ndarray) -> dict[str, Any]:
+    """1-sigma coverage and median std per label, over all and over FGK stars (rows with a
+    prediction only)."""
+    applies = np.isfinite(mean).all(axis=1)
+    truth, mean, std = truth[applies], mean[applies], std[applies]
+    out: dict[str, Any] = {}
+    for group, sel in (("all", np.ones(len(truth), bool)), ("fgk", truth[:, 0] < FGK_TEFF_MAX)):
+        inside = np.abs(mean[sel] - truth[sel]) <= std[sel]
+        out[group] = {"n": int(sel.sum()),
+                      "coverage_1sigma": dict(zip(PARAMETER_NAMES, map(float, inside.mean(0)))),
+                      "median_std": dict(zip(PARAMETER_NAMES, map(float, np.median(std[sel], axis=0))))}
+    return out
+
+
+def uncertainty_by_snr(model: PhysFormer, variants: Mapping[str, tuple], truth: np.ndarray,
+                       config: PhysFormerEvalConfig) -> dict[str, Any]:
+    """:func:`coverage` at native S/N and at each S/N level of constant raw noise: whether the MC
+    uncertainties grow with the noise and stay calibrated in every S/N bin (issue 20)."""
+    out: dict[str, Any] = {}
+    keys = [("native", "native")] + [(f"{s:g}", variant_key("constant", s)) for s in config.snr_levels]
+    for name, key in keys:
+        if key not in variants:
+            continue
+        f, iv, ok = variants[key]
+        mean, std, _, _ = physformer_predict(model, f, config.mc_samples, config.seed, config.batch_size, ivar=iv)
+        mean, std = mean.astype(np.float64), std.astype(np.float64)
+        mean[~ok] = np.nan
+        out[name] = coverage(truth, mean, std)
+    return out
+
+
 def check_target(rows: Mapping[str, Mapping[str, Any]], levels: list[str], extra_box: Mapping[str, float]) -> dict:
     pf = rows["physformer"]
     native = pf["native"]["fgk"]["mae"]
@@ -269,6 +300,7 @@ def evaluate_physformer(model: PhysFormer, bench: BenchmarkSet, run_dir: str | P
         "median_std": dict(zip(PARAMETER_NAMES, map(float, np.median(std, axis=0)))),
         "coverage_1sigma": dict(zip(PARAMETER_NAMES, map(float, np.mean(np.abs(mean - truth) <= std, axis=0)))),
     }
+    rows["physformer"]["uncertainty_by_snr"] = uncertainty_by_snr(model, variants, truth, config)
     rows["physformer"]["reduced_chi2"] = {f"p{q}": float(np.percentile(chi2, q)) for q in (10, 25, 50, 75, 90)}
     with torch.no_grad():
         generated = model.generate(torch.from_numpy(truth.astype(np.float32))).numpy()
