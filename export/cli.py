@@ -170,7 +170,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds to wait for the server to answer with a model ready (default 10)")
     ana.add_argument("--quiet", action="store_true", help="no progress line (there is none when stderr is not a terminal)")
     ana.add_argument("--server", default="localhost:8001", help="HOST:PORT (default localhost:8001)")
-    ana.add_argument("--out", type=Path, help="catalogue to write: .csv, .ecsv, or .fits/.fit for a FITS table")
+    ana.add_argument("--out", type=Path, help="catalogue to write as rows arrive: .csv, .ecsv, .parquet, or .fits/.fit "
+                                              "for a FITS table")
     ana.add_argument("--models", default="", help="comma-separated model names (default: every applicable model)")
     ana.add_argument("--batch", type=int, default=64, help="spectra per stream message")
     ana.add_argument("--mc-samples", type=int, default=0,
@@ -188,7 +189,8 @@ def _parser() -> argparse.ArgumentParser:
     wat = sub.add_parser("watch", help="stream every spectrum file that appears in a folder to a server")
     wat.add_argument("folder", type=Path)
     wat.add_argument("--out", type=Path, required=True,
-                     help="catalogue to append to (.fits/.fit for a FITS table, .ecsv, else CSV); read back to resume")
+                     help="catalogue to append to (.fits/.fit for a FITS table, .parquet, .ecsv, else CSV); read "
+                          "back to resume")
     wat.add_argument("--server", default="localhost:8001", help="HOST:PORT (default localhost:8001)")
     wat.add_argument("--rejects", type=Path, help="unreadable files and why (default CATALOGUE.rejects.tsv)")
     wat.add_argument("--pattern", default="*", help="file name pattern in the folder (default *)")
