@@ -194,3 +194,45 @@ def test_noise_aware_encoder_reads_the_ivar_and_is_trained_through_it():
     assert float(model.embed_noise.weight.grad.abs().sum()) > 0
     with pytest.raises(ValueError, match="noise_input"):
         PhysFormerConfig(noise_input="snr")
+
+
+def test_std_factor_interpolates_the_calibration_table_in_log_snr():
+    """The S/N calibration factor: the table's row at a knot, linear in log10 S/N between knots,
+    constant beyond the end knots; the S/N comes from the ivar's usable pixels only."""
+    from specserve.training.physformer.model import STD_KNOTS_SNR
+
+    model = _tiny()
+    table = torch.arange(len(STD_KNOTS_SNR) * 3, dtype=torch.float32).reshape(-1, 3) + 1.0
+    model.std_table.copy_(table)
+
+    def at(snr: float) -> torch.Tensor:
+        ivar = torch.full((1, 300), snr ** 2)
+        ivar[:, :50] = 0.0  # masked pixels do not count
+        return model.std_factor(ivar)[0]
+
+    for k, snr in enumerate(STD_KNOTS_SNR):
+        torch.testing.assert_close(at(snr), table[k])
+    mid = 10 ** ((np.log10(20.0) + np.log10(50.0)) / 2)
+    torch.testing.assert_close(at(mid), (table[2] + table[3]) / 2)
+    torch.testing.assert_close(at(1.0), table[0])
+    torch.testing.assert_close(at(5000.0), table[-1])
+
+
+def test_snr_calibration_of_a_noise_aware_run(tmp_path, capsys):
+    """A quick noise-aware run calibrated per S/N: a positive factor per parameter and knot in the
+    checkpoint, used by the report's per-S/N coverage."""
+    import json
+
+    from specserve.export.cli import main
+    from specserve.training.trainer import load_checkpoint
+
+    run = tmp_path / "run"
+    assert main(["train", "physformer", "--quick", "--no-ablation", "--out", str(run), "--set", "noise_input=sigma",
+                 "--set", "calibration=snr"]) == 0
+    checkpoint = load_checkpoint(run / "checkpoint.pt")
+    table = np.asarray(checkpoint["calibration"]["std_table"])
+    assert table.shape == (6, 3) and np.all(np.isfinite(table)) and np.all(table > 0)
+    np.testing.assert_allclose(checkpoint["state_dict"]["std_table"].numpy(), table, rtol=1e-6)
+    assert "FGK 1-sigma coverage" in capsys.readouterr().out
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["rows"]["physformer"]["uncertainty_by_snr"]) == {"native", "100", "50", "20", "10", "5"}

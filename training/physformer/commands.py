@@ -35,7 +35,12 @@ def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParse
                             "PhysFormerConfig", f"{QUICK_TRAIN_SPECTRA} training spectra and a tiny network", cmd_train)
     cmd.add_argument("--no-ablation", dest="ablation", action="store_false",
                      help="skip the plain-decoder ablation (its report row stays empty)")
-    add_eval_command(eval_sub, "physformer", "re-evaluate a PhysFormer run on the 'stars' set", cmd_eval)
+    ev = add_eval_command(eval_sub, "physformer", "re-evaluate a PhysFormer run on the 'stars' set", cmd_eval)
+    ev.add_argument("--recalibrate", action="store_true",
+                    help="fit the run's uncertainty calibration again and save it in its checkpoint before "
+                         "evaluating (with --set calibration=snr: per S/N)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --recalibrate: change a calibration field of the run's config (calibration=snr)")
 
 
 def quick_config(config: Any = None) -> Any:
@@ -144,6 +149,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, checkpoint = loaded
     ablation = _load(Path(args.run) / "ablations" / ABLATION)
     bench = load_set("stars", args.cache)
+    if getattr(args, "recalibrate", False):
+        from specserve.training.physformer.model import PhysFormer
+        from specserve.training.physformer.train import calibrate
+
+        overrides = dict(item.split("=", 1) for item in args.overrides)
+        if set(overrides) - {"calibration"}:
+            raise SpecserveError(f"--set with --recalibrate takes calibration=... only, got {sorted(overrides)}")
+        if overrides:
+            config = dataclasses.replace(model.config, **overrides)
+            state = model.state_dict()
+            model = PhysFormer(config)
+            model.load_state_dict(state)
+            model.eval()
+        from specserve.training.trainer import CHECKPOINT_NAME, update_checkpoint
+
+        calibration = calibrate(model, bench, model.config.mc_samples, model.config.seed)
+        update_checkpoint(Path(args.run) / CHECKPOINT_NAME, model, calibration=calibration,
+                          model_config=model.config.to_dict())
+        if "std_table" in calibration:
+            print("calibration factors by S/N " + ", ".join(
+                f"{snr:g}: " + "/".join(f"{v:.2f}" for v in row)
+                for snr, row in zip(calibration["std_knots_snr"], calibration["std_table"])))
+        else:
+            print("calibration factors " + "/".join(f"{v:.2f}" for v in calibration["std_scale"]))
     indices = checkpoint.get("config", {}).get("data", {}).get("train_indices")
     report = evaluate_physformer(model, bench, args.run, PhysFormerEvalConfig(mc_samples=model.config.mc_samples),
                                  train_indices=None if indices is None else np.asarray(indices),

@@ -53,6 +53,9 @@ NOISE_UNIT = 0.2
 """The noise feature's unit: a normalised sigma of 0.2 (S/N 5) is 1."""
 NOISE_MASKED = 2.0
 """The noise feature of a masked pixel (ivar 0), and its ceiling."""
+STD_KNOTS_SNR = (5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
+"""S/N knots of the uncertainty calibration: the MC spread is multiplied by a factor per parameter
+interpolated (linearly in log10 S/N, constant beyond the end knots) from a table at these S/N."""
 PARAMETER_UNITS = ("K", "dex", "dex")
 
 
@@ -77,6 +80,10 @@ class PhysFormerConfig:
     """"none": the encoder sees the flux only; "sigma": each token also embeds its pixels' noise,
     ``min(sigma / NOISE_UNIT, NOISE_MASKED)`` from the input ivar (``NOISE_MASKED`` where a pixel
     is masked), so the encoder knows how far to trust each part of the spectrum (issue 20)."""
+    calibration: str = "constant"
+    """How the MC spread is calibrated on the validation split after training: "constant" (one
+    factor per parameter) or "snr" (a factor per parameter and S/N knot, fitted on the validation
+    spectra with raw noise added; :func:`~specserve.training.physformer.train.calibrate`)."""
     dropout: float = 0.1
     decoder: str = "physics"
     """"physics" (flux layer) or "plain" (the ablation)."""
@@ -133,6 +140,8 @@ class PhysFormerConfig:
     def __post_init__(self) -> None:
         if self.decoder not in ("physics", "plain"):
             raise ValueError(f"PhysFormerConfig.decoder must be 'physics' or 'plain', got {self.decoder!r}")
+        if self.calibration not in ("constant", "snr"):
+            raise ValueError(f"PhysFormerConfig.calibration must be 'constant' or 'snr', got {self.calibration!r}")
         if self.noise_input not in ("none", "sigma"):
             raise ValueError(f"PhysFormerConfig.noise_input must be 'none' or 'sigma', got {self.noise_input!r}")
         if self.pool not in ("mean", "flatten"):
@@ -213,6 +222,9 @@ class PhysFormer(nn.Module):
         # per-parameter factor on the MC spread, fitted on the validation split after training
         # (physformer_train.calibrate): MC dropout alone under-covers
         self.register_buffer("std_scale", torch.ones(3))
+        # and by a factor per S/N (the MC spread barely grows with the noise): (knots, 3), ones until calibrated
+        self.register_buffer("std_knots", torch.log10(torch.tensor(STD_KNOTS_SNR)))
+        self.register_buffer("std_table", torch.ones(len(STD_KNOTS_SNR), 3))
         lo = torch.tensor([math.log10(c.teff_min), c.logg_min, c.feh_min])
         hi = torch.tensor([math.log10(c.teff_max), c.logg_max, c.feh_max])
         self.register_buffer("box_low", lo)
@@ -225,6 +237,8 @@ class PhysFormer(nn.Module):
         model = cls(PhysFormerConfig(**checkpoint["model_config"]))
         state = dict(checkpoint["state_dict"])
         state.setdefault("std_scale", torch.ones(3))  # runs from before the calibration existed
+        state.setdefault("std_knots", model.std_knots.clone())  # ... and before it depended on S/N
+        state.setdefault("std_table", torch.ones(len(STD_KNOTS_SNR), 3))
         model.load_state_dict(state)
         return model.eval()
 
@@ -266,6 +280,25 @@ class PhysFormer(nn.Module):
         # float32 rounding of 10 ** log10(edge) may step just outside the box: clip to it
         params = torch.minimum(torch.maximum(params, self.box_min), self.box_max)
         return params, torch.tanh(raw[:, 3:])
+
+    @staticmethod
+    def log_snr(ivar: torch.Tensor) -> torch.Tensor:
+        """A spectrum's S/N from its ivar (normalised flux ~ 1): log10 of the mean sqrt(ivar) over
+        its usable pixels, (B,)."""
+        good = (ivar > 0).to(ivar.dtype)
+        mean = (torch.sqrt(ivar.clamp_min(0.0)) * good).sum(-1) / good.sum(-1).clamp_min(1.0)
+        return torch.log10(mean.clamp_min(1e-3))
+
+    def std_factor(self, ivar: torch.Tensor) -> torch.Tensor:
+        """The calibration factor of the MC spread at each spectrum's S/N: (B, 3), linear in
+        log10 S/N between the knots (hat weights), constant beyond them."""
+        knots = self.std_knots
+        x = torch.minimum(torch.maximum(self.log_snr(ivar), knots[0]), knots[-1]).unsqueeze(-1)   # (B, 1)
+        width = torch.cat([knots[1:] - knots[:-1], knots[-1:] - knots[-2:-1]])                  # (K,)
+        left = torch.cat([knots[1:2] - knots[:1], knots[1:] - knots[:-1]])
+        d = x - knots
+        weights = torch.clamp(1.0 - torch.where(d >= 0, d / width, -d / left), min=0.0)          # (B, K)
+        return weights @ self.std_table / weights.sum(-1, keepdim=True).clamp_min(1e-6)
 
     def standardise(self, params: torch.Tensor) -> torch.Tensor:
         """(B, 3) physical -> standardised (log10 Teff, logg, [Fe/H])."""
@@ -377,7 +410,7 @@ class PhysFormerInference(nn.Module):
         d_teff, d_rest = log_teff - log_teff[:1], rest - rest[:1]
         teff_std = teff * math.log(10.0) * torch.sqrt(((d_teff - d_teff.mean(dim=0)) ** 2).mean(dim=0))
         rest_std = torch.sqrt(((d_rest - d_rest.mean(dim=0)) ** 2).mean(dim=0))
-        std = torch.cat([teff_std, rest_std], dim=1) * m.std_scale
+        std = torch.cat([teff_std, rest_std], dim=1) * m.std_scale * m.std_factor(ivar)
         spectrum = m.generate(mean, latent)
         return mean, std, reduced_chi2(spectrum, flux, ivar), spectrum, samples
 

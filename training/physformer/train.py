@@ -106,7 +106,8 @@ def physformer_predict(model: PhysFormer, flux: np.ndarray, n_samples: int, seed
                 z = torch.stack([d[1] for d in draws]).mean(0)
                 logt = torch.log10(p[..., :1])
                 mean = torch.cat([10 ** logt.mean(0), p[..., 1:].mean(0)], dim=1)
-                std = torch.cat([mean[:, :1] * np.log(10) * logt.std(0), p[..., 1:].std(0)], dim=1) * model.std_scale
+                std = (torch.cat([mean[:, :1] * np.log(10) * logt.std(0), p[..., 1:].std(0)], dim=1)
+                       * model.std_scale * model.std_factor(iv))
                 means.append(mean.numpy())
                 stds.append(std.numpy())
                 latents.append(z.numpy())
@@ -116,7 +117,20 @@ def physformer_predict(model: PhysFormer, flux: np.ndarray, n_samples: int, seed
     return np.concatenate(means), np.concatenate(stds), np.concatenate(latents), np.concatenate(recon)
 
 
+CALIBRATION_SNR = (5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
+"""Raw-noise S/N levels of the validation spectra the S/N-dependent calibration is fitted on (with
+the native ones)."""
+
+
 def calibrate(model: PhysFormer, bench: BenchmarkSet, n_samples: int, seed: int = 0) -> dict[str, Any]:
+    """Calibrate the MC spread on the validation split, by the model's ``calibration``:
+    :func:`calibrate_constant` or :func:`calibrate_snr`; returns the numbers."""
+    if model.config.calibration == "snr":
+        return calibrate_snr(model, bench, n_samples, seed)
+    return calibrate_constant(model, bench, n_samples, seed)
+
+
+def calibrate_constant(model: PhysFormer, bench: BenchmarkSet, n_samples: int, seed: int = 0) -> dict[str, Any]:
     """Set ``model.std_scale`` so that on the validation split 68.27 % of the catalogue values lie
     within one calibrated std of the MC mean (per parameter); returns the numbers."""
     from specserve.training.common import ONE_SIGMA
@@ -124,6 +138,7 @@ def calibrate(model: PhysFormer, bench: BenchmarkSet, n_samples: int, seed: int 
     val = bench.split_indices("validation")
     truth = bench.arrays["labels"][val]
     model.std_scale.fill_(1.0)
+    model.std_table.fill_(1.0)
     flux, ivar = inputs(bench, val)
     mean, std, _, _ = physformer_predict(model, flux, n_samples, seed=seed, ivar=ivar)
     ratio = np.abs(truth - mean) / np.maximum(std, 1e-12)
@@ -131,3 +146,73 @@ def calibrate(model: PhysFormer, bench: BenchmarkSet, n_samples: int, seed: int 
     model.std_scale.copy_(torch.from_numpy(scale.astype(np.float32)))
     return {"std_scale": [float(v) for v in scale], "n_samples": n_samples, "split": "validation",
             "raw_coverage_1sigma": [float(v) for v in np.mean(ratio <= 1.0, axis=0)]}
+
+
+def calibrate_snr(model: PhysFormer, bench: BenchmarkSet, n_samples: int, seed: int = 0) -> dict[str, Any]:
+    """Calibrate the MC spread on the validation split, as a function of S/N (issue 20): the
+    validation spectra at native S/N and with raw noise at :data:`CALIBRATION_SNR`, through the
+    serving pipeline; at each knot of ``model.std_knots`` the factor per parameter is the weighted
+    68.27 % quantile of ``|truth - mean| / raw std``, each spectrum weighted by its hat weight at
+    its own S/N (:meth:`PhysFormer.std_factor`), so that 68.27 % of the catalogue values lie within
+    one std in every S/N bin. ``std_scale`` is 1. Returns the numbers."""
+    from specserve.training.common import ONE_SIGMA
+    from specserve.training.inputs import evaluation_variants, torch_inputs
+
+    val = bench.split_indices("validation")
+    truth = bench.arrays["labels"][val]
+    model.std_scale.fill_(1.0)
+    model.std_table.fill_(1.0)
+    ratios, weights, log_snr = [], [], []
+    for key, raws in evaluation_variants(bench, val, CALIBRATION_SNR, seed + 101, perturbations=False).items():
+        if key.startswith("snr_photon"):
+            continue
+        prepared, ok = torch_inputs(bench, raws)
+        flux, ivar = prepared.model_flux()[ok], prepared.model_ivar()[ok]
+        mean, std, _, _ = physformer_predict(model, flux, n_samples, seed=seed, ivar=ivar)
+        ratios.append(np.abs(truth[ok] - mean) / np.maximum(std, 1e-12))
+        with torch.no_grad():
+            iv = torch.from_numpy(ivar)
+            log_snr.append(model.log_snr(iv).numpy())
+            weights.append(_hat_weights(model, iv))
+    ratio, weight, x = np.concatenate(ratios), np.concatenate(weights), np.concatenate(log_snr)
+    table = np.ones((weight.shape[1], 3))
+    support = weight.sum(0)
+    for k in range(weight.shape[1]):
+        if support[k] < 5.0:  # too few spectra near this knot: filled from its neighbours below
+            table[k] = np.nan
+            continue
+        for j in range(3):
+            table[k, j] = _weighted_quantile(ratio[:, j], weight[:, k], ONE_SIGMA)
+    for k in range(len(table)):  # a knot without support takes the nearest supported one's factors
+        if np.isnan(table[k, 0]):
+            supported = [i for i in range(len(table)) if not np.isnan(table[i, 0])]
+            table[k] = table[min(supported, key=lambda i: abs(i - k))]
+    model.std_table.copy_(torch.from_numpy(table.astype(np.float32)))
+    raw_coverage = np.mean(ratio <= 1.0, axis=0)
+    return {"std_scale": [1.0, 1.0, 1.0], "std_table": table.tolist(),
+            "std_knots_snr": [float(10 ** v) for v in model.std_knots], "n_samples": n_samples,
+            "split": "validation", "snr_levels": ["native", *map(float, CALIBRATION_SNR)],
+            "knot_support": [float(v) for v in support],
+            "log10_snr_range": [float(x.min()), float(x.max())],
+            "raw_coverage_1sigma": [float(v) for v in raw_coverage]}
+
+
+def _hat_weights(model: PhysFormer, ivar: torch.Tensor) -> np.ndarray:
+    """Each spectrum's interpolation weight at each knot (B, K), as :meth:`PhysFormer.std_factor` uses them."""
+    table = model.std_table.clone()
+    try:
+        out = []
+        for k in range(table.shape[0]):
+            model.std_table.zero_()
+            model.std_table[k] = 1.0
+            out.append(model.std_factor(ivar)[:, 0].numpy())
+        return np.stack(out, axis=1)
+    finally:
+        model.std_table.copy_(table)
+
+
+def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    order = np.argsort(values)
+    v, w = values[order], weights[order]
+    cumulative = np.cumsum(w)
+    return float(np.interp(q * cumulative[-1], cumulative, v))
