@@ -82,7 +82,7 @@ from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
 
 from specserve.runtime.errors import InvalidSpectrumError, SpectrumReadError
-from specserve.runtime.preprocess import air_to_vacuum, estimate_snr
+from specserve.runtime.preprocess import air_to_vacuum, estimated_ivar
 from specserve.runtime.spectrum import Spectrum, SpectrumMeta
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,6 @@ LAMOST_LRS_RESOLUTION = 1800.0
 LAMOST_MRS_RESOLUTION = 7500.0
 SDSS_RESOLUTION = 2000.0
 STELIB_FWHM = 3.0
-MAX_ESTIMATED_SNR = 1000.0
 
 APOGEE_RESOLUTION = 22500.0
 APOGEE_TELESCOPES = ("apo25m", "lco25m", "apo1m")
@@ -404,18 +403,9 @@ def _wave_column(cols: dict[str, str]) -> str | None:
 
 
 def _estimate_ivar(flux: np.ndarray) -> np.ndarray:
-    """Constant inverse variance from DER_SNR for spectra that carry no errors."""
-    finite = np.isfinite(flux)
-    scale = float(np.median(np.abs(flux[finite]))) if finite.any() else 0.0
-    if not np.isfinite(scale) or scale <= 0:
-        return np.zeros_like(flux, dtype=np.float64)
-    snr = MAX_ESTIMATED_SNR
-    if np.count_nonzero(finite) >= 16:  # DER_SNR needs a few clean triplets
-        snr = float(estimate_snr(np.where(finite, flux, 0.0), mask=~finite, method="der_snr"))
-    if not np.isfinite(snr) or snr <= 0 or snr > MAX_ESTIMATED_SNR:
-        snr = MAX_ESTIMATED_SNR
-    sigma = scale / snr
-    return np.full(flux.shape, 1.0 / sigma**2)
+    """Constant inverse variance from DER_SNR for spectra that carry no errors (0 where the flux is
+    not finite: those pixels are masked anyway)."""
+    return estimated_ivar(flux)
 
 
 def _lamost_meta(header: fits.Header, path: Path, fmt: str, resolution: float, **extra) -> SpectrumMeta:

@@ -28,7 +28,7 @@ import numpy as np
 
 from specserve.runtime.contract import fill_masked
 from specserve.runtime.errors import InvalidSpectrumError
-from specserve.runtime.preprocess import Preprocessing
+from specserve.runtime.preprocess import Preprocessing, estimated_ivar
 from specserve.runtime.spectrum import Spectrum, SpectrumInput, SpectrumMeta
 
 MIN_COVERAGE = 0.75
@@ -80,8 +80,17 @@ class Prepared:
         return fill_masked(self.flux, self.mask)
 
     def model_ivar(self) -> np.ndarray:
-        """(N, P) float32: the ``ivar`` input, 0 at unusable pixels and for unknown noise."""
-        return np.where(self.mask | ~self.has_ivar[:, None], 0.0, self.ivar).astype(np.float32)
+        """(N, P) float32: the ``ivar`` input, 0 at unusable pixels. A spectrum sent without ivar
+        gets a constant one estimated from its normalised flux (DER_SNR,
+        :func:`~specserve.runtime.preprocess.estimated_ivar`), as the readers do for files without
+        errors: a noise-aware model needs a noise level, and the ivar of 1 in the client's flux
+        units is none. :attr:`has_ivar` still says which spectra brought their own (a reduced
+        chi-square is reported only for those)."""
+        ivar = np.where(self.mask, 0.0, self.ivar)
+        unknown = np.flatnonzero(~self.has_ivar)
+        if unknown.size:
+            ivar[unknown] = estimated_ivar(self.flux[unknown], self.mask[unknown])
+        return ivar.astype(np.float32)
 
     def rows(self, index: np.ndarray | Sequence[int]) -> "Prepared":
         idx = np.asarray(index, dtype=np.intp)

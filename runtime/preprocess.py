@@ -590,6 +590,34 @@ def estimate_snr(flux: ArrayLike, ivar: ArrayLike | None = None, mask: ArrayLike
     return float(snr[0]) if one_d else snr
 
 
+MAX_ESTIMATED_SNR = 1000.0
+"""The ceiling of an S/N estimated from the flux alone (a noiseless or synthetic spectrum)."""
+
+
+def estimated_ivar(flux: ArrayLike, mask: ArrayLike | None = None) -> NDArray[np.float64]:
+    """A constant inverse variance per spectrum, from its flux alone, for spectra that carry no
+    errors: ``(snr / median|flux|)^2`` with the DER_SNR estimate (at most
+    :data:`MAX_ESTIMATED_SNR`); 0 at masked pixels and for a spectrum with no usable level. Same
+    shape as ``flux`` (1-D or (N, P))."""
+    f = np.asarray(flux, dtype=np.float64)
+    one_d = f.ndim == 1
+    f = np.atleast_2d(f)
+    bad = ~np.isfinite(f) if mask is None else (np.atleast_2d(np.asarray(mask, dtype=bool)) | ~np.isfinite(f))
+    out = np.zeros_like(f)
+    for i in range(f.shape[0]):
+        good = ~bad[i]
+        scale = float(np.median(np.abs(f[i][good]))) if good.any() else 0.0
+        if not np.isfinite(scale) or scale <= 0:
+            continue
+        snr = MAX_ESTIMATED_SNR
+        if np.count_nonzero(good) >= 16:  # DER_SNR needs a few clean triplets
+            snr = float(estimate_snr(np.where(good, f[i], 0.0), mask=bad[i], method="der_snr"))
+        if not np.isfinite(snr) or snr <= 0 or snr > MAX_ESTIMATED_SNR:
+            snr = MAX_ESTIMATED_SNR
+        out[i, good] = (snr / scale) ** 2
+    return out[0] if one_d else out
+
+
 def add_noise(flux: ArrayLike, ivar: ArrayLike | None, snr: ArrayLike, rng: np.random.Generator,
               mask: ArrayLike | None = None) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """Add Gaussian noise so every good pixel has S/N ``snr`` (scalar or (N,)).

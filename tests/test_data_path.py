@@ -136,3 +136,33 @@ def test_perturbations_act_on_raw_spectra():
     assert core == pytest.approx(5000.0, abs=1.0)
     linear = resample_native(raw, 1.0, linear=True)
     assert np.allclose(np.diff(linear.wavelength), np.diff(linear.wavelength)[0])
+
+
+def test_a_spectrum_sent_without_ivar_gets_an_estimated_noise_level():
+    """No ivar from the client: the model input's ivar is a constant estimated from the normalised
+    flux (DER_SNR), near the true 1/sigma^2, and 0 at masked pixels; has_ivar stays False (no
+    chi-square is reported for it); a spectrum with its own ivar keeps it."""
+    from specserve.runtime.preprocess import LogLinearGrid, Preprocessing
+
+    grid = LogLinearGrid.from_range(4000, 6000, step=1e-4, resolution=1800)
+    recipe = Preprocessing(grid)
+    wave = np.geomspace(3900, 6100, 5000)
+    rng = np.random.default_rng(0)
+    snr = 50.0
+    flux = 100.0 * (1 + 0.1 * np.sin(wave / 300)) + rng.normal(0, 100.0 / snr, wave.size)
+    mask = np.zeros(wave.size, bool)
+    mask[1000:1100] = True
+    blind = SpectrumInput("blind", wave, flux, mask=mask)
+    told = SpectrumInput("told", wave, flux, ivar=np.full(wave.size, (snr / 100.0) ** 2), mask=mask)
+    prepared = prepare(recipe, [checked(blind), checked(told)])
+    assert list(prepared.has_ivar) == [False, True]
+    ivar = prepared.model_ivar()
+    usable = ~prepared.mask[0]
+    assert np.all(ivar[0][~usable] == 0) and (~usable).any()
+    values = np.unique(ivar[0][usable])
+    assert values.size == 1  # one constant per spectrum
+    # the normalised flux is ~1, so the estimate is ~snr^2 (resampling onto the grid changes the
+    # per-pixel noise a little; the told spectrum's own ivar shows by how much)
+    told_level = np.median(ivar[1][usable])
+    assert 0.6 < values[0] / told_level < 1.6, (values[0], told_level)
+    assert 0.3 * snr**2 < values[0] < 3 * snr**2

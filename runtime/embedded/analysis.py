@@ -155,7 +155,7 @@ class Analyzer:
             inputs[N_SAMPLES] = np.array([mc_samples], dtype=np.int64)
         outputs = model.run(inputs, deadline)
         if wants_ivar:
-            outputs["_has_ivar"] = inputs["ivar"].any(axis=1)
+            outputs["_has_ivar"] = used.has_ivar & inputs["ivar"].any(axis=1)  # sent with its own noise
         interpret = kind_of(card).interpret
         for row, i in enumerate(owners):
             result = ModelResult(model.name, model.version, True, values=interpret(card, outputs, row),
