@@ -228,7 +228,7 @@ def test_snr_calibration_of_a_noise_aware_run(tmp_path, capsys):
 
     run = tmp_path / "run"
     assert main(["train", "physformer", "--quick", "--no-ablation", "--out", str(run), "--set", "noise_input=sigma",
-                 "--set", "calibration=snr"]) == 0
+                 "--set", "calibration=snr", "--set", "blind_ivar_fraction=0.5"]) == 0
     checkpoint = load_checkpoint(run / "checkpoint.pt")
     table = np.asarray(checkpoint["calibration"]["std_table"])
     assert table.shape == (6, 3) and np.all(np.isfinite(table)) and np.all(table > 0)

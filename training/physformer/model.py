@@ -80,6 +80,11 @@ class PhysFormerConfig:
     """"none": the encoder sees the flux only; "sigma": each token also embeds its pixels' noise,
     ``min(sigma / NOISE_UNIT, NOISE_MASKED)`` from the input ivar (``NOISE_MASKED`` where a pixel
     is masked), so the encoder knows how far to trust each part of the spectrum (issue 20)."""
+    blind_ivar_fraction: float = 0.0
+    """With ``noise_input="sigma"``: the fraction of training spectra whose encoder is told the
+    constant ivar the runtime estimates for a spectrum sent without one
+    (:func:`~specserve.runtime.preprocess.estimated_ivar`) instead of their own, so the encoder
+    learns that case too; the reconstruction is still scored with their own ivar."""
     calibration: str = "constant"
     """How the MC spread is calibrated on the validation split after training: "constant" (one
     factor per parameter) or "snr" (a factor per parameter and S/N knot, fitted on the validation
@@ -140,6 +145,8 @@ class PhysFormerConfig:
     def __post_init__(self) -> None:
         if self.decoder not in ("physics", "plain"):
             raise ValueError(f"PhysFormerConfig.decoder must be 'physics' or 'plain', got {self.decoder!r}")
+        if not 0.0 <= self.blind_ivar_fraction <= 1.0:
+            raise ValueError(f"PhysFormerConfig.blind_ivar_fraction must be in [0, 1], got {self.blind_ivar_fraction}")
         if self.calibration not in ("constant", "snr"):
             raise ValueError(f"PhysFormerConfig.calibration must be 'constant' or 'snr', got {self.calibration!r}")
         if self.noise_input not in ("none", "sigma"):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from specserve.runtime.errors import SpecserveError
+from specserve.runtime.preprocess import estimated_ivar
 from specserve.training.inputs import observed, training_pool
 from specserve.training.physformer.model import PhysFormer, PhysFormerConfig
 
@@ -65,10 +66,16 @@ def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: Bench
     def batches(epoch: int):
         prepared = pool.epoch(epoch)
         x, iv = torch.from_numpy(prepared.model_flux()), torch.from_numpy(prepared.model_ivar())
+        seen = iv
+        if cfg.blind_ivar_fraction > 0:  # the encoder told only what a spectrum without ivar gets
+            blind = rng.random(train.size) < cfg.blind_ivar_fraction
+            estimate = torch.from_numpy(estimated_ivar(prepared.flux[blind], prepared.mask[blind]).astype(np.float32))
+            seen = iv.clone()
+            seen[torch.from_numpy(np.flatnonzero(blind))] = estimate
         order = torch.from_numpy(rng.permutation(train.size))
         for lo in range(0, train.size, cfg.batch_size):
             j = order[lo:lo + cfg.batch_size]
-            yield x[j], iv[j], labels[train][j], x[j]
+            yield x[j], iv[j], labels[train][j], x[j], seen[j]
 
     def validate(m: PhysFormer) -> dict[str, float]:
         out: dict[str, float] = {}
