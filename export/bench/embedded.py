@@ -17,11 +17,11 @@ and without ONNX Runtime's memory arena: its peak resident memory and times.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+from specserve.export.bench.report import replace_section
 from specserve.runtime.kinds import variant_of
 from specserve.runtime.layout import model_folders, model_versions, version_file
 
@@ -158,14 +158,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def write_section(path: Path, body: str) -> None:
-    """Put the embedded section into the report, replacing an earlier one."""
-    block = f"{BEGIN}\n## Embedded (one thread, one process per model)\n\n{body}\n{END}"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    """Put this section into the report, replacing an earlier one."""
+    replace_section(path, BEGIN, END, "Embedded (one thread, one process per model)", body)
 
 
 def run(repository: Path, out: Path | None, quick: bool = False) -> str:

@@ -10,10 +10,7 @@ each with the server's resident memory sampled from ``/proc`` before, during and
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,6 +23,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from specserve.export.bench.serving import spawn
 from specserve.runtime.errors import SpecserveError
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -83,26 +81,11 @@ def base_models(repository: Path, names: tuple[str, ...] = ("rbm", "spt", "physf
 
 @contextmanager
 def server(repository: Path, *extra: str):
-    """``specserve serve`` on a free port (stderr to a file: a full pipe would block it); yields
-    ``(process, address)`` and stops it with SIGTERM."""
+    """``specserve serve`` on a free port; yields ``(process, address)`` and stops it with SIGTERM."""
     command = [str(Path(sys.executable).with_name("specserve")), "serve", "--repository", str(repository),
                "--port", "0", "--metrics-port", "-1", "--poll-repository", "0", "--device", "cpu", *extra]
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
-                            env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
-    try:
-        line = proc.stdout.readline()
-        if "serving" not in line:
-            log.seek(0)
-            raise SpecserveError(f"specserve serve did not start: {log.read().decode()[-2000:]}")
-        yield proc, line.strip().rsplit(" on ", 1)[1]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with spawn(command, "serving") as (proc, address):
+        yield proc, address
 
 
 def model_requests(repository: Path, rows: int) -> dict[str, bytes]:

@@ -16,11 +16,12 @@ spectrum per file), so every size holds real spectra. Rows:
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from specserve.export.bench.report import replace_section
 
 BEGIN, END = "<!-- reprocess:begin -->", "<!-- reprocess:end -->"
 SIZES = (1000, 2000, 4000, 8000, 16000)
@@ -143,13 +144,8 @@ def markdown(r: dict) -> str:
 
 
 def write_section(path: Path, body: str) -> None:
-    block = f"{BEGIN}\n## Reprocess (Dask)\n\n{body}\n{END}"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    """Put this section into the report, replacing an earlier one."""
+    replace_section(path, BEGIN, END, "Reprocess (Dask)", body)
 
 
 def run(repository: Path, out: Path | None, quick: bool = False) -> str:

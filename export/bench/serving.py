@@ -87,7 +87,7 @@ def server_process(repository: Path, device: str = "cpu"):
     """``specserve serve`` on a free port; yields its address."""
     command = [str(Path(sys.executable).with_name("specserve")), "serve", "--repository", str(repository),
                "--port", "0", "--metrics-port", "-1", "--poll-repository", "0", "--device", device]
-    with _process(command, "serving") as address:
+    with spawn(command, "serving") as (_, address):
         yield address
 
 
@@ -100,12 +100,15 @@ def echo_process(response: bytes, skeleton: bool = False):
         f.write(response)
         f.flush()
         command = [sys.executable, "-m", "specserve.export.bench.serving", "echo", f.name]
-        with _process(command + (["--skeleton"] if skeleton else []), "echo") as address:
+        with spawn(command + (["--skeleton"] if skeleton else []), "echo") as (_, address):
             yield address
 
 
 @contextmanager
-def _process(command: list[str], word: str):
+def spawn(command: list[str], word: str):
+    """Run ``command`` (stderr to a file: a full pipe would block it) until its first stdout line,
+    which must hold ``word`` and end with `` on ADDRESS``; yields ``(process, address)`` and stops
+    it with SIGTERM (SIGKILL after 60 s)."""
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
                             env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
@@ -114,7 +117,7 @@ def _process(command: list[str], word: str):
         if word not in line:
             log.seek(0)
             raise SpecserveError(f"{command[0]} did not start: {log.read().decode()[-2000:]}")
-        yield line.strip().rsplit(" on ", 1)[1]
+        yield proc, line.strip().rsplit(" on ", 1)[1]
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
