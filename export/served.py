@@ -240,7 +240,10 @@ def check_spt(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[s
 
 def check_physformer(model_path: Path, run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
     """Served PhysFormer rows (MC with the report's ``mc_samples``); returns the updated report."""
+    from specserve.training.physformer.evaluate import ERROR_VS_SNR_PNG, plot_error_vs_snr
+
     served, report["target_served"] = served_physformer(model_path, report)
+    plot_error_vs_snr(report["rows"], report["snr_levels"], run_dir / ERROR_VS_SNR_PNG, served)
     return _finish(run_dir, report, report["rows"]["physformer"], served, "physformer",
                    report["eval_config"]["mc_samples"])
 

@@ -81,7 +81,7 @@ def test_quick_training_writes_a_report_with_every_row(tmp_path, capsys):
     assert main(["train", "physformer", "--quick", "--out", str(run)]) == 0
     out = capsys.readouterr().out
     assert "PhysFormer trained in" in out and "ablation plain_decoder trained in" in out
-    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "report.json", "report.png"):
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "report.json", "report.png", "error_vs_snr.png"):
         assert (run / name).is_file(), name
     assert (run / "ablations" / "plain_decoder" / "checkpoint.pt").is_file()
     report = json.loads((run / "report.json").read_text())
@@ -99,6 +99,17 @@ def test_quick_training_writes_a_report_with_every_row(tmp_path, capsys):
     assert all(v == 1.0 for v in report["in_box_non_stellar"].values())
     assert report["rows"]["knn"]["k"] in (3, 5, 10, 20) and report["generation"]["median_residual_rms"] > 0
     assert pf["reduced_chi2"]["p10"] <= pf["reduced_chi2"]["p50"] <= pf["reduced_chi2"]["p90"]
+    # the refinement diagnostic: one Gauss-Newton step at native S/N, and why it helps or not
+    refinement = pf["refinement"]["native"]
+    assert set(refinement["refined"]) == {"sigma_sys=0.05,steps=1"}
+    assert refinement["n"] == pf["native"]["fgk"]["n"]
+    assert np.isclose(refinement["encoder"]["teff"], pf["native"]["fgk"]["mae"]["teff"], rtol=1e-6)
+    assert 0.0 <= refinement["catalogue_fits_better_fraction"] <= 1.0
+    assert all(v > 0 for v in refinement["chi2_per_pixel_median"].values())
+    target = report["target"]
+    assert target["coverage_1sigma"] == [0.60, 0.76] and set(target["coverage_in_range"]) == {"native", *report["snr_levels"]}
+    assert np.isclose(target["snr_lowest_teff_over_native"],
+                      pf["snr"]["5"]["fgk"]["mae"]["teff"] / pf["native"]["fgk"]["mae"]["teff"])
     # the MC spread is calibrated on the validation split: one positive factor per parameter, kept
     # in the checkpoint; with it the test split's 1-sigma coverage is near 68 % (a tiny 2-epoch model)
     from specserve.training.trainer import load_checkpoint
@@ -236,3 +247,60 @@ def test_snr_calibration_of_a_noise_aware_run(tmp_path, capsys):
     assert "FGK 1-sigma coverage" in capsys.readouterr().out
     report = json.loads((run / "report.json").read_text())
     assert set(report["rows"]["physformer"]["uncertainty_by_snr"]) == {"native", "100", "50", "20", "10", "5"}
+
+
+def test_refinement_pulls_a_wrong_estimate_to_the_generator_s_own_spectrum():
+    """Where the generator is exact (the observed spectrum is its own output), Gauss-Newton steps
+    from an estimate 400 K too hot with a wide prior land near the truth, inside the box; a tight
+    prior keeps the estimate near where it was; a spectrum with no usable pixel is left alone."""
+    from specserve.training.physformer.refine import refine
+
+    model = _tiny()
+    with torch.no_grad():
+        model.phi.add_(3.0)  # deeper lines than at initialisation: Teff shows in the spectrum
+        truth = torch.tensor([[5500.0, 4.0, -0.3], [4800.0, 2.5, -1.0]])
+        latent = torch.zeros(2, 4)
+        flux = model.generate(truth, latent).numpy()
+    ivar = np.full_like(flux, 1e4)
+    start = truth.numpy().astype(np.float64) + [400.0, 0.0, 0.0]
+    wide = np.array([[800.0, 1.0, 1.0]] * 2)
+    refined = refine(model, flux, ivar, start, wide, latent.numpy(), steps=4, sigma_sys=0.0)
+    assert np.all(np.abs(refined[:, 0] - truth[:, 0].numpy()) < 40.0), refined
+    lo, hi = model.box_min.numpy(), model.box_max.numpy()
+    assert np.all((refined >= lo) & (refined <= hi))
+    tight = refine(model, flux, ivar, start, wide * 1e-3, latent.numpy(), steps=4, sigma_sys=0.0)
+    assert np.all(np.abs(tight[:, 0] - start[:, 0]) < 0.1 * np.abs(refined[:, 0] - start[:, 0])), tight
+    blind = refine(model, flux, np.zeros_like(ivar), start, wide, latent.numpy(), steps=2, sigma_sys=0.0)
+    np.testing.assert_allclose(blind, start, rtol=1e-4)
+
+
+def test_unlabelled_spectra_join_the_loss_through_their_reconstruction_only():
+    """Semi-supervised training: unlabelled spectra add ``unlabelled_weight`` times the mean
+    log1p chi-square of their reconstruction from the encoder's estimate, whose gradient reaches
+    the encoder; with weight 0 the loss is the labelled one."""
+    import dataclasses
+
+    model = _tiny().train()
+    g = torch.Generator().manual_seed(1)
+    flux = 1.0 - 0.1 * torch.rand(4, 300, generator=g)
+    ivar = torch.full_like(flux, 400.0)
+    params = torch.tensor([[5000.0, 4.0, 0.0]] * 4)
+    u_flux, u_ivar = 1.0 - 0.2 * torch.rand(4, 300, generator=g), torch.full_like(flux, 100.0)
+    torch.manual_seed(0)
+    base, metrics = model.loss(flux, ivar, params)
+    torch.manual_seed(0)
+    total, metrics_u = model.loss(flux, ivar, params, flux, ivar, u_flux, u_ivar)
+    assert "chi2_unlabelled_median" not in metrics and metrics_u["chi2_unlabelled_median"] > 0
+    assert float(total) > float(base)
+    model.zero_grad()
+    (total - base).backward()
+    assert model.embed.weight.grad.abs().sum() > 0  # the encoder learns from the unlabelled term
+    assert model.dec[0].weight.grad.abs().sum() > 0  # and so does the generator
+    off = PhysFormer(dataclasses.replace(model.config, unlabelled_weight=0.0))
+    off.load_state_dict(model.state_dict())
+    off.train()
+    torch.manual_seed(0)
+    zero, _ = off.loss(flux, ivar, params, flux, ivar, u_flux, u_ivar)
+    torch.testing.assert_close(zero, base)
+    with pytest.raises(ValueError, match="unlabelled_weight"):
+        dataclasses.replace(model.config, unlabelled_weight=-1.0)

@@ -66,6 +66,15 @@ def qso_inputs(cache: Path | None) -> dict[str, np.ndarray]:
     return {"qso_template": model_inputs(cv, idx)} if idx.size else {}
 
 
+def eval_config(mc_samples: int, quick: bool):
+    """The evaluation of a run; a quick run's refinement diagnostic is one step at native S/N."""
+    from specserve.training.physformer.evaluate import PhysFormerEvalConfig
+
+    if quick:
+        return PhysFormerEvalConfig(mc_samples=mc_samples, refinement_rows=("native",), refinement_steps=(1,))
+    return PhysFormerEvalConfig(mc_samples=mc_samples)
+
+
 def headline(report: Mapping[str, Any]) -> str:
     levels = report["snr_levels"]
     lines = [f"{'model':18s} {'FGK MAE Teff K':>14s} {'logg':>6s} {'[Fe/H]':>6s} {'all: Teff':>9s} {'logg':>6s} "
@@ -86,9 +95,19 @@ def headline(report: Mapping[str, Any]) -> str:
     chi2 = pf["reduced_chi2"]
     lines.append(f"reduced chi-square p10/p50/p90: {chi2['p10']:.2f}/{chi2['p50']:.2f}/{chi2['p90']:.2f}; generation "
                  f"median residual rms {report['generation']['median_residual_rms']:.4f}")
+    for key, row in pf.get("refinement", {}).items():
+        enc = row["encoder"]
+        best = min(row["refined"].items(), key=lambda kv: kv[1]["teff"])
+        lines.append(f"refinement at {key}: FGK MAE Teff/logg/[Fe/H] encoder {enc['teff']:.0f}/{enc['logg']:.3f}/"
+                     f"{enc['feh']:.3f}, best refined ({best[0]}) {best[1]['teff']:.0f}/{best[1]['logg']:.3f}/"
+                     f"{best[1]['feh']:.3f}; catalogue labels fit better than the encoder's for "
+                     f"{row['catalogue_fits_better_fraction']:.0%}")
     t = report["target"]
-    lines.append(f"target (FGK MAE <= 110 K / 0.25 / 0.15, beat every baseline, S/N 10 <= 2x native, 100 % in box): "
-                 f"{'met' if t['met'] else 'NOT met'}")
+    wins = t.get("baseline_wins", [])
+    lines.append(f"target (FGK MAE <= 110 K / 0.25 / 0.15, beat every baseline at every S/N, Teff at S/N 5 <= 1.5x "
+                 f"native, coverage 0.60-0.76 per S/N, 100 % in box): {'met' if t['met'] else 'NOT met'}"
+                 + (f"; S/N 5 / native Teff {t['snr_lowest_teff_over_native']:.2f}" if "snr_lowest_teff_over_native" in t else "")
+                 + (f"; baselines ahead: {', '.join(wins)}" if wins else ""))
     return "\n".join(lines)
 
 
@@ -109,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from specserve.training.common import config_with_overrides, load_set, require_training_extra
 
     require_training_extra(args.threads)
-    from specserve.training.physformer.evaluate import PhysFormerEvalConfig, evaluate_physformer
+    from specserve.training.physformer.evaluate import evaluate_physformer
     from specserve.training.physformer.model import PhysFormerConfig
     from specserve.training.physformer.train import train_physformer
 
@@ -129,7 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ablation, _ = train_physformer(dataclasses.replace(config, decoder="plain"), run_dir / "ablations" / ABLATION,
                                        bench, train_indices=train_indices, run_info={**info, "ablation": ABLATION})
         print(f"ablation {ABLATION} trained in {time.perf_counter() - t1:.0f} s", flush=True)
-    report = evaluate_physformer(model, bench, run_dir, PhysFormerEvalConfig(mc_samples=config.mc_samples),
+    report = evaluate_physformer(model, bench, run_dir, eval_config(config.mc_samples, args.quick),
                                  train_indices=train_indices, ablation=ablation, others=qso_inputs(args.cache),
                                  extra={"training": {"wall_s": round(train_s, 2), "steps": trainer.step}})
     print(f"run folder: {run_dir}; report: {run_dir / 'report.json'}")
@@ -141,7 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from specserve.training.common import load_set, require_training_extra
 
     require_training_extra(args.threads)
-    from specserve.training.physformer.evaluate import PhysFormerEvalConfig, evaluate_physformer
+    from specserve.training.physformer.evaluate import evaluate_physformer
 
     loaded = _load(Path(args.run))
     if loaded is None:
@@ -174,7 +193,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             print("calibration factors " + "/".join(f"{v:.2f}" for v in calibration["std_scale"]))
     indices = checkpoint.get("config", {}).get("data", {}).get("train_indices")
-    report = evaluate_physformer(model, bench, args.run, PhysFormerEvalConfig(mc_samples=model.config.mc_samples),
+    quick = bool(checkpoint.get("config", {}).get("quick"))
+    report = evaluate_physformer(model, bench, args.run, eval_config(model.config.mc_samples, quick),
                                  train_indices=None if indices is None else np.asarray(indices),
                                  ablation=None if ablation is None else ablation[0], others=qso_inputs(args.cache))
     print(f"run folder: {args.run}; report: {Path(args.run) / 'report.json'}")

@@ -85,6 +85,12 @@ class PhysFormerConfig:
     constant ivar the runtime estimates for a spectrum sent without one
     (:func:`~specserve.runtime.preprocess.estimated_ivar`) instead of their own, so the encoder
     learns that case too; the reconstruction is still scored with their own ivar."""
+    unlabelled_sources: str = ""
+    """Semi-supervised training (issue 20): comma-separated sources of
+    :data:`~specserve.training.physformer.unlabelled.SOURCES` ("all": every one) whose unlabelled
+    real spectra join every training batch through the reconstruction chi-square only, from the
+    encoder's own estimate (``unlabelled_weight`` times its term); "" (default): none."""
+    unlabelled_weight: float = 1.0
     calibration: str = "constant"
     """How the MC spread is calibrated on the validation split after training: "constant" (one
     factor per parameter) or "snr" (a factor per parameter and S/N knot, fitted on the validation
@@ -145,6 +151,8 @@ class PhysFormerConfig:
     def __post_init__(self) -> None:
         if self.decoder not in ("physics", "plain"):
             raise ValueError(f"PhysFormerConfig.decoder must be 'physics' or 'plain', got {self.decoder!r}")
+        if self.unlabelled_weight < 0:
+            raise ValueError(f"PhysFormerConfig.unlabelled_weight must be >= 0, got {self.unlabelled_weight}")
         if not 0.0 <= self.blind_ivar_fraction <= 1.0:
             raise ValueError(f"PhysFormerConfig.blind_ivar_fraction must be in [0, 1], got {self.blind_ivar_fraction}")
         if self.calibration not in ("constant", "snr"):
@@ -359,11 +367,14 @@ class PhysFormer(nn.Module):
         return params, latent, self.generate(params, latent)
 
     def loss(self, flux: torch.Tensor, ivar: torch.Tensor, params_true: torch.Tensor,
-             encoder_flux: torch.Tensor | None = None, encoder_ivar: torch.Tensor | None = None
+             encoder_flux: torch.Tensor | None = None, encoder_ivar: torch.Tensor | None = None,
+             unlabelled_flux: torch.Tensor | None = None, unlabelled_ivar: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss; ``encoder_flux`` and ``encoder_ivar`` (default ``flux``, ``ivar``) are
         what the encoder sees (augmented), ``flux`` with ``ivar`` what the reconstructions are
-        scored against."""
+        scored against. ``unlabelled_flux`` with its ivar (semi-supervised training): spectra
+        without labels, which add ``unlabelled_weight`` times the mean ``log1p`` of the reduced
+        chi-square of their reconstruction from the encoder's estimate."""
         c = self.config
         params, latent = self.encode(flux if encoder_flux is None else encoder_flux, flux.new_zeros(()),
                                      ivar if encoder_ivar is None else encoder_ivar)
@@ -382,9 +393,17 @@ class PhysFormer(nn.Module):
             param_loss = F.mse_loss(predicted, true) * 3
         reconstruction = 0.5 * (torch.log1p(chi2) + torch.log1p(chi2_true)).mean()
         total = c.chi2_weight * reconstruction + c.parameter_weight * param_loss
+        extra: dict[str, float] = {}
+        if unlabelled_flux is not None and unlabelled_flux.shape[0]:
+            params_u, latent_u = self.encode(unlabelled_flux, flux.new_zeros(()), unlabelled_ivar)
+            model_u = self.generate(params_u, latent_u, window)[:, inner]
+            chi2_u = reduced_chi2(model_u, unlabelled_flux[:, scored], unlabelled_ivar[:, scored])
+            total = total + c.unlabelled_weight * torch.log1p(chi2_u).mean()
+            extra["chi2_unlabelled_median"] = float(chi2_u.median().detach())
         chi2, chi2_true = chi2.median(), chi2_true.median()
         return total, {"loss": float(total.detach()), "chi2_median": float(chi2.detach()),
-                       "chi2_true_params_median": float(chi2_true.detach()), "param": float(param_loss.detach())}
+                       "chi2_true_params_median": float(chi2_true.detach()), "param": float(param_loss.detach()),
+                       **extra}
 
 
 class PhysFormerInference(nn.Module):

@@ -13,6 +13,7 @@ its own ivar. The kept epoch has the lowest validation parameter loss.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,8 @@ from specserve.runtime.errors import SpecserveError
 from specserve.runtime.preprocess import estimated_ivar
 from specserve.training.inputs import observed, training_pool
 from specserve.training.physformer.model import PhysFormer, PhysFormerConfig
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from specserve.training.benchsets import BenchmarkSet
@@ -62,6 +65,7 @@ def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: Bench
         model.set_standardisation(labels[train])
     rng = np.random.default_rng([cfg.seed, 2])
     pool = training_pool(cfg, bench, train, np.random.default_rng([cfg.seed, 3]))
+    unlabelled = unlabelled_inputs(cfg, bench)
 
     def batches(epoch: int):
         prepared = pool.epoch(epoch)
@@ -73,9 +77,16 @@ def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: Bench
             seen = iv.clone()
             seen[torch.from_numpy(np.flatnonzero(blind))] = estimate
         order = torch.from_numpy(rng.permutation(train.size))
+        if unlabelled is not None:  # as many unlabelled spectra per batch, cycling through them
+            n_u = unlabelled[0].shape[0]
+            u_order = torch.from_numpy(np.concatenate([rng.permutation(n_u) for _ in range(-(-train.size // n_u))]))
         for lo in range(0, train.size, cfg.batch_size):
             j = order[lo:lo + cfg.batch_size]
-            yield x[j], iv[j], labels[train][j], x[j], seen[j]
+            if unlabelled is None:
+                yield x[j], iv[j], labels[train][j], x[j], seen[j]
+            else:
+                k = u_order[lo:lo + j.numel()]
+                yield x[j], iv[j], labels[train][j], x[j], seen[j], unlabelled[0][k], unlabelled[1][k]
 
     def validate(m: PhysFormer) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -91,6 +102,22 @@ def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: Bench
                       validate=validate, monitor="param", grad_clip=1.0, scheduler=scheduler))
     update_checkpoint(trainer.checkpoint_path, model, calibration=calibrate(model, bench, cfg.mc_samples, cfg.seed))
     return model, trainer
+
+
+def unlabelled_inputs(config: PhysFormerConfig, bench: BenchmarkSet) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Model input flux and ivar of the unlabelled spectra ``config.unlabelled_sources`` asks for
+    (:func:`~specserve.training.physformer.unlabelled.unlabelled_spectra`), or None."""
+    names = [s.strip() for s in config.unlabelled_sources.split(",") if s.strip()]
+    if not names:
+        return None
+    from specserve.training.physformer.unlabelled import SOURCES, unlabelled_spectra
+
+    found = unlabelled_spectra(bench, None if names == ["all"] else names)
+    if not found.source.size:
+        raise SpecserveError(f"no unlabelled spectra from {', '.join(names)}")
+    counts = {s: int((found.source == s).sum()) for s in SOURCES if (found.source == s).any()}
+    log.info("semi-supervised: %d unlabelled spectra (%s)", found.source.size, counts)
+    return torch.from_numpy(found.prepared.model_flux()), torch.from_numpy(found.prepared.model_ivar())
 
 
 def physformer_predict(model: PhysFormer, flux: np.ndarray, n_samples: int, seed: int = 0,
