@@ -230,8 +230,9 @@ def test_std_factor_interpolates_the_calibration_table_in_log_snr():
 
 
 def test_snr_calibration_of_a_noise_aware_run(tmp_path, capsys):
-    """A quick noise-aware run calibrated per S/N: a positive factor per parameter and knot in the
-    checkpoint, used by the report's per-S/N coverage."""
+    """A quick noise-aware, semi-supervised run calibrated per S/N: a positive factor per parameter
+    and knot in the checkpoint, used by the report's per-S/N coverage; the unlabelled SDSS spectra
+    reach every training step."""
     import json
 
     from specserve.export.cli import main
@@ -239,7 +240,11 @@ def test_snr_calibration_of_a_noise_aware_run(tmp_path, capsys):
 
     run = tmp_path / "run"
     assert main(["train", "physformer", "--quick", "--no-ablation", "--out", str(run), "--set", "noise_input=sigma",
-                 "--set", "calibration=snr", "--set", "blind_ivar_fraction=0.5"]) == 0
+                 "--set", "calibration=snr", "--set", "blind_ivar_fraction=0.5",
+                 "--set", "unlabelled_sources=sdss_dr12", "--set", "unlabelled_batch=4"]) == 0
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = [s for s in steps if "train/loss" in s]
+    assert trained and all(s["train/chi2_unlabelled_median"] > 0 for s in trained)
     checkpoint = load_checkpoint(run / "checkpoint.pt")
     table = np.asarray(checkpoint["calibration"]["std_table"])
     assert table.shape == (6, 3) and np.all(np.isfinite(table)) and np.all(table > 0)

@@ -91,6 +91,9 @@ class PhysFormerConfig:
     real spectra join every training batch through the reconstruction chi-square only, from the
     encoder's own estimate (``unlabelled_weight`` times its term); "" (default): none."""
     unlabelled_weight: float = 1.0
+    unlabelled_batch: int = 16
+    """Unlabelled spectra per training batch (cycling through them); each costs an encoder and a
+    generator pass, where a labelled one costs an encoder and two generator passes."""
     calibration: str = "constant"
     """How the MC spread is calibrated on the validation split after training: "constant" (one
     factor per parameter) or "snr" (a factor per parameter and S/N knot, fitted on the validation
@@ -165,7 +168,7 @@ class PhysFormerConfig:
             raise ValueError(f"PhysFormerConfig.parameter_loss must be 'mse' or 'huber', got {self.parameter_loss!r}")
         if self.d_model % self.n_heads:
             raise ValueError("PhysFormerConfig.d_model must be a multiple of n_heads")
-        for name in ("n_pixels", "patch_size", "n_layers", "n_components", "n_nodes", "batch_size"):
+        for name in ("n_pixels", "patch_size", "n_layers", "n_components", "n_nodes", "batch_size", "unlabelled_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PhysFormerConfig.{name} must be >= 1")
         for lo, hi in (("teff_min", "teff_max"), ("logg_min", "logg_max"), ("feh_min", "feh_max"),

@@ -77,15 +77,16 @@ def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: Bench
             seen = iv.clone()
             seen[torch.from_numpy(np.flatnonzero(blind))] = estimate
         order = torch.from_numpy(rng.permutation(train.size))
-        if unlabelled is not None:  # as many unlabelled spectra per batch, cycling through them
-            n_u = unlabelled[0].shape[0]
-            u_order = torch.from_numpy(np.concatenate([rng.permutation(n_u) for _ in range(-(-train.size // n_u))]))
-        for lo in range(0, train.size, cfg.batch_size):
-            j = order[lo:lo + cfg.batch_size]
+        n_batches = -(-train.size // cfg.batch_size)
+        if unlabelled is not None:  # unlabelled_batch unlabelled spectra per batch, cycling through them
+            n_u, want = unlabelled[0].shape[0], n_batches * cfg.unlabelled_batch
+            u_order = torch.from_numpy(np.concatenate([rng.permutation(n_u) for _ in range(-(-want // n_u))]))
+        for b in range(n_batches):
+            j = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             if unlabelled is None:
                 yield x[j], iv[j], labels[train][j], x[j], seen[j]
             else:
-                k = u_order[lo:lo + j.numel()]
+                k = u_order[b * cfg.unlabelled_batch:(b + 1) * cfg.unlabelled_batch]
                 yield x[j], iv[j], labels[train][j], x[j], seen[j], unlabelled[0][k], unlabelled[1][k]
 
     def validate(m: PhysFormer) -> dict[str, float]:
