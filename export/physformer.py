@@ -84,6 +84,12 @@ def physformer_cards(checkpoint: dict[str, Any], report: dict[str, Any] | None) 
                      "outputs": "parameters_std = MC spread * std_scale (fitted on the validation split); "
                                 "samples are the raw MC draws", "flux_layer": {"layers": mc.n_layers, "nodes": mc.n_nodes,
                                                            "components": mc.n_components, "decoder": mc.decoder}}
+    members = checkpoint.get("member_configs")
+    if members:  # an ensemble (PhysFormerEnsemble): its encoders are branches of the graph
+        normalisation["ensemble"] = {"members": len(members), "seeds": [c.get("seed") for c in members],
+                                     "generator": "the first member's decoder"}
+        common["description"] = (DESCRIPTION + f" Ensemble of {len(members)} encoders (seeds "
+                                  f"{', '.join(str(c.get('seed')) for c in members)}); the MC draws average them.")
     return (ModelCard(kind="physformer", normalisation=normalisation, **common),
             ModelCard(kind="physformer-generate", normalisation={"flux_layer": normalisation["flux_layer"]}, **common))
 

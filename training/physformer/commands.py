@@ -4,6 +4,10 @@
   train PhysFormer on the ``stars`` set, the plain-decoder ablation into ``RUN_DIR/ablations/plain_decoder``
   (unless ``--no-ablation``), evaluate (``report.json``, ``report.png``) and print the table.
 - ``specserve eval physformer --run RUN_DIR [--cache DIR]``: re-evaluate a run (with its ablation if trained).
+- ``specserve train physformer-ensemble --members RUN_DIR RUN_DIR ... --out RUN_DIR``: combine
+  trained runs (e.g. seeds) into one model whose encoders are branches
+  (:class:`~specserve.training.physformer.model.PhysFormerEnsemble`), calibrate and evaluate it;
+  ``specserve export physformer --run RUN_DIR`` exports it like any run.
 
 Importing this module imports neither torch nor scikit-learn; the handlers do.
 """
@@ -35,6 +39,13 @@ def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParse
                             "PhysFormerConfig", f"{QUICK_TRAIN_SPECTRA} training spectra and a tiny network", cmd_train)
     cmd.add_argument("--no-ablation", dest="ablation", action="store_false",
                      help="skip the plain-decoder ablation (its report row stays empty)")
+    ens = train_sub.add_parser("physformer-ensemble", help="combine trained PhysFormer runs into one ensemble "
+                               "model (their encoders as graph branches), calibrate and evaluate it")
+    ens.add_argument("--members", type=Path, nargs="+", required=True, help="run folders of the members (two or more)")
+    ens.add_argument("--out", type=Path, required=True, help="run folder of the ensemble")
+    ens.add_argument("--cache", type=Path, help="benchmark cache (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
+    ens.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (default 2)")
+    ens.set_defaults(handler=cmd_ensemble)
     ev = add_eval_command(eval_sub, "physformer", "re-evaluate a PhysFormer run on the 'stars' set", cmd_eval)
     ev.add_argument("--recalibrate", action="store_true",
                     help="fit the run's uncertainty calibration again and save it in its checkpoint before "
@@ -152,6 +163,27 @@ def cmd_train(args: argparse.Namespace) -> int:
                                  train_indices=train_indices, ablation=ablation, others=qso_inputs(args.cache),
                                  extra={"training": {"wall_s": round(train_s, 2), "steps": trainer.step}})
     print(f"run folder: {run_dir}; report: {run_dir / 'report.json'}")
+    print(headline(report))
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from specserve.training.common import load_set, require_training_extra
+
+    require_training_extra(args.threads)
+    from specserve.training.physformer.evaluate import evaluate_physformer
+    from specserve.training.physformer.train import build_ensemble
+
+    if len(args.members) < 2:
+        raise SpecserveError("an ensemble needs at least two --members")
+    bench = load_set("stars", args.cache)
+    t0 = time.perf_counter()
+    model = build_ensemble(args.members, args.out, bench, {"built_by": "specserve train physformer-ensemble"})
+    print(f"ensemble of {len(args.members)} PhysFormers calibrated in {time.perf_counter() - t0:.0f} s", flush=True)
+    report = evaluate_physformer(model, bench, args.out, eval_config(model.config.mc_samples, False),
+                                 others=qso_inputs(args.cache),
+                                 extra={"ensemble": [str(m) for m in args.members]})
+    print(f"run folder: {args.out}; report: {args.out / 'report.json'}")
     print(headline(report))
     return 0
 

@@ -45,7 +45,7 @@ from torch import nn
 from specserve.training.layers import Block, MCDropout, TileSamples, encode_patches
 from specserve.training.physformer import flux_layer as fl
 
-__all__ = ["PhysFormerConfig", "PhysFormer", "PhysFormerInference", "PhysFormerGenerator", "PARAMETER_NAMES",
+__all__ = ["PhysFormerConfig", "PhysFormer", "PhysFormerEnsemble", "PhysFormerInference", "PhysFormerGenerator", "PARAMETER_NAMES",
            "PARAMETER_UNITS", "reduced_chi2"]
 
 PARAMETER_NAMES = ("teff", "logg", "feh")
@@ -252,6 +252,12 @@ class PhysFormer(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Mapping[str, Any]) -> PhysFormer:
+        """The model of a checkpoint; a :class:`PhysFormerEnsemble` (which offers the same inference
+        methods) when the checkpoint has ``member_configs``."""
+        if checkpoint.get("member_configs"):
+            ensemble = PhysFormerEnsemble([cls(PhysFormerConfig(**c)) for c in checkpoint["member_configs"]])
+            ensemble.load_state_dict(checkpoint["state_dict"])
+            return ensemble.eval()
         model = cls(PhysFormerConfig(**checkpoint["model_config"]))
         state = dict(checkpoint["state_dict"])
         state.setdefault("std_scale", torch.ones(3))  # runs from before the calibration existed
@@ -291,13 +297,20 @@ class PhysFormer(nn.Module):
 
     def encode_head(self, z: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The stochastic part (MC dropout): features (M, D) -> parameters (M, 3), latent (M, L)."""
+        boxed, latent = self.encode_head_log(z, offset)
+        return self.from_log(boxed), latent
+
+    def encode_head_log(self, z: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode_head` with the parameters as (log10 Teff, logg, [Fe/H]) inside the box."""
         raw = self.enc_out(self.drop2(F.gelu(self.enc_hidden(self.drop1(z, offset))), offset))
         unit = torch.sigmoid(raw[:, :3])
-        boxed = self.box_low + (self.box_high - self.box_low) * unit       # log10 Teff, logg, [Fe/H]
+        return self.box_low + (self.box_high - self.box_low) * unit, torch.tanh(raw[:, 3:])
+
+    def from_log(self, boxed: torch.Tensor) -> torch.Tensor:
+        """(log10 Teff, logg, [Fe/H]) (M, 3) -> physical parameters, clipped to the box (float32
+        rounding of 10 ** log10(edge) may step just outside it)."""
         params = torch.cat([10.0 ** boxed[:, :1], boxed[:, 1:]], dim=1)
-        # float32 rounding of 10 ** log10(edge) may step just outside the box: clip to it
-        params = torch.minimum(torch.maximum(params, self.box_min), self.box_max)
-        return params, torch.tanh(raw[:, 3:])
+        return torch.minimum(torch.maximum(params, self.box_min), self.box_max)
 
     @staticmethod
     def log_snr(ivar: torch.Tensor) -> torch.Tensor:
@@ -407,6 +420,74 @@ class PhysFormer(nn.Module):
         return total, {"loss": float(total.detach()), "chi2_median": float(chi2.detach()),
                        "chi2_true_params_median": float(chi2_true.detach()), "param": float(param_loss.detach()),
                        **extra}
+
+
+class PhysFormerEnsemble(nn.Module):
+    """Several trained PhysFormers' encoders as branches of one model (issue 20, item 4).
+
+    Every member's encoder sees the spectrum; each MC draw is the mean of the members' draws of
+    (log10 Teff, logg, [Fe/H]), so the MC mean is the ensemble mean. The first member's decoder
+    generates the spectrum, from the ensemble's parameters and the first member's latent (a latent
+    means something to its own decoder only). The ensemble has its own calibration buffers
+    (``std_scale``, ``std_table``), fitted like a single model's
+    (:func:`~specserve.training.physformer.train.calibrate`). It offers what
+    :class:`PhysFormerInference`, :class:`PhysFormerGenerator` and the evaluation use of a
+    :class:`PhysFormer`; an encoder costs a few percent of the generator, so a member adds little
+    latency.
+    """
+
+    def __init__(self, members: list[PhysFormer]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("an ensemble needs at least two members")
+        first = members[0].config
+        for m in members[1:]:
+            c = m.config
+            for name in ("n_pixels", "log10_start", "log10_step", "noise_input", "teff_min", "teff_max",
+                         "logg_min", "logg_max", "feh_min", "feh_max"):
+                if getattr(c, name) != getattr(first, name):
+                    raise ValueError(f"ensemble members differ in {name}: {getattr(first, name)} and {getattr(c, name)}")
+        self.members = nn.ModuleList(members)
+        self.config = first
+        self.register_buffer("std_scale", torch.ones(3))
+        self.register_buffer("std_knots", members[0].std_knots.clone())
+        self.register_buffer("std_table", torch.ones(len(STD_KNOTS_SNR), 3))
+        self.register_buffer("box_min", members[0].box_min.clone())
+        self.register_buffer("box_max", members[0].box_max.clone())
+        self.widths = [m.config.d_model for m in members]
+
+    log_snr = staticmethod(PhysFormer.log_snr)
+    std_factor = PhysFormer.std_factor
+
+    def encode_features(self, flux: torch.Tensor, ivar: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.cat([m.encode_features(flux, ivar) for m in self.members], dim=1)
+
+    def encode_head(self, z: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        boxed, latent = [], None
+        for m, part in zip(self.members, torch.split(z, self.widths, dim=1)):
+            b, lat = m.encode_head_log(part, offset)
+            boxed.append(b)
+            latent = lat if latent is None else latent
+        return self.members[0].from_log(torch.stack(boxed).mean(dim=0)), latent
+
+    def encode(self, flux: torch.Tensor, offset: torch.Tensor, ivar: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_head(self.encode_features(flux, ivar), offset)
+
+    def generate(self, params: torch.Tensor, latent: torch.Tensor | None = None,
+                 pixels: slice = slice(None)) -> torch.Tensor:
+        return self.members[0].generate(params, latent, pixels)
+
+    def standardise(self, params: torch.Tensor) -> torch.Tensor:
+        return self.members[0].standardise(params)
+
+    @property
+    def param_mean(self) -> torch.Tensor:
+        return self.members[0].param_mean
+
+    @property
+    def param_std(self) -> torch.Tensor:
+        return self.members[0].param_std
 
 
 class PhysFormerInference(nn.Module):

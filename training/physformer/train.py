@@ -105,6 +105,46 @@ def train_physformer(config: PhysFormerConfig, run_dir: str | Path, bench: Bench
     return model, trainer
 
 
+def build_ensemble(run_dirs: list[str | Path], out_dir: str | Path, bench: BenchmarkSet,
+                   run_info: Mapping[str, Any] | None = None):
+    """Combine trained PhysFormer runs into a :class:`PhysFormerEnsemble` (their encoders as
+    branches), calibrate its MC spread on the validation split as a single model's
+    (:func:`calibrate`), and write it as a run in ``out_dir`` (``checkpoint.pt`` with
+    ``member_configs``, ``config.json``); returns it."""
+    import json
+
+    from specserve.training.physformer.model import PhysFormerEnsemble
+    from specserve.training.trainer import CHECKPOINT_NAME, load_checkpoint
+
+    checkpoints = []
+    for run in map(Path, run_dirs):
+        path = run / CHECKPOINT_NAME
+        if not path.is_file():
+            raise SpecserveError(f"no {CHECKPOINT_NAME} in {run}")
+        checkpoint = load_checkpoint(path)
+        if checkpoint.get("model_kind") != "physformer" or checkpoint.get("member_configs"):
+            raise SpecserveError(f"{path} is not a single PhysFormer run")
+        checkpoints.append(checkpoint)
+    hashes = {c.get("config", {}).get("data", {}).get("content_hash") for c in checkpoints}
+    if len(hashes) != 1 or hashes != {bench.meta.get("content_hash")}:
+        raise SpecserveError("the ensemble's members were not all trained on this 'stars' set")
+    try:
+        ensemble = PhysFormerEnsemble([PhysFormer.from_checkpoint(c) for c in checkpoints]).eval()
+    except ValueError as exc:
+        raise SpecserveError(str(exc)) from None
+    calibration = calibrate(ensemble, bench, ensemble.config.mc_samples, ensemble.config.seed)
+    members = [{"run": str(Path(r).resolve()), "seed": c["model_config"].get("seed")} for r, c in zip(run_dirs, checkpoints)]
+    config = {**checkpoints[0].get("config", {}), "ensemble": members, **dict(run_info or {})}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {key: value for key, value in checkpoints[0].items() if key not in ("optimizer", "scheduler")}
+    state.update(state_dict={k: v.detach().clone() for k, v in ensemble.state_dict().items()},
+                 member_configs=[c["model_config"] for c in checkpoints], calibration=calibration, config=config)
+    torch.save(state, out_dir / CHECKPOINT_NAME)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return ensemble
+
+
 def unlabelled_inputs(config: PhysFormerConfig, bench: BenchmarkSet) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Model input flux and ivar of the unlabelled spectra ``config.unlabelled_sources`` asks for
     (:func:`~specserve.training.physformer.unlabelled.unlabelled_spectra`), or None."""
