@@ -23,6 +23,7 @@ Importing this module imports neither torch nor onnx; the handlers do.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="a repository `specserve models build` wrote (every default model and variant)")
     ship.add_argument("--to", dest="target", type=Path,
                       help="where the shipped copy goes (default: the package's runtime/models)")
+    ship.add_argument("--built-by", dest="built_by", default=None,
+                      help="how the repository was built, for the manifest (default: 'specserve models build "
+                           "--cache <empty folder>'); say so when models were exported from existing runs")
     ship.set_defaults(handler=cmd_models_ship)
 
 
@@ -195,19 +199,30 @@ def _build_physformer(repository: Path, cache: Path | None, quick: bool = False,
                       variants: tuple[str, ...] = ()) -> None:
     from specserve.export.physformer import export_physformer
     from specserve.training.common import load_set
-    from specserve.training.physformer.commands import headline, qso_inputs, quick_config, quick_indices
-    from specserve.training.physformer.evaluate import PhysFormerEvalConfig, evaluate_physformer
+    from specserve.training.physformer.commands import (ENSEMBLE_SEEDS, eval_config, headline, qso_inputs,
+                                                        quick_config, quick_indices)
+    from specserve.training.physformer.evaluate import evaluate_physformer
     from specserve.training.physformer.model import PhysFormerConfig
-    from specserve.training.physformer.train import train_physformer
+    from specserve.training.physformer.train import build_ensemble, train_physformer
 
     bench = load_set("stars", cache)
+    seeds = (0,) if quick else ENSEMBLE_SEEDS
     run_dir, config, train_indices = _plan("PhysFormer", "physformer", bench, cache,
                                            quick_config() if quick else PhysFormerConfig(),
                                            quick_indices if quick else None,
-                                           "the ablation is left to 'specserve train physformer'")
-    model, _ = train_physformer(config, run_dir, bench, train_indices=train_indices,
-                                run_info={"built_by": "specserve models build", "quick": quick})
-    report = evaluate_physformer(model, bench, run_dir, PhysFormerEvalConfig(mc_samples=config.mc_samples),
+                                           "the ablation is left to 'specserve train physformer'"
+                                           + (f"; an ensemble of seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""))
+    info = {"built_by": "specserve models build", "quick": quick}
+    if len(seeds) == 1:
+        model, _ = train_physformer(config, run_dir, bench, train_indices=train_indices, run_info=info)
+    else:  # each seed a default training, then their encoders as branches of one model
+        members = [run_dir / "members" / f"seed-{seed}" for seed in seeds]
+        for seed, member in zip(seeds, members):
+            print(f"training ensemble member seed {seed} into {member}", flush=True)
+            train_physformer(dataclasses.replace(config, seed=seed), member, bench, train_indices=train_indices,
+                             run_info=info)
+        model = build_ensemble(members, run_dir, bench, info)
+    report = evaluate_physformer(model, bench, run_dir, eval_config(config.mc_samples, quick),
                                  train_indices=train_indices, others=qso_inputs(cache))
     print(headline(report), flush=True)
     folders, export, check, generate = export_physformer(run_dir, repository)
@@ -242,7 +257,7 @@ def cmd_models_ship(args: argparse.Namespace) -> int:
     from specserve.runtime.defaults import SHIPPED
 
     target = args.target or SHIPPED
-    manifest = ship(args.source, target)
+    manifest = ship(args.source, target, **({"command": args.built_by} if args.built_by else {}))
     print(summary(manifest))
     print(f"shipped into {target}")
     return 0

@@ -54,14 +54,15 @@ def _log10_first(samples: np.ndarray) -> np.ndarray:
 
 
 def physformer_cards(checkpoint: dict[str, Any], report: dict[str, Any] | None) -> tuple[ModelCard, ModelCard]:
-    from specserve.training.physformer.model import PARAMETER_NAMES, PARAMETER_UNITS, PhysFormerConfig
+    from specserve.training.physformer.model import (LEGACY_DEFAULTS, PARAMETER_NAMES, PARAMETER_UNITS, STD_KNOTS_SNR,
+                                                     PhysFormerConfig)
 
     config = checkpoint.get("config", {})
     data = config.get("data", {})
     recipe = data.get("preprocessing")
     if not recipe:
         raise ExportError("the checkpoint records no preprocessing recipe (train it with 'specserve train physformer')")
-    mc = PhysFormerConfig(**checkpoint["model_config"])
+    mc = PhysFormerConfig(**{**LEGACY_DEFAULTS, **checkpoint["model_config"]})
     metrics: dict[str, Any] = {}
     if report:
         served = report.get("served")
@@ -78,11 +79,16 @@ def physformer_cards(checkpoint: dict[str, Any], report: dict[str, Any] | None) 
                   training_fingerprint=f"{data.get('benchmark', 'stars')}:sha256:{data.get('content_hash', 'unknown')}",
                   metrics=metrics, description=DESCRIPTION)
     std_scale = checkpoint["state_dict"].get("std_scale")
+    std_table = checkpoint["state_dict"].get("std_table")
     normalisation = {"mc_samples": {"default": mc.mc_samples, "max": mc.mc_samples_max},
                      "dropout": mc.dropout,
                      "std_scale": [1.0, 1.0, 1.0] if std_scale is None else [float(v) for v in std_scale],
-                     "outputs": "parameters_std = MC spread * std_scale (fitted on the validation split); "
-                                "samples are the raw MC draws", "flux_layer": {"layers": mc.n_layers, "nodes": mc.n_nodes,
+                     **({"std_table": std_table.tolist(), "std_knots_snr": list(STD_KNOTS_SNR)}
+                        if std_table is not None and mc.calibration == "snr" else {}),
+                     "calibration": mc.calibration, "noise_input": mc.noise_input,
+                     "outputs": "parameters_std = MC spread * std_scale * the factor at the spectrum's S/N "
+                                "(calibration 'snr': std_table at std_knots_snr, interpolated in log S/N; all "
+                                "fitted on the validation split); samples are the raw MC draws", "flux_layer": {"layers": mc.n_layers, "nodes": mc.n_nodes,
                                                            "components": mc.n_components, "decoder": mc.decoder}}
     members = checkpoint.get("member_configs")
     if members:  # an ensemble (PhysFormerEnsemble): its encoders are branches of the graph

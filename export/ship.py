@@ -75,10 +75,10 @@ def _commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-def ship(source: Path, target: Path = SHIPPED) -> dict:
+def ship(source: Path, target: Path = SHIPPED, command: str = BUILD_COMMAND) -> dict:
     """Replace ``target`` by the default models and variants of ``source`` (newest versions,
-    renumbered 1) and their manifest; returns the manifest. :class:`SpecserveError` when a
-    default model is missing or the copy is over :data:`SIZE_BUDGET`."""
+    renumbered 1) and their manifest (``command``: how ``source`` was built); returns the manifest.
+    :class:`SpecserveError` when a default model is missing or the copy is over :data:`SIZE_BUDGET`."""
     lacking = missing_models(source)
     if lacking:
         raise SpecserveError(f"{source} lacks {', '.join(lacking)} (`specserve models build` builds them)")
@@ -109,7 +109,7 @@ def ship(source: Path, target: Path = SHIPPED) -> dict:
     built = max((source / m / str(model_versions(source / m)[0]) / "model.onnx").stat().st_mtime for m in names)
     manifest = {
         "built": {"at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(built)), "unix": built,
-                  "commit": _commit(), "from": str(source), "command": BUILD_COMMAND},
+                  "commit": _commit(), "from": str(source), "command": command},
         "models": models, "files": files, "total_bytes": total, "budget_bytes": SIZE_BUDGET,
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -27,9 +27,16 @@ from specserve.runtime.errors import SpecserveError
 
 DEFAULT_THREADS = 2
 QUICK_OVERRIDES = {"epochs": 2, "depth": 1, "d_model": 16, "n_heads": 2, "ffn": 32, "encoder_hidden": 32,
-                   "decoder_hidden": 32, "n_layers": 6, "n_components": 4, "n_nodes": 3, "mc_samples": 4}
+                   "decoder_hidden": 32, "n_layers": 6, "n_components": 4, "n_nodes": 3, "mc_samples": 4,
+                   "calibration": "constant"}
+"""The smoke configuration; its calibration is one factor per parameter (the per-S/N one runs the
+validation split at seven noise levels: tested on its own)."""
 QUICK_TRAIN_SPECTRA = 128
 ABLATION = "plain_decoder"
+ENSEMBLE_SEEDS = (0, 1)
+"""The default model (``specserve models build``, the shipped one) is an ensemble of two default
+trainings with these seeds (:class:`~specserve.training.physformer.model.PhysFormerEnsemble`): the
+seed-to-seed scatter of one training is large, and an encoder costs a few percent of the generator."""
 
 
 def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParsersAction) -> None:

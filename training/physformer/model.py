@@ -57,6 +57,8 @@ STD_KNOTS_SNR = (5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
 """S/N knots of the uncertainty calibration: the MC spread is multiplied by a factor per parameter
 interpolated (linearly in log10 S/N, constant beyond the end knots) from a table at these S/N."""
 PARAMETER_UNITS = ("K", "dex", "dex")
+LEGACY_DEFAULTS = {"noise_input": "none", "blind_ivar_fraction": 0.0, "calibration": "constant"}
+"""What a checkpoint written before these fields existed was trained with (the defaults then)."""
 
 
 @dataclass(frozen=True)
@@ -76,11 +78,11 @@ class PhysFormerConfig:
     """How the encoder's tokens become one feature vector: "mean" or "flatten" (a linear map of all
     tokens, as in the SPT)."""
     n_latent: int = 4
-    noise_input: str = "none"
+    noise_input: str = "sigma"
     """"none": the encoder sees the flux only; "sigma": each token also embeds its pixels' noise,
     ``min(sigma / NOISE_UNIT, NOISE_MASKED)`` from the input ivar (``NOISE_MASKED`` where a pixel
     is masked), so the encoder knows how far to trust each part of the spectrum (issue 20)."""
-    blind_ivar_fraction: float = 0.0
+    blind_ivar_fraction: float = 0.3
     """With ``noise_input="sigma"``: the fraction of training spectra whose encoder is told the
     constant ivar the runtime estimates for a spectrum sent without one
     (:func:`~specserve.runtime.preprocess.estimated_ivar`) instead of their own, so the encoder
@@ -94,7 +96,7 @@ class PhysFormerConfig:
     unlabelled_batch: int = 16
     """Unlabelled spectra per training batch (cycling through them); each costs an encoder and a
     generator pass, where a labelled one costs an encoder and two generator passes."""
-    calibration: str = "constant"
+    calibration: str = "snr"
     """How the MC spread is calibrated on the validation split after training: "constant" (one
     factor per parameter) or "snr" (a factor per parameter and S/N knot, fitted on the validation
     spectra with raw noise added; :func:`~specserve.training.physformer.train.calibrate`)."""
@@ -255,10 +257,11 @@ class PhysFormer(nn.Module):
         """The model of a checkpoint; a :class:`PhysFormerEnsemble` (which offers the same inference
         methods) when the checkpoint has ``member_configs``."""
         if checkpoint.get("member_configs"):
-            ensemble = PhysFormerEnsemble([cls(PhysFormerConfig(**c)) for c in checkpoint["member_configs"]])
+            ensemble = PhysFormerEnsemble([cls(PhysFormerConfig(**{**LEGACY_DEFAULTS, **c}))
+                                           for c in checkpoint["member_configs"]])
             ensemble.load_state_dict(checkpoint["state_dict"])
             return ensemble.eval()
-        model = cls(PhysFormerConfig(**checkpoint["model_config"]))
+        model = cls(PhysFormerConfig(**{**LEGACY_DEFAULTS, **checkpoint["model_config"]}))
         state = dict(checkpoint["state_dict"])
         state.setdefault("std_scale", torch.ones(3))  # runs from before the calibration existed
         state.setdefault("std_knots", model.std_knots.clone())  # ... and before it depended on S/N
