@@ -253,11 +253,12 @@ def _variants(folder: Path, repository: Path, name: str, run_dir: Path, precisio
 
 
 def cmd_models_ship(args: argparse.Namespace) -> int:
-    from specserve.export.ship import ship, summary
+    from specserve.export.ship import BUILD_COMMAND, ship, summary
     from specserve.runtime.defaults import SHIPPED
 
     target = args.target or SHIPPED
-    manifest = ship(args.source, target, **({"command": args.built_by} if args.built_by else {}))
+    command = f"{args.built_by}; specserve models ship --from {args.source}" if args.built_by else BUILD_COMMAND
+    manifest = ship(args.source, target, command)
     print(summary(manifest))
     print(f"shipped into {target}")
     return 0

@@ -105,8 +105,10 @@ def test_physformer_served_equals_the_evaluation_path_within_mc_noise(served, ph
     rows = _served(address, "physformer", raws, MC_SAMPLES)
     prepared, ok = torch_inputs(bench, raws)
     assert ok.all()
-    mean, std, _, _ = physformer_predict(model, prepared.model_flux(), MC_SAMPLES, seed=3)
-    spread = std / model.std_scale.numpy()
+    ivar = prepared.model_ivar()  # what a noise-aware encoder (the default) is told, as the server tells it
+    mean, std, _, _ = physformer_predict(model, prepared.model_flux(), MC_SAMPLES, seed=3, ivar=ivar)
+    with torch.no_grad():
+        spread = std / (model.std_scale * model.std_factor(torch.from_numpy(ivar))).numpy()
     got = np.array([[r.values[k] for k in ("teff", "logg", "feh")] for r in rows])
     z = _mc_agreement(got, mean, np.maximum(spread, 1e-4 * np.abs(mean)), MC_SAMPLES)  # float32 floor
     assert np.mean(z**2) < 4.0 and np.abs(z).max() < 6.0, z
