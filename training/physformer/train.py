@@ -9,6 +9,11 @@ residual, a flux-calibration tilt, masked pixel runs) and goes through the servi
 (:func:`specserve.training.inputs.training_pool`), so the encoder learns what a served noisy
 spectrum looks like after normalisation; the reconstruction is scored against that spectrum with
 its own ivar. The kept epoch has the lowest validation parameter loss.
+
+With ``unlabelled_sources`` (semi-supervised, issue 20) every batch also carries
+``unlabelled_batch`` of the kit's unlabelled spectra (:mod:`.unlabelled`), scored by their
+reconstruction chi-square only. :func:`build_ensemble` combines finished runs into one
+:class:`~specserve.training.physformer.model.PhysFormerEnsemble` and calibrates it.
 """
 
 from __future__ import annotations
@@ -153,7 +158,10 @@ def unlabelled_inputs(config: PhysFormerConfig, bench: BenchmarkSet) -> tuple[to
         return None
     from specserve.training.physformer.unlabelled import SOURCES, unlabelled_spectra
 
-    found = unlabelled_spectra(bench, None if names == ["all"] else names)
+    try:
+        found = unlabelled_spectra(bench, None if names == ["all"] else names)
+    except ValueError as exc:  # an unknown source, named
+        raise SpecserveError(f"unlabelled_sources: {exc}") from None
     if not found.source.size:
         raise SpecserveError(f"no unlabelled spectra from {', '.join(names)}")
     counts = {s: int((found.source == s).sum()) for s in SOURCES if (found.source == s).any()}
