@@ -220,17 +220,6 @@ def snr_rows(variants: Mapping[str, tuple], config: PhysFormerEvalConfig) -> dic
     return {name: key for name, key in keys if key in variants}
 
 
-def encoder_outputs(model: PhysFormer, variants: Mapping[str, tuple], config: PhysFormerEvalConfig
-                    ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The MC encoder's (mean, std, latent) on each row of :func:`snr_rows`."""
-    out = {}
-    for name, key in snr_rows(variants, config).items():
-        f, iv, _ = variants[key]
-        mean, std, latent, _ = physformer_predict(model, f, config.mc_samples, config.seed, config.batch_size, ivar=iv)
-        out[name] = (mean.astype(np.float64), std.astype(np.float64), latent)
-    return out
-
-
 def uncertainty_by_snr(variants: Mapping[str, tuple], encoded: Mapping[str, tuple], truth: np.ndarray,
                        config: PhysFormerEvalConfig) -> dict[str, Any]:
     """:func:`coverage` at native S/N and at each S/N level of constant raw noise: whether the MC
@@ -300,7 +289,6 @@ def evaluate_physformer(model: PhysFormer, bench: BenchmarkSet, run_dir: str | P
     knn, knn_info = fit_knn(x_tr, y_tr, x_val, y_val, config.knn_neighbours)
     cannon = Cannon(config.cannon_ridge, config.cannon_steps).fit(x_tr, y_tr)
     predictors: dict[str, Predictor] = {
-        "physformer": pf_predictor(model),
         "ridge": ridge,
         "knn": knn,
         "cannon_quadratic": lambda f, iv: cannon.predict(f, iv, knn(f, iv)),
@@ -314,11 +302,14 @@ def evaluate_physformer(model: PhysFormer, bench: BenchmarkSet, run_dir: str | P
     for key, raws in evaluation_variants(bench, test, config.snr_levels, config.noise_seed).items():
         prepared, ok = torch_inputs(bench, raws)
         variants[key] = (prepared.model_flux(), prepared.model_ivar(), ok)
+    # PhysFormer's MC outputs on every row, run once: its rows, uncertainties and refinement use them
+    outputs = {key: physformer_predict(model, f, config.mc_samples, config.seed, config.batch_size, ivar=iv)
+               for key, (f, iv, _) in variants.items()}
     rows: dict[str, dict[str, Any]] = {}
-    for name, predict in predictors.items():
+    for name, predict in {"physformer": None, **predictors}.items():
         predictions = {}
         for key, (f, iv, ok) in variants.items():
-            params = predict(f, iv).astype(np.float64)
+            params = (outputs[key][0] if predict is None else predict(f, iv)).astype(np.float64)
             params[~ok] = np.nan
             predictions[key] = params
         rows[name] = summarise(truth, predictions, bounds, config.snr_levels)
@@ -327,7 +318,7 @@ def evaluate_physformer(model: PhysFormer, bench: BenchmarkSet, run_dir: str | P
 
     # physformer: uncertainties, reconstruction chi-square, non-stellar inputs
     f, iv, _ = variants["native"]
-    mean, std, latent, recon = physformer_predict(model, f, config.mc_samples, config.seed, config.batch_size, ivar=iv)
+    mean, std, latent, recon = outputs["native"]
     chi2 = reduced_chi2(torch.from_numpy(recon), torch.from_numpy(f), torch.from_numpy(iv)).numpy()
     rng = np.random.default_rng(config.seed)
     n_pix = f.shape[1]
@@ -342,7 +333,8 @@ def evaluate_physformer(model: PhysFormer, bench: BenchmarkSet, run_dir: str | P
         "median_std": dict(zip(PARAMETER_NAMES, map(float, np.median(std, axis=0)))),
         "coverage_1sigma": dict(zip(PARAMETER_NAMES, map(float, np.mean(np.abs(mean - truth) <= std, axis=0)))),
     }
-    encoded = encoder_outputs(model, variants, config)
+    encoded = {name: (o[0].astype(np.float64), o[1].astype(np.float64), o[2])
+               for name, o in ((name, outputs[key]) for name, key in snr_rows(variants, config).items())}
     rows["physformer"]["uncertainty_by_snr"] = uncertainty_by_snr(variants, encoded, truth, config)
     names = snr_rows(variants, config)
     wanted = [r for r in config.refinement_rows if r in names]
