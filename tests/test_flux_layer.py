@@ -91,6 +91,23 @@ def test_flux_is_positive_for_any_atmosphere():
     assert torch.all(spec > 0) and torch.all(torch.isfinite(spec))
 
 
+@pytest.mark.parametrize("grey", [False, True])
+def test_thermalised_flux_is_the_formal_solution_summed_by_parts(grey):
+    """The flux the model uses (summed by parts, the bottom lit by the deepest layer) equals the
+    direct formal solution to float64 rounding, for per-pixel and grey opacities alike."""
+    g = torch.Generator().manual_seed(2)
+    wave = torch.linspace(0.37, 0.74, 250, dtype=torch.float64)
+    temperature = torch.sort(3000 + 20000 * torch.rand(5, 12, generator=g, dtype=torch.float64), dim=1).values
+    dtau = torch.rand(5, 12, 1 if grey else 250, generator=g, dtype=torch.float64) ** 3 * 10
+    mu, w = fl.gauss_legendre(6, torch.float64)
+    source = fl.planck(wave, temperature.unsqueeze(-1))
+    tau = fl.optical_depth(dtau)
+    direct = fl.flux(source, tau.expand_as(source), mu, w, source[..., -1, :])
+    by_parts = fl.thermalised_flux(source, tau, mu, w)
+    assert by_parts.shape == direct.shape
+    assert float(((by_parts - direct).abs() / direct.abs()).max()) < 1e-12
+
+
 def test_limb_darkening_when_temperature_rises_with_depth():
     wave = torch.tensor([0.5])
     temperature = torch.linspace(4500, 9000, 32)

@@ -27,7 +27,9 @@ in micron, ``C1 = 2 h c^2 = 1.191042972e8 W um^4 m^-2 sr^-1``, ``C2 = h c / k = 
 so B is in W m^-2 um^-1 sr^-1. ``1 / (exp(x) - 1)`` is computed as ``exp(-x) / (1 - exp(-x))``:
 no overflow in float32 at any x > 0 (cool layers, blue pixels give exp(-x) -> 0, B -> 0).
 
-Cost per spectrum: ``P * D * K`` exponentials for the line flux, as many again for the continuum.
+Cost per spectrum: ``P * (D - 1) * K`` exponentials for the line flux and ``(D - 1) * K`` for a grey
+continuum (:func:`thermalised_flux` sums the formal solution by parts, so the bottom layer's
+transmission cancels and the K directions are reduced before the depth sum).
 """
 
 from __future__ import annotations
@@ -116,6 +118,33 @@ def broaden(spectrum: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return F.conv1d(x, kernel.reshape(1, 1, -1)).squeeze(1)
 
 
+def transmission_moment(tau: torch.Tensor, mu: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``G(tau) = sum_k w_k mu_k exp(-tau / mu_k)``, elementwise (same shape as ``tau``).
+
+    One Exp per node on ``tau`` itself, accumulated: the (K, ..) stack of transmissions is never
+    built (in the exported graph: K Mul-Exp-Mul-Add chains instead of a 4-D Exp and a ReduceSum)."""
+    total = None
+    for k in range(mu.numel()):
+        term = torch.exp(tau * (-1.0 / mu[k])) * (weights[k] * mu[k])
+        total = term if total is None else total + term
+    return total
+
+
+def thermalised_flux(source: torch.Tensor, tau: torch.Tensor, mu: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """:func:`flux` with the deepest layer's source lighting the atmosphere from below
+    (``bottom = source[..., -1, :]``), summed by parts: (..., P).
+
+    With ``T_d = exp(-tau_d / mu)`` and ``T_{-1} = 1``, the formal solution
+    ``sum_d S_d (T_{d-1} - T_d) + S_{D-1} T_{D-1}`` equals ``S_0 + sum_{d < D-1} (S_{d+1} - S_d) T_d``
+    exactly, so the flux is ``2 pi (S_0 sum_k w_k mu_k + sum_{d < D-1} (S_{d+1} - S_d) G(tau_d))``
+    (:func:`transmission_moment`). ``tau`` may be (..., D, 1) (a grey opacity): G is then computed
+    once per layer and broadcast over the pixels. ``source`` and ``tau``: (..., D, P)."""
+    c0 = (weights * mu).sum()
+    moment = transmission_moment(tau[..., :-1, :], mu, weights)                     # (..., D-1, P or 1)
+    gradient = source[..., 1:, :] - source[..., :-1, :]                             # (..., D-1, P)
+    return 2.0 * math.pi * (c0 * source[..., 0, :] + (gradient * moment).sum(dim=-2))
+
+
 def normalised_spectrum(wavelength_um: torch.Tensor, temperature: torch.Tensor, dtau_line: torch.Tensor,
                         dtau_continuum: torch.Tensor, mu: torch.Tensor, weights: torch.Tensor,
                         kernel: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,13 +152,14 @@ def normalised_spectrum(wavelength_um: torch.Tensor, temperature: torch.Tensor, 
 
     ``wavelength_um`` (P,); ``temperature`` (B, D), increasing with depth for a stellar atmosphere;
     ``dtau_line`` (B, D, P) >= 0; ``dtau_continuum`` (B, D, P) or (B, D, 1) >= 0. The deepest
-    layer's Planck function lights the atmosphere from below (a thermalised boundary).
+    layer's Planck function lights the atmosphere from below (a thermalised boundary), so both
+    fluxes are :func:`thermalised_flux`; a grey continuum's transmissions are computed per layer,
+    not per pixel.
     """
     source = planck(wavelength_um, temperature.unsqueeze(-1))                  # (B, D, P)
     tau_total = optical_depth(dtau_line + dtau_continuum)
-    tau_cont = optical_depth(dtau_continuum.expand_as(dtau_line))
-    bottom = source[..., -1, :]
-    ratio = flux(source, tau_total, mu, weights, bottom) / flux(source, tau_cont, mu, weights, bottom)
+    tau_cont = optical_depth(dtau_continuum)
+    ratio = thermalised_flux(source, tau_total, mu, weights) / thermalised_flux(source, tau_cont, mu, weights)
     return ratio if kernel is None else broaden(ratio, kernel)
 
 
