@@ -143,3 +143,32 @@ def test_several_models_run_side_by_side_and_merge_in_model_order(tmp_path, kit)
             assert [r.model for r in outcome.results] == ["a_first", "b_second", "c_third"]
             for result in outcome.results:  # each model's answer is the one it gives alone
                 assert result.values == alone[result.model][k].results[0].values
+
+
+def test_models_on_one_grid_share_one_preprocessing(tmp_path, kit, monkeypatch):
+    """Three models with the same recipe: each message is resampled and normalised once, not once
+    per model, and each model still answers as it does alone."""
+    import specserve.runtime.embedded.analysis as analysis
+
+    card = ModelCard(kind="rbm", preprocessing=OPTICAL_PREPROCESSING, class_names=("non_cv", "cv"))
+    for i, name in enumerate(("a", "b", "c")):
+        import torch
+
+        torch.manual_seed(10 + i)
+        report = export_model(ToyFreeEnergy(card.dims["n_pixels"]), card, tmp_path / name / "model.onnx",
+                              atol=1e-5, rtol=1e-4)
+        write_model(tmp_path / "repo", name, 1, report.path, card)
+    az = Analyzer(load_repository(tmp_path / "repo"))
+    files = sorted((kit / "lamost_dr1/fits").glob("*.fits"))[:4]
+    spectra = [SpectrumInput.from_spectrum(read_spectra(f)[0]) for f in files]
+    alone = {name: az.analyze(spectra, [name]) for name in "abc"}
+    calls = []
+    real = analysis.prepare
+    monkeypatch.setattr(analysis, "prepare", lambda recipe, batch: calls.append(len(batch)) or real(recipe, batch))
+    outcomes = az.analyze(spectra)
+    assert len(calls) == 1 and calls[0] <= len(spectra)
+    for k, outcome in enumerate(outcomes):
+        assert [r.model for r in outcome.results] == ["a", "b", "c"]
+        for result in outcome.results:
+            assert result.applicable == alone[result.model][k].results[0].applicable
+            assert result.values == alone[result.model][k].results[0].values

@@ -12,6 +12,7 @@ spectrum does not cover is reported as not applicable, with the reason.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,8 @@ from specserve.runtime.errors import (
     SpecserveError,
 )
 from specserve.runtime.kinds import kind_of, variant_of, with_variant
-from specserve.runtime.pipeline import MIN_COVERAGE, checked, prepare, span_coverage
+from specserve.runtime.pipeline import MIN_COVERAGE, Prepared, checked, prepare, span_coverage
+from specserve.runtime.preprocess import Preprocessing
 from specserve.runtime.spectrum import SpectrumInput
 
 __all__ = ["Analyzer", "ModelResult", "SpectrumInput", "SpectrumOutcome", "MIN_COVERAGE"]
@@ -58,6 +60,53 @@ class SpectrumOutcome:
 
 def _analyses_spectra(model: SessionModel) -> bool:
     return model.card is not None and kind_of(model.card).analyses_spectra
+
+
+def _side_by_side(work, items: list) -> list:
+    """``[work(item) for item in items]``, on the pool when there is more than one."""
+    if len(items) < 2:
+        return [work(item) for item in items]
+    return [f.result() for f in [_POOL.submit(work, item) for item in items]]
+
+
+@dataclass
+class _Staged:
+    """The valid spectra of a request through one recipe: which ones cover its grid (``owners``,
+    with their prepared rows ``used`` and model inputs) and which do not (``not_covering``:
+    spectrum index and coverage). Every model with this recipe reads the same one."""
+
+    not_covering: list[tuple[int, float]]
+    owners: list[int]
+    used: Prepared | None
+
+    @classmethod
+    def of(cls, recipe: Preprocessing, valid: Sequence[SpectrumInput | None]) -> "_Staged":
+        # a spectrum whose wavelength span cannot cover enough of the grid is turned away before
+        # its preprocessing (the span bounds the coverage from above); the rest are checked exactly
+        not_covering, index = [], []
+        for i, s in enumerate(valid):
+            if s is None:
+                continue
+            span = span_coverage(recipe, s)
+            if span < MIN_COVERAGE:
+                not_covering.append((i, span))
+            else:
+                index.append(i)
+        if not index:
+            return cls(not_covering, [], None)
+        prepared = prepare(recipe, [valid[i] for i in index])
+        coverage = prepared.coverage
+        not_covering += [(index[row], float(coverage[row])) for row in np.flatnonzero(coverage < MIN_COVERAGE)]
+        keep = np.flatnonzero(coverage >= MIN_COVERAGE)
+        return cls(not_covering, [index[row] for row in keep], prepared.rows(keep) if keep.size else None)
+
+    @functools.cached_property
+    def model_flux(self) -> np.ndarray:
+        return self.used.model_flux()
+
+    @functools.cached_property
+    def model_ivar(self) -> np.ndarray:
+        return self.used.model_ivar()
 
 
 class Analyzer:
@@ -100,27 +149,28 @@ class Analyzer:
             except InvalidSpectrumError as exc:
                 outcome.error = exc
                 valid.append(None)
-        # the models run side by side (ONNX Runtime releases the GIL); results are merged in model
+        # one preprocessing per recipe (models on the same grid share it), then the models run
+        # side by side (numpy and ONNX Runtime release the GIL); results are merged in model
         # order, so every spectrum lists its models in the same order whatever finished first
-        if len(models) > 1:
-            futures = [_POOL.submit(self._run_model, m, valid, mc_samples, deadline) for m in models]
-            per_model = [f.result() for f in futures]
-        else:
-            per_model = [self._run_model(m, valid, mc_samples, deadline) for m in models]
+        recipes: dict[Preprocessing, list[SessionModel]] = {}
+        for model in models:
+            recipes.setdefault(model.card.preprocessing, []).append(model)
+        staged = dict(zip(recipes, _side_by_side(lambda r: _Staged.of(r, valid), list(recipes))))
+        per_model = _side_by_side(
+            lambda m: self._run_model(m, valid, staged[m.card.preprocessing], mc_samples, deadline), models)
         for results in per_model:
             for i, result in results:
                 outcomes[i].results.append(result)
         return outcomes
 
-    def _run_model(self, model: SessionModel, valid: Sequence[SpectrumInput | None],
+    def _run_model(self, model: SessionModel, valid: Sequence[SpectrumInput | None], staged: "_Staged",
                    mc_samples: int = 0, deadline: float | None = None) -> list[tuple[int, ModelResult]]:
-        """One model on the valid spectra (None: rejected before): (spectrum index, result) pairs.
-        The spectra go through :func:`specserve.runtime.pipeline.prepare` with the model card's
-        recipe, exactly as the model's training and test spectra did."""
-        found: list[tuple[int, ModelResult]] = []
+        """One model on the valid spectra (None: rejected before), prepared by its card's recipe
+        (``staged``): (spectrum index, result) pairs."""
         card = model.card
         recipe = card.preprocessing
         wants_ivar = "ivar" in card.contract.input_names
+
         def not_covering(i: int, coverage: float) -> tuple[int, ModelResult]:
             lo, hi = float(valid[i].wavelength[0]), float(valid[i].wavelength[-1])
             return i, ModelResult(
@@ -129,33 +179,19 @@ class Analyzer:
                         f"({recipe.grid.wavelength[0]:.0f}-{recipe.grid.wavelength[-1]:.0f} A; "
                         f"spectrum {lo:.0f}-{hi:.0f} A); needs {MIN_COVERAGE:.0%}"))
 
-        # a spectrum whose wavelength span cannot cover enough of the grid is turned away before
-        # its preprocessing (the span bounds the coverage from above); the rest are checked exactly
-        index = []
-        for i, s in enumerate(valid):
-            if s is None:
-                continue
-            span = span_coverage(recipe, s)
-            if span < MIN_COVERAGE:
-                found.append(not_covering(i, span))
-            else:
-                index.append(i)
-        prepared = prepare(recipe, [valid[i] for i in index])
-        coverage = prepared.coverage
-        keep = np.flatnonzero(coverage >= MIN_COVERAGE)
-        found += [not_covering(index[row], float(coverage[row])) for row in np.flatnonzero(coverage < MIN_COVERAGE)]
-        owners = [index[row] for row in keep]
-        if not owners:
+        found = [not_covering(i, coverage) for i, coverage in staged.not_covering]
+        if not staged.owners:
             return found
-        used = prepared.rows(keep)
-        inputs = {"flux": used.model_flux()}
+        used = staged.used
+        inputs = {"flux": staged.model_flux}
         if wants_ivar:
-            inputs["ivar"] = used.model_ivar()
+            inputs["ivar"] = staged.model_ivar
         if mc_samples and N_SAMPLES in card.contract.input_names:
             inputs[N_SAMPLES] = np.array([mc_samples], dtype=np.int64)
         outputs = model.run(inputs, deadline)
         if wants_ivar:
             outputs["_has_ivar"] = used.has_ivar & inputs["ivar"].any(axis=1)  # sent with its own noise
+        owners = staged.owners
         interpret = kind_of(card).interpret
         for row, i in enumerate(owners):
             result = ModelResult(model.name, model.version, True, values=interpret(card, outputs, row),
