@@ -145,8 +145,7 @@ def span_coverage(recipe: Preprocessing, spectrum: SpectrumInput) -> float:
     lo, hi = 2 * wave[0] - wave[1], 2 * wave[-1] - wave[-2]
     if spectrum.redshift:
         lo, hi = lo / (1.0 + spectrum.redshift), hi / (1.0 + spectrum.redshift)
-    grid = recipe.grid.wavelength
-    return float(np.count_nonzero((grid >= lo) & (grid <= hi))) / grid.size
+    return recipe.grid.count_between(float(lo), float(hi)) / recipe.grid.length
 
 
 def prepare_raw(recipe: Preprocessing, spectra: Sequence[SpectrumInput]) -> Prepared:

@@ -15,6 +15,7 @@ normalisation.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -34,6 +35,11 @@ C_KMS = 299792.458
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 LN10 = math.log(10.0)
 _BLOCK = 256  # rows processed together: keeps the float64 temporaries small and cache-friendly
+
+
+def _read_only(a: NDArray) -> NDArray:
+    a.setflags(write=False)
+    return a
 
 
 @dataclass(frozen=True)
@@ -66,20 +72,30 @@ class LogLinearGrid:
         if self.resolution <= 0:
             raise GridError(f"grid resolution must be > 0, got {self.resolution}")
 
-    @property
+    # the arrays are computed once per grid (every request reads them) and are read-only
+
+    @functools.cached_property
     def log_wavelength(self) -> NDArray[np.float64]:
         """log10 of the pixel-centre wavelengths, shape (length,)."""
-        return self.start + self.step * np.arange(self.length, dtype=np.float64)
+        return _read_only(self.start + self.step * np.arange(self.length, dtype=np.float64))
 
-    @property
+    @functools.cached_property
     def wavelength(self) -> NDArray[np.float64]:
         """Pixel-centre wavelengths in Angstrom, shape (length,)."""
-        return 10.0**self.log_wavelength
+        return _read_only(10.0**self.log_wavelength)
 
-    @property
+    @functools.cached_property
     def log_edges(self) -> NDArray[np.float64]:
         """log10 of the pixel edges, shape (length + 1,)."""
-        return self.start + self.step * (np.arange(self.length + 1, dtype=np.float64) - 0.5)
+        return _read_only(self.start + self.step * (np.arange(self.length + 1, dtype=np.float64) - 0.5))
+
+    def count_between(self, low: float, high: float) -> int:
+        """How many pixel centres lie in [low, high] (Angstrom), without touching the arrays."""
+        if not (high >= low > 0):
+            return 0
+        first = max(0, math.ceil((math.log10(low) - self.start) / self.step - 1e-9))
+        last = min(self.length - 1, math.floor((math.log10(high) - self.start) / self.step + 1e-9))
+        return max(0, last - first + 1)
 
     @property
     def velocity_step(self) -> float:
@@ -192,7 +208,7 @@ def _log_wavelength(wave: NDArray[np.float64], first_row: int = 0) -> NDArray[np
 
 def resample(wavelength: ArrayLike, flux: ArrayLike, ivar: ArrayLike | None = None,
              grid: LogLinearGrid | None = None, mask: ArrayLike | None = None,
-             min_coverage: float = 0.5) -> Resampled:
+             min_coverage: float = 0.5, z: ArrayLike | None = None) -> Resampled:
     """Flux-conserving rebinning onto ``grid`` in log10(lambda).
 
     The input is piecewise constant over its pixels (edges at midpoints between centres, ends
@@ -201,6 +217,10 @@ def resample(wavelength: ArrayLike, flux: ArrayLike, ivar: ArrayLike | None = No
     coverage is below ``min_coverage`` of their width (outside the input range, over bad pixels)
     are masked. A spectrum without any good pixel comes back fully masked. ``grid`` is required
     (it defaults to None only so that ``ivar`` may be left out: ``resample(w, f, grid=g)``).
+    ``z`` (scalar or (N,)): resample the rest frame ``wavelength / (1 + z)``. A shared (n,)
+    wavelength with one redshift per row stays shared: each row's rest-frame log wavelength is the
+    shared one minus ``log10(1 + z)``, so the per-row arrays are never built and the shared row's
+    gaps are found once.
     """
     if not isinstance(grid, LogLinearGrid):
         raise InvalidSpectrumError(f"grid must be a LogLinearGrid, got {type(grid).__name__}")
@@ -216,10 +236,23 @@ def resample(wavelength: ArrayLike, flux: ArrayLike, ivar: ArrayLike | None = No
             f"wavelength shape {wave.shape} does not match flux shape {np.shape(flux)}")
     if f.shape[1] < 2:
         raise InvalidSpectrumError(f"need at least 2 pixels to resample, got {f.shape[1]}")
+    shift = None
+    if z is not None:
+        zz = np.asarray(z, dtype=np.float64)
+        if zz.ndim > 1 or not np.all(np.isfinite(zz) & (zz > -1)):
+            raise InvalidSpectrumError("z must be finite, > -1, and a scalar or shape (N,)")
+        if zz.ndim == 1 and zz.shape[0] != f.shape[0]:
+            raise InvalidSpectrumError(f"{zz.shape[0]} redshifts for {f.shape[0]} spectra")
+        if shared:
+            shift = np.log10(1.0 + zz).reshape(-1, 1)  # (N, 1), or (1, 1) for one redshift
+        else:
+            wave = to_rest_frame(wave, z=zz)
     wave = wave.reshape(-1, f.shape[1])
     x = _log_wavelength(wave) if shared else None
     if shared:
         x, f, good, var = _close_gaps(x, f, good, var, 4.0 * grid.step)
+        if shift is not None and not np.any(shift):
+            shift = None
     n_rows = f.shape[0]
     out = (np.empty((n_rows, grid.length), np.float32), np.empty((n_rows, grid.length), np.float32),
            np.empty((n_rows, grid.length), bool))
@@ -227,7 +260,12 @@ def resample(wavelength: ArrayLike, flux: ArrayLike, ivar: ArrayLike | None = No
     work = tuple(np.empty(4 * block * (size + 1)) for size in (f.shape[1], grid.length, grid.length))
     for lo in range(0, n_rows, block):
         rows = slice(lo, min(lo + block, n_rows))
-        xb = x if shared else _log_wavelength(wave[rows], lo)
+        if not shared:
+            xb = _log_wavelength(wave[rows], lo)
+        elif shift is None:
+            xb = x
+        else:
+            xb = x - shift[rows] if shift.shape[0] > 1 else x - shift[0]
         vb = None if var is None else var[rows]
         results = _resample_block(xb, f[rows], good[rows], vb, grid, min_coverage, work)
         for target, value in zip(out, results):
@@ -693,12 +731,13 @@ class Preprocessing:
         ``source_fwhm`` is in observed-frame Angstrom; with z/rv it is scaled to the rest frame.
         Without normalisation the returned continuum is ones.
         """
-        if z is not None or rv is not None:
-            wavelength = to_rest_frame(wavelength, z=z, rv=rv)
-            if source_fwhm is not None:
-                zz = np.asarray(z if z is not None else redshift_from_rv(rv), dtype=np.float64)
-                source_fwhm = np.asarray(source_fwhm, dtype=np.float64) / (1.0 + zz)
-        res = resample(wavelength, flux, ivar, self.grid, mask=mask, min_coverage=self.min_coverage)
+        if z is not None and rv is not None:
+            raise InvalidSpectrumError("give exactly one of z or rv")
+        if rv is not None:
+            z = redshift_from_rv(rv)
+        if z is not None and source_fwhm is not None:
+            source_fwhm = np.asarray(source_fwhm, dtype=np.float64) / (1.0 + np.asarray(z, dtype=np.float64))
+        res = resample(wavelength, flux, ivar, self.grid, mask=mask, min_coverage=self.min_coverage, z=z)
         if source_fwhm is not None or source_resolution is not None:
             res = broaden(res.flux, res.ivar, res.mask, self.grid,
                           source_fwhm=source_fwhm, source_resolution=source_resolution)

@@ -69,6 +69,10 @@ def test_bench_all_quick_writes_every_section(cv_run, tmp_path):
     assert re.search(r"served [0-9,]+ spectra/s; in-process [0-9,]+ spectra/s", text)
     assert len(re.findall(r"\| rbm at (10|50|90)% of [0-9,]+ req/s", text)) == 3
     assert re.search(r"\| 400 spectra .* \| [0-9.]+ s wall, [0-9,]+ spectra/s \(400 answered\)", text)
+    assert re.search(r"\| against its own compute ceiling \| ceiling [0-9.]+ s; wall [0-9.]+ s \| [0-9]+% of the ceiling", text)
+    assert re.search(r"\| stage: preprocessing for rbm \(3,011-pixel grid\) \| [0-9.]+ s for [0-9,]+ spectra \| "
+                     r"[0-9.]+ ms per spectrum; [0-9]+% of the work", text)
+    assert re.search(r"\| stage: rbm session runs \(batches of up to 64\) \| [0-9.]+ s for [0-9,]+ spectra", text)
     assert NO_CUDA in text
     # a second run keeps a CUDA section written by the GPU check
     out.write_text(text.replace(NO_CUDA, "CUDA numbers from a GPU machine"))

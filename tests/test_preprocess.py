@@ -521,3 +521,24 @@ def test_detector_gaps_stay_masked_and_the_rest_is_untouched():
     np.testing.assert_allclose(out.flux[keep][:495], flux[:495], rtol=1e-5)
     batch = pp.resample(np.stack([wave, wave * (1 + 1e-7)]), np.stack([flux, flux]), None, grid)
     assert batch.mask[:, 500:800].all() and not batch.mask[:, 810:].any()
+
+
+def test_resample_in_the_rest_frame_of_each_row_keeps_a_shared_wavelength():
+    """``z`` per row on a shared wavelength gives what resampling the rest-frame wavelengths
+    gives, without building them; one redshift for all rows too; a wrong count is named."""
+    grid = pp.LogLinearGrid.from_range(4000.0, 6000.0, 1e-4, 2000.0)
+    rng = np.random.default_rng(3)
+    wave = np.linspace(3900.0, 6300.0, 2500)
+    wave = np.concatenate([wave[:1000], wave[1100:]])  # a detector gap
+    flux = (1.0 + 0.2 * rng.standard_normal((6, wave.size))).astype(np.float32)
+    ivar = rng.uniform(1.0, 4.0, (6, wave.size)).astype(np.float32)
+    z = np.array([0.0, 1e-4, -3e-4, 0.01, 0.02, -0.02])
+    shifted = pp.resample(wave, flux, ivar, grid, z=z)
+    direct = pp.resample(wave[None, :] / (1.0 + z[:, None]), flux, ivar, grid)
+    np.testing.assert_allclose(shifted.flux, direct.flux, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(shifted.ivar, direct.ivar, rtol=1e-4)
+    assert np.array_equal(shifted.mask, direct.mask) and shifted.mask.any(axis=1).all()
+    one = pp.resample(wave, flux, ivar, grid, z=0.01)
+    np.testing.assert_allclose(one.flux, pp.resample(wave / 1.01, flux, ivar, grid).flux, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InvalidSpectrumError, match="3 redshifts for 6 spectra"):
+        pp.resample(wave, flux, ivar, grid, z=z[:3])

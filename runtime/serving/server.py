@@ -28,7 +28,7 @@ from specserve.protos import specserve_pb2 as pb
 from specserve.protos import specserve_pb2_grpc as pb_grpc
 from specserve.protos.kserve import service_pb2 as kserve
 from specserve.protos.kserve import service_pb2_grpc as kserve_grpc
-from specserve.runtime.embedded.providers import Device
+from specserve.runtime.embedded.providers import Device, single_threaded_numpy
 from specserve.runtime.engine import metrics
 from specserve.runtime.engine.memory import RequestMemory, Trimmer, return_freed_memory
 from specserve.runtime.engine.store import ModelStore
@@ -62,6 +62,7 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
     host = address.rsplit(":", 1)[0]
     security.check_address(host)
     return_freed_memory()  # before the models load (glibc settings, see .engine.memory)
+    log.info("%s (each request's preprocessing already has its own thread)", single_threaded_numpy())
     memory = RequestMemory(limits.max_queued_bytes)
     store = ModelStore(repository, device, memory)
     message_bytes = limits.max_message_bytes or message_limit(store.models.values())
