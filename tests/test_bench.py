@@ -131,3 +131,18 @@ def test_bench_embedded_measures_every_model_and_variant(cv_run, tmp_path):
     assert {(p, a) for p, a, *_ in pipeline} == {(p, a) for p in ("fp32", "int8", "fp16") for a in ("on", "off")}
     for precision, _, models, peak, base in pipeline:
         assert models == ("rbm" if precision == "fp32" else f"rbm-{precision}") and int(peak) > int(base)
+
+
+def test_profile_tables_of_the_stages_and_the_graph(cv_run, tmp_path):
+    """The tables of docs/performance.md: the stages of the exposure's work and ONNX Runtime's
+    per-operator kernel time, on a real export and real LAMOST spectra."""
+    from specserve.export.bench import serving as sb
+    from specserve.export.bench.profile import graph_table, stages_table
+    from specserve.runtime.datakit import data_dir
+
+    folder, _ = export_rbm(cv_run[1], tmp_path / "repo", served_check=False)
+    text = stages_table(tmp_path / "repo", sb.lamost_inputs(data_dir())[:40], 80)
+    assert re.search(r"\| preprocessing for rbm \(3,011-pixel grid\) \| [0-9.]+ \| [0-9.]+ \| [0-9]+% \|", text)
+    assert re.search(r"\| total \(single-core work\) \| [0-9.]+ \| [0-9.]+ \| 100% \|", text)
+    graph = graph_table(folder / "model.onnx", batch=8, runs=3)
+    assert graph.startswith("rbm at batch 8: ") and re.search(r"\| MatMul \| [0-9.]+ \| [0-9]+% \|", graph)
