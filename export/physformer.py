@@ -38,7 +38,7 @@ RTOL = 1e-3
 normalised spectrum is a ratio of two such sums; torch and ONNX Runtime differ by ~1e-6 relative.
 Temperatures (~5,000 K) get 1e-3 relative (a few K) for the 10 ** log10 round trip."""
 ALLOWED_OPS = SPT_OPS | {"Sigmoid", "Tanh", "CumSum", "Min", "Max", "Clip", "Log", "Softplus", "Conv", "Neg",
-                         "Relu", "ReduceSum", "MatMul", "Div", "Expand", "ScatterND", "Range", "Less", "Not",
+                         "Relu", "ReduceSum", "ReduceMax", "MatMul", "Div", "Expand", "ScatterND", "Range", "Less", "Not",
                          "Identity", "Squeeze", "Greater", "And", "Or", "Abs", "Reciprocal", "Split"}
 """Standard operators only: no control flow, nothing custom."""
 GENERATE_SUFFIX = "-generate"

@@ -61,7 +61,7 @@ STD_RATIO_TOLERANCE = 0.10
 ALLOWED_OPS = {
     "Add", "Cast", "Concat", "Constant", "ConstantOfShape", "Div", "Equal", "Erf", "Exp", "Expand", "Floor",
     "Gather", "Gemm", "GreaterOrEqual", "LayerNormalization", "MatMul", "Mul", "Pad", "Pow", "RandomUniformLike",
-    "ReduceMean", "Reshape", "Shape", "Slice", "Softmax", "Sqrt", "Sub", "Tile", "Transpose", "Unsqueeze", "Where",
+    "ReduceMax", "ReduceMean", "ReduceSum", "Reshape", "Shape", "Slice", "Softmax", "Sqrt", "Sub", "Tile", "Transpose", "Unsqueeze", "Where",
 }
 """Operators an SPT graph may contain: standard, no control flow, no custom ops."""
 DESCRIPTION = ("Red-giant age and mass after Zhang et al. 2024 (A&A, arXiv:2401.04900): Spectral Transformer with "
