@@ -120,6 +120,7 @@ def decompose_softmax(model: onnx.ModelProto) -> int:
     rewritten graph runs in 24 ms instead of 31 ms, with the same values (the subtraction of the
     maximum is what Softmax itself does)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
+    taken = {i.name for i in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
     nodes, rewritten = [], 0
     for node in model.graph.node:
         axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
@@ -128,6 +129,9 @@ def decompose_softmax(model: onnx.ModelProto) -> int:
             continue
         rewritten += 1
         x, y, name = node.input[0], node.output[0], node.name or f"softmax_{rewritten}"
+        while f"{name}/axes" in taken or f"{name}/exp" in taken:  # names new to the graph
+            name += "_"
+        taken |= {f"{name}/axes", f"{name}/exp"}
         axes = f"{name}/axes"
         model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([axis], np.int64), axes))
         reduce_max = (onnx.helper.make_node("ReduceMax", [x, axes], [f"{name}/max"], name=f"{name}/ReduceMax", keepdims=1)

@@ -87,3 +87,6 @@ def _restore_softmax(model: onnx.ModelProto) -> None:
             nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    kept = [i for i in model.graph.initializer if not i.name.endswith("/axes")]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
