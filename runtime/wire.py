@@ -20,17 +20,98 @@ from specserve.runtime.errors import InvalidSpectrumError
 from specserve.runtime.spectrum import SpectrumInput
 
 
-def _as_array(values, name: str, n: int | None, dtype=np.float64) -> np.ndarray | None:
-    if len(values) == 0:
+def _checked_size(array: np.ndarray | None, name: str, n: int) -> np.ndarray | None:
+    if array is None or array.size == 0:
         return None
-    array = np.fromiter(values, dtype, len(values))
-    if n is not None and array.size != n:
+    if array.size != n:
         raise InvalidSpectrumError(f"{name} has {array.size} values but flux has {n}")
     return array
 
 
+# Repeated numbers cross the wire packed: one length-delimited field of little-endian values
+# (protobuf's encoding of a proto3 repeated scalar). Reading them through the protobuf container
+# converts every value to a Python float (about 120 us for 4,000 pixels); the packed bytes of the
+# serialised message are the array itself. Both directions use them, and fall back to the
+# container when a sender wrote a field unpacked.
+_FLUX, _IVAR, _MASK = 4, 5, 6
+_PACKED = {_FLUX: "<f4", _IVAR: "<f4", _MASK: "u1"}
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _packed_arrays(message: pb.Spectrum) -> dict[int, np.ndarray] | None:
+    """flux, ivar and mask (field number -> array, absent fields left out) read straight from
+    the message's serialised bytes; None when one of them was sent unpacked or more than once."""
+    data = message.SerializeToString()
+    found: dict[int, np.ndarray] = {}
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = _varint(data, pos)
+        number, kind = key >> 3, key & 7
+        if kind == 2:
+            length, pos = _varint(data, pos)
+            if number in _PACKED:
+                if number in found:
+                    return None
+                dtype = np.dtype(_PACKED[number])
+                found[number] = np.frombuffer(data, dtype, length // dtype.itemsize, pos)
+            pos += length
+        elif number in _PACKED:
+            return None  # an unpacked repeated field
+        elif kind == 0:
+            pos = _varint(data, pos)[1]
+        elif kind == 1:
+            pos += 8
+        elif kind == 5:
+            pos += 4
+        else:
+            return None
+    return found
+
+
+def _packed_field(number: int, payload: bytes) -> bytes:
+    """One packed repeated field, serialised (tag, length, the values' bytes)."""
+    out = bytearray()
+    for value in ((number << 3) | 2, len(payload)):
+        while value >= 0x80:
+            out.append((value & 0x7F) | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out) + payload
+
+
+_GRIDS: dict[tuple[float, float, int], np.ndarray] = {}
+
+
+def _grid_wavelength(start: float, step: float, length: int) -> np.ndarray:
+    """``10 ** (start + step * i)``, one read-only array per grid (a survey sends a few grids,
+    and spectra that share one share the array, which the preprocessing batches at once)."""
+    key = (start, step, length)
+    wave = _GRIDS.get(key)
+    if wave is None:
+        wave = 10.0 ** (start + step * np.arange(length))
+        wave.setflags(write=False)
+        if len(_GRIDS) < 256:
+            _GRIDS[key] = wave
+    return wave
+
+
 def spectrum_from_proto(message: pb.Spectrum) -> SpectrumInput:
-    flux = np.fromiter(message.flux, np.float64, len(message.flux))
+    packed = _packed_arrays(message)
+    if packed is None:
+        packed = {number: np.fromiter(field, np.dtype(_PACKED[number]), len(field))
+                  for number, field in ((_FLUX, message.flux), (_IVAR, message.ivar), (_MASK, message.mask))
+                  if len(field)}
+    flux = packed.get(_FLUX, np.zeros(0, np.float32))
     if flux.size == 0:
         raise InvalidSpectrumError(f"spectrum {message.id!r}: empty flux")
     which = message.WhichOneof("wavelengths")
@@ -42,7 +123,7 @@ def spectrum_from_proto(message: pb.Spectrum) -> SpectrumInput:
             raise InvalidSpectrumError(f"spectrum {message.id!r}: grid length {grid.length} but flux has {flux.size} values")
         if not (np.isfinite(grid.start) and np.isfinite(grid.step) and grid.step > 0):
             raise InvalidSpectrumError(f"spectrum {message.id!r}: log-linear grid needs finite start and step > 0")
-        wave = 10.0 ** (grid.start + grid.step * np.arange(grid.length))
+        wave = _grid_wavelength(grid.start, grid.step, grid.length)
     else:
         raise InvalidSpectrumError(f"spectrum {message.id!r}: no wavelengths (set wavelength or grid)")
     if wave.size != flux.size:
@@ -51,8 +132,8 @@ def spectrum_from_proto(message: pb.Spectrum) -> SpectrumInput:
         id=message.id,
         wavelength=wave,
         flux=flux,
-        ivar=_as_array(message.ivar, "ivar", flux.size),
-        mask=_as_array(message.mask, "mask", flux.size, bool),
+        ivar=_checked_size(packed.get(_IVAR), "ivar", flux.size),
+        mask=None if _MASK not in packed else _checked_size(packed[_MASK] != 0, "mask", flux.size),
         redshift=message.redshift if message.HasField("redshift") else None,
         metadata=dict(message.metadata),
         source_fwhm=message.source_fwhm if message.HasField("source_fwhm") else None,
@@ -94,17 +175,19 @@ def to_proto(item) -> pb.Spectrum:
     if mask is not None and ivar is not None and mask.shape == ivar.shape == flux.shape:
         # ivar 0 marks an unusable pixel just as the mask does, and is cheaper to send and read
         ivar, flux, mask = np.where(mask, np.float32(0), ivar), np.where(mask, np.float32(0), flux), None
-    message = pb.Spectrum(id=item.id, flux=flux.tolist())
+    message = pb.Spectrum(id=item.id)
+    arrays = [(_FLUX, flux.astype("<f4", copy=False))]
+    if ivar is not None:
+        arrays.append((_IVAR, ivar.astype("<f4", copy=False)))
+    if mask is not None:  # an all-usable mask says nothing
+        arrays.append((_MASK, mask.astype("u1")))
+    message.MergeFromString(b"".join(_packed_field(n, np.ascontiguousarray(a).tobytes()) for n, a in arrays))
     wave = np.asarray(item.wavelength, dtype=np.float64)
     grid = log_linear(wave)
     if grid is not None:  # two numbers instead of 8 bytes per pixel, and no list to convert
         message.grid.start, message.grid.step, message.grid.length = grid[0], grid[1], wave.size
     else:
         message.wavelength.values.extend(wave.tolist())
-    if ivar is not None:
-        message.ivar.extend(ivar.tolist())
-    if mask is not None:  # an all-usable mask says nothing
-        message.mask.extend(mask.tolist())
     if item.redshift is not None:
         message.redshift = float(item.redshift)
     if item.source_fwhm is not None:

@@ -404,3 +404,41 @@ def test_variant_selection_names_what_is_missing(server, repo):
 def test_cli_analyze_without_inputs_says_what_it_needs():
     result = subprocess.run([SPECSERVE, "analyze", "--server", "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "needs spectrum files, folders or --files-from" in result.stderr
+
+
+def test_spectrum_arrays_cross_the_wire_packed_and_unpacked():
+    """The server reads flux, ivar and mask from the packed bytes of the message; a sender that
+    wrote a field unpacked (legal protobuf) is read the slow way, to the same arrays; a wrong
+    count is named."""
+    from specserve.protos import specserve_pb2 as pb
+    from specserve.runtime.errors import InvalidSpectrumError
+    from specserve.runtime.spectrum import SpectrumInput
+    from specserve.runtime.wire import spectrum_from_proto, to_proto
+
+    rng = np.random.default_rng(4)
+    wave = np.linspace(4000.0, 7000.0, 300)  # not log-linear: explicit wavelengths
+    flux = rng.normal(1.0, 0.1, 300).astype(np.float32)
+    ivar = rng.uniform(1, 9, 300).astype(np.float32)
+    mask = np.zeros(300, bool)
+    mask[[3, 50, 299]] = True
+    sent = to_proto(SpectrumInput("a", wave, flux, ivar, mask, redshift=0.01))
+    got = spectrum_from_proto(pb.Spectrum.FromString(sent.SerializeToString()))
+    np.testing.assert_array_equal(got.flux, np.where(mask, 0, flux))
+    np.testing.assert_array_equal(got.ivar, np.where(mask, 0, ivar))  # masked pixels travel as ivar 0
+    np.testing.assert_array_equal(got.wavelength, wave)
+    assert got.redshift == 0.01 and got.mask is None
+    # the same arrays written unpacked, field by field, and a mask without ivar
+    unpacked = b"".join(bytes([(4 << 3) | 5]) + np.float32(v).tobytes() for v in flux)
+    unpacked += b"".join(bytes([(6 << 3) | 0, int(m)]) for m in mask)
+    message = pb.Spectrum(id="b", wavelength=pb.DoubleArray(values=wave.tolist()))
+    message.MergeFromString(unpacked)
+    slow = spectrum_from_proto(message)
+    np.testing.assert_array_equal(slow.flux, flux)
+    np.testing.assert_array_equal(slow.mask, mask)
+    assert slow.ivar is None
+    packed_mask = spectrum_from_proto(pb.Spectrum.FromString(to_proto(SpectrumInput("c", wave, flux, None, mask)).SerializeToString()))
+    np.testing.assert_array_equal(packed_mask.mask, mask)
+    short = to_proto(SpectrumInput("d", wave, flux, ivar))
+    del short.ivar[-1]
+    with pytest.raises(InvalidSpectrumError, match="ivar has 299 values but flux has 300"):
+        spectrum_from_proto(short)
