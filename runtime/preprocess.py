@@ -260,14 +260,10 @@ def resample(wavelength: ArrayLike, flux: ArrayLike, ivar: ArrayLike | None = No
     work = tuple(np.empty(4 * block * (size + 1)) for size in (f.shape[1], grid.length, grid.length))
     for lo in range(0, n_rows, block):
         rows = slice(lo, min(lo + block, n_rows))
-        if not shared:
-            xb = _log_wavelength(wave[rows], lo)
-        elif shift is None:
-            xb = x
-        else:
-            xb = x - shift[rows] if shift.shape[0] > 1 else x - shift[0]
+        xb = x if shared else _log_wavelength(wave[rows], lo)
+        sb = None if shift is None else (shift[rows] if shift.shape[0] > 1 else shift)
         vb = None if var is None else var[rows]
-        results = _resample_block(xb, f[rows], good[rows], vb, grid, min_coverage, work)
+        results = _resample_block(xb, f[rows], good[rows], vb, grid, min_coverage, work, sb)
         for target, value in zip(out, results):
             target[rows] = value
     if not shared:  # rows with detector gaps: again one by one, the gaps filled with masked pixels
@@ -329,9 +325,11 @@ def _close_gaps(x: NDArray[np.float64], f: NDArray, good: NDArray[np.bool_], var
 
 
 def _resample_block(x: NDArray, f: NDArray, good: NDArray, var: NDArray | None,
-                    grid: LogLinearGrid, min_coverage: float, work: tuple[NDArray, ...]
-                    ) -> tuple[NDArray, NDArray, NDArray]:
-    """Rebin rows of ``f``; ``x`` is log10(lambda), (1, n) shared or (rows, n)."""
+                    grid: LogLinearGrid, min_coverage: float, work: tuple[NDArray, ...],
+                    shift: NDArray | None = None) -> tuple[NDArray, NDArray, NDArray]:
+    """Rebin rows of ``f``; ``x`` is log10(lambda), (1, n) shared or (rows, n). ``shift`` ((rows,
+    1) or (1, 1), with a shared ``x``): each row's rest frame is ``x - shift``, so the grid's edges
+    sit at ``edges + shift`` on the shared observed axis."""
     n_rows, n = f.shape
     m = grid.length + 1
     e = np.empty((x.shape[0], n + 1))
@@ -351,10 +349,10 @@ def _resample_block(x: NDArray, f: NDArray, good: NDArray, var: NDArray | None,
         cum[2, :, 1:] *= var
     np.cumsum(cum[:3], axis=2, out=cum[:3])
     cum[3] = e
-    edges = grid.log_edges
+    edges = grid.log_edges if shift is None else grid.log_edges + shift
     t = np.clip(edges, e[:, :1], e[:, -1:])  # output edges clamped to the input span
-    if x.shape[0] == 1:
-        i = np.clip(np.searchsorted(e[0], t[0], side="right") - 1, 0, n - 1)[None, :]
+    if x.shape[0] == 1:  # one sorted axis for every row: a single search (t is (1, m) or (rows, m))
+        i = np.clip(np.searchsorted(e[0], t, side="right") - 1, 0, n - 1)
     else:  # input pixel holding each output edge, all rows at once: count input edges <= it
         u = e - edges[0]
         u *= 1.0 / grid.step
@@ -542,6 +540,21 @@ class _Spline:
         return (coef @ self.basis.T).astype(np.float32)
 
 
+_SPLINES: dict[tuple[bytes, float], _Spline] = {}
+
+
+def _spline(x: NDArray[np.float64], knot_spacing: float) -> _Spline:
+    """:meth:`_Spline.build`, kept for the few grids a process normalises on (each request
+    would otherwise build the same design matrices again)."""
+    key = (x.tobytes(), knot_spacing)
+    spline = _SPLINES.get(key)
+    if spline is None:
+        spline = _Spline.build(x, knot_spacing)
+        if len(_SPLINES) < 16:
+            _SPLINES[key] = spline
+    return spline
+
+
 def _fit_continuum(f: NDArray, good: NDArray[np.bool_], spline: _Spline, n_iter: int,
                    lower: float, upper: float) -> NDArray[np.float32]:
     """Iteratively clipped spline continuum of a block of rows."""
@@ -587,7 +600,7 @@ def continuum_normalise(flux: ArrayLike, ivar: ArrayLike | None, mask: ArrayLike
         raise InvalidSpectrumError(f"log_wavelength must be finite with shape ({f.shape[1]},), got {x.shape}")
     if not np.all(np.diff(x) > 0):
         raise InvalidSpectrumError("log_wavelength must be strictly increasing")
-    spline = _Spline.build(x, knot_spacing)
+    spline = _spline(x, knot_spacing)
     fit = np.empty(f.shape, np.float32)
     for lo in range(0, f.shape[0], _BLOCK):
         rows = slice(lo, lo + _BLOCK)
