@@ -75,11 +75,13 @@ def test_bench_all_quick_writes_every_section(cv_run, tmp_path):
     assert re.search(r"\| stage: rbm session runs \(batches of up to 64\) \| [0-9.]+ s for [0-9,]+ spectra", text)
     assert NO_CUDA in text
     # a second run keeps a CUDA section written by the GPU check
-    out.write_text(text.replace(NO_CUDA, "CUDA numbers from a GPU machine"))
+    out.write_text(text.replace(NO_CUDA, "CUDA numbers from a GPU machine")
+                   + "\n<!-- embedded:begin -->\nembedded rows\n<!-- embedded:end -->\n")
     from specserve.export.bench.suite import write_report
 
     write_report(out, "# specserve benchmarks\n\nnew body")
-    assert "CUDA numbers from a GPU machine" in out.read_text() and "new body" in out.read_text()
+    kept = out.read_text()
+    assert "CUDA numbers from a GPU machine" in kept and "new body" in kept and "\nembedded rows\n" in kept
 
 
 def test_gpu_check_script_runs_end_to_end_on_the_cpu(cv_run, tmp_path):

@@ -191,13 +191,21 @@ NO_CUDA = ("The CUDA path has not been measured yet: no machine with a CUDA GPU 
 
 
 def write_report(path: Path, body: str) -> None:
-    """Write BENCHMARKS.md, keeping a CUDA section already in the file."""
-    cuda = f"{CUDA_BEGIN}\n{NO_CUDA}\n{CUDA_END}"
+    """Write BENCHMARKS.md, keeping a CUDA section and an Embedded section (`make
+    bench-embedded`) already in the file."""
+    from specserve.export.bench.embedded import BEGIN as EMBEDDED_BEGIN
+    from specserve.export.bench.embedded import END as EMBEDDED_END
+
+    cuda, embedded = f"{CUDA_BEGIN}\n{NO_CUDA}\n{CUDA_END}", ""
     if path.is_file():
-        found = re.search(re.escape(CUDA_BEGIN) + ".*?" + re.escape(CUDA_END), path.read_text(), re.S)
+        text = path.read_text()
+        found = re.search(re.escape(CUDA_BEGIN) + ".*?" + re.escape(CUDA_END), text, re.S)
         if found:
             cuda = found.group(0)
-    path.write_text(body.rstrip() + "\n\n## CUDA\n\n" + cuda + "\n")
+        found = re.search(re.escape(EMBEDDED_BEGIN) + ".*?" + re.escape(EMBEDDED_END), text, re.S)
+        if found:
+            embedded = "\n\n" + found.group(0)
+    path.write_text(body.rstrip() + "\n\n## CUDA\n\n" + cuda + embedded + "\n")
 
 
 def run_all(repository: Path, out: Path, quick: bool = False, runs: Path | None = None) -> list[sb.Section]:
