@@ -238,9 +238,7 @@ def resample(wavelength: ArrayLike, flux: ArrayLike, ivar: ArrayLike | None = No
         raise InvalidSpectrumError(f"need at least 2 pixels to resample, got {f.shape[1]}")
     shift = None
     if z is not None:
-        zz = np.asarray(z, dtype=np.float64)
-        if zz.ndim > 1 or not np.all(np.isfinite(zz) & (zz > -1)):
-            raise InvalidSpectrumError("z must be finite, > -1, and a scalar or shape (N,)")
+        zz = _redshifts(z)
         if zz.ndim == 1 and zz.shape[0] != f.shape[0]:
             raise InvalidSpectrumError(f"{zz.shape[0]} redshifts for {f.shape[0]} spectra")
         if shared:
@@ -461,6 +459,14 @@ def redshift_from_rv(rv: ArrayLike) -> NDArray[np.float64] | float:
     return z if z.ndim else float(z)
 
 
+def _redshifts(z: ArrayLike) -> NDArray[np.float64]:
+    """``z`` as float64, checked: finite, > -1, a scalar or shape (N,)."""
+    zz = np.asarray(z, dtype=np.float64)
+    if zz.ndim > 1 or not np.all(np.isfinite(zz) & (zz > -1)):
+        raise InvalidSpectrumError("z must be finite, > -1, and a scalar or shape (N,)")
+    return zz
+
+
 def to_rest_frame(wavelength: ArrayLike, z: ArrayLike | None = None,
                   rv: ArrayLike | None = None) -> NDArray[np.float64]:
     """lambda_obs / (1 + z). ``z`` or ``rv`` (km/s) is a scalar or per spectrum (N,); with a
@@ -468,9 +474,7 @@ def to_rest_frame(wavelength: ArrayLike, z: ArrayLike | None = None,
     if (z is None) == (rv is None):
         raise InvalidSpectrumError("give exactly one of z or rv")
     w = np.asarray(wavelength, dtype=np.float64)
-    zz = np.asarray(z if z is not None else redshift_from_rv(rv), dtype=np.float64)
-    if zz.ndim > 1 or not np.all(np.isfinite(zz) & (zz > -1)):
-        raise InvalidSpectrumError("z must be finite, > -1, and a scalar or shape (N,)")
+    zz = _redshifts(z if z is not None else redshift_from_rv(rv))
     if zz.ndim == 0:
         return w / (1.0 + zz)
     if w.ndim == 1 or (w.ndim == 2 and w.shape[0] == zz.shape[0]):

@@ -12,6 +12,8 @@ client never loads the engine and tests can round-trip exactly as client and ser
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from specserve.protos import specserve_pb2 as pb
@@ -89,19 +91,12 @@ def _packed_field(number: int, payload: bytes) -> bytes:
     return bytes(out) + payload
 
 
-_GRIDS: dict[tuple[float, float, int], np.ndarray] = {}
-
-
+@functools.lru_cache(maxsize=256)
 def _grid_wavelength(start: float, step: float, length: int) -> np.ndarray:
     """``10 ** (start + step * i)``, one read-only array per grid (a survey sends a few grids,
     and spectra that share one share the array, which the preprocessing batches at once)."""
-    key = (start, step, length)
-    wave = _GRIDS.get(key)
-    if wave is None:
-        wave = 10.0 ** (start + step * np.arange(length))
-        wave.setflags(write=False)
-        if len(_GRIDS) < 256:
-            _GRIDS[key] = wave
+    wave = 10.0 ** (start + step * np.arange(length))
+    wave.setflags(write=False)
     return wave
 
 

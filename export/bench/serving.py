@@ -561,10 +561,10 @@ def compute_stages(repository: Path, spectra: list, per_message: int = 64, devic
     distinct preprocessing recipe of the default models (resampling and normalisation, once per
     recipe as the analyser does) and each model's session runs on the prepared messages of
     ``per_message`` spectra. Their sum is the single-core work of the exposure."""
-    from specserve.runtime.embedded.analysis import Analyzer
+    from specserve.runtime.embedded.analysis import Analyzer, Staged
     from specserve.runtime.embedded.providers import resolve_device, single_threaded_numpy
     from specserve.runtime.engine.repository import load_repository
-    from specserve.runtime.pipeline import MIN_COVERAGE, checked, prepare, span_coverage
+    from specserve.runtime.pipeline import checked
 
     single_threaded_numpy()  # as the server has it: one thread means one thread
     models = load_repository(repository, resolve_device(device))
@@ -580,16 +580,13 @@ def compute_stages(repository: Path, spectra: list, per_message: int = 64, devic
         if recipe in prepared:
             continue
         t0 = time.perf_counter()
-        batches = []
-        for message in valid:
-            batch = prepare(recipe, [s for s in message if span_coverage(recipe, s) >= MIN_COVERAGE])
-            batches.append(batch.rows(np.flatnonzero(batch.coverage >= MIN_COVERAGE)))
-        prepared[recipe] = batches
+        batches = [Staged.of(recipe, message).used for message in valid]  # as the analyser does
+        prepared[recipe] = batches = [b for b in batches if b is not None]
         names = ", ".join(m.name for m in chosen if m.card.preprocessing == recipe)
         stages.append(Stage(f"preprocessing for {names} ({recipe.grid.length:,}-pixel grid)",
                             time.perf_counter() - t0, sum(len(b) for b in batches)))
     for model in chosen:
-        batches = [b for b in prepared[model.card.preprocessing] if len(b)]
+        batches = prepared[model.card.preprocessing]
         feeds = []
         for batch in batches:
             inputs = {"flux": batch.model_flux()}

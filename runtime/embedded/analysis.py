@@ -70,8 +70,9 @@ def _side_by_side(work, items: list) -> list:
 
 
 @dataclass
-class _Staged:
-    """The valid spectra of a request through one recipe: which ones cover its grid (``owners``,
+class Staged:
+    """The valid spectra of a request through one recipe (:meth:`of`; also what the exposure
+    benchmark times as a stage): which ones cover its grid (``owners``,
     with their prepared rows ``used`` and model inputs) and which do not (``not_covering``:
     spectrum index and coverage). Every model with this recipe reads the same one."""
 
@@ -80,7 +81,7 @@ class _Staged:
     used: Prepared | None
 
     @classmethod
-    def of(cls, recipe: Preprocessing, valid: Sequence[SpectrumInput | None]) -> "_Staged":
+    def of(cls, recipe: Preprocessing, valid: Sequence[SpectrumInput | None]) -> "Staged":
         # a spectrum whose wavelength span cannot cover enough of the grid is turned away before
         # its preprocessing (the span bounds the coverage from above); the rest are checked exactly
         not_covering, index = [], []
@@ -155,7 +156,7 @@ class Analyzer:
         recipes: dict[Preprocessing, list[SessionModel]] = {}
         for model in models:
             recipes.setdefault(model.card.preprocessing, []).append(model)
-        staged = dict(zip(recipes, _side_by_side(lambda r: _Staged.of(r, valid), list(recipes))))
+        staged = dict(zip(recipes, _side_by_side(lambda r: Staged.of(r, valid), list(recipes))))
         per_model = _side_by_side(
             lambda m: self._run_model(m, valid, staged[m.card.preprocessing], mc_samples, deadline), models)
         for results in per_model:
@@ -163,7 +164,7 @@ class Analyzer:
                 outcomes[i].results.append(result)
         return outcomes
 
-    def _run_model(self, model: SessionModel, valid: Sequence[SpectrumInput | None], staged: "_Staged",
+    def _run_model(self, model: SessionModel, valid: Sequence[SpectrumInput | None], staged: "Staged",
                    mc_samples: int = 0, deadline: float | None = None) -> list[tuple[int, ModelResult]]:
         """One model on the valid spectra (None: rejected before), prepared by its card's recipe
         (``staged``): (spectrum index, result) pairs."""
