@@ -137,10 +137,14 @@ class ModelContract:
         if problems:
             raise ContractError(f"{self.kind} model does not match its contract: " + "; ".join(problems))
 
-    def validate_inputs(self, arrays: Mapping[str, np.ndarray], dims: Mapping[str, int]) -> dict[str, np.ndarray]:
+    def validate_inputs(self, arrays: Mapping[str, np.ndarray], dims: Mapping[str, int],
+                        finite: bool = True) -> dict[str, np.ndarray]:
         """Check request tensors; returns them as contiguous arrays of the contract dtypes.
 
-        Raises :class:`InvalidInputError` (a client error) naming the first problem.
+        Raises :class:`InvalidInputError` (a client error) naming the first problem. ``finite``
+        False leaves the values of the batched float inputs to the caller (:meth:`check_finite`
+        on the whole batch: the server's batcher checks each run's rows in one pass, off the
+        event loop).
         """
         missing = [t.name for t in self.inputs if t.name not in arrays and not t.optional]
         unknown = [n for n in arrays if n not in self._input_set]
@@ -169,12 +173,23 @@ class ModelContract:
                 if not np.can_cast(array.dtype, target, casting="same_kind"):
                     raise InvalidInputError(f"input {t.name!r} must be {t.dtype}, got {array.dtype}")
                 array = array.astype(target)
-            if array.dtype.kind == "f" and not _all_finite(array):
-                raise InvalidInputError(f"input {t.name!r} contains NaN or infinite values")
+            if array.dtype.kind == "f" and (finite or BATCH not in t.shape) and not _all_finite(array):
+                raise InvalidInputError(_NOT_FINITE.format(t.name))
             out[t.name] = np.ascontiguousarray(array)
         if batch == 0:
             raise InvalidInputError("empty batch")
         return out
+
+    def check_finite(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Raise :class:`InvalidInputError` naming the first batched float input of ``arrays``
+        (checked inputs) that holds NaN or infinity."""
+        for t in self.inputs:
+            array = arrays.get(t.name)
+            if array is not None and array.dtype.kind == "f" and BATCH in t.shape and not _all_finite(array):
+                raise InvalidInputError(_NOT_FINITE.format(t.name))
+
+
+_NOT_FINITE = "input {!r} contains NaN or infinite values"
 
 
 _ZEROS: dict[tuple[int, str], np.ndarray] = {}

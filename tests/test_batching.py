@@ -106,6 +106,34 @@ def test_concurrent_callers_get_their_own_rows_from_shared_runs(tmp_path, toy_on
     assert snap["queue"][0] == 24 and snap["queue"][1] > 0
 
 
+def test_a_request_with_nan_fails_alone_and_its_batch_mates_run(tmp_path, toy_onnx):
+    """Values are checked by the worker for the whole batch: the request holding NaN or infinity
+    gets InvalidInputError naming the input, the others that shared its run get their rows."""
+    from specserve.runtime.errors import InvalidInputError
+
+    onnx_path, c = toy_onnx
+    n = c.dims["n_pixels"]
+    model = load_model_dir(_repo(tmp_path, toy_onnx, max_queue_delay_us=200_000) / "rbm")
+    model.start_batching()
+    bad_nan, bad_inf = _flux(n, 1, rows=2), _flux(n, 3)
+    bad_nan[1, 7], bad_inf[0, -1] = np.nan, -np.inf
+    flux = {0: _flux(n, 0), 1: bad_nan, 2: _flux(n, 2, rows=3), 3: bad_inf, 4: _flux(n, 4)}
+    futures = {k: model.batcher.submit({"flux": f}) for k, f in flux.items()}  # queued at once: one batch
+    for k in (1, 3):
+        with pytest.raises(InvalidInputError, match="input 'flux' contains NaN or infinite values"):
+            futures[k].result(timeout=10)
+    for k in (0, 2, 4):
+        np.testing.assert_allclose(futures[k].result(timeout=10)["probabilities"], _direct(onnx_path, flux[k]),
+                                   rtol=1e-5, atol=1e-6)
+    model.stop_batching()
+    snap = model.stats.snapshot()
+    assert snap["success"][0] == 3 and snap["fail"][0] == 2
+    assert snap["inference_count"] == 5 and snap["execution_count"] == 1  # the good rows ran together
+    # the embedded path (no batcher) still refuses at once
+    with pytest.raises(InvalidInputError, match="NaN"):
+        model.prepare({"flux": bad_nan})
+
+
 def test_full_queue_refuses_at_once_and_deadline_is_not_run(tmp_path, toy_onnx):
     _, c = toy_onnx
     n = c.dims["n_pixels"]

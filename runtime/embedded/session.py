@@ -56,11 +56,12 @@ class SessionModel:
             raise ModelNotReadyError(f"model {self.name!r} is not ready: {self.reason}")
         return self
 
-    def prepare(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def prepare(self, inputs: Mapping[str, np.ndarray], finite: bool = True) -> dict[str, np.ndarray]:
         """``inputs`` with the optional ones filled in, checked against the contract (raises
-        InvalidInputError naming the problem, ModelNotReadyError for a model not loaded)."""
+        InvalidInputError naming the problem, ModelNotReadyError for a model not loaded);
+        ``finite`` False: the batched inputs' values are left to ``ModelContract.check_finite``."""
         self.require_ready()
-        return self._contract.validate_inputs(fill_defaults(self.card, inputs, _RNG), self._dims)
+        return self._contract.validate_inputs(fill_defaults(self.card, inputs, _RNG), self._dims, finite)
 
     @functools.cached_property
     def _contract(self):

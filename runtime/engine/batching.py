@@ -3,8 +3,12 @@ ONNX Runtime run.
 
 Each ready model the server serves has a :class:`Batcher`, which is a bounded FIFO queue with its
 worker threads (on the CPU, one per ``cores / threads per session``, so a single-threaded session
-can still use every core; on a GPU one). A request is checked against the model's contract in the caller's thread, so a bad
-request fails at once and never reaches the queue. It then waits in the queue. The worker takes the
+can still use every core; on a GPU one). A request's names, shapes and dtypes are checked against
+the model's contract in the caller's thread, so such a bad request fails at once and never reaches
+the queue. It then waits in the queue. Its values (NaN, infinity) are checked by the worker, for
+the whole batch in one pass: the caller's thread (the server's event loop) is spared a numpy call
+that gives up the GIL for every request, and a request that holds them gets the same
+``InvalidInputError`` while the others of its batch run. The worker takes the
 oldest request and every later one that can share its run, meaning the same non-batch inputs, for
 example the same ``n_samples``. It goes on while the rows fit in ``max_batch_size``; a request
 larger than that runs alone. It concatenates them along the batch axis, runs the session once,
@@ -39,7 +43,13 @@ from specserve.runtime.contract import BATCH, ModelContract
 from specserve.runtime.engine import metrics
 from specserve.runtime.engine.memory import RequestMemory
 from specserve.runtime.engine.stats import ModelStats
-from specserve.runtime.errors import ContractError, DeadlineExceededError, QueueFullError, ShuttingDownError
+from specserve.runtime.errors import (
+    ContractError,
+    DeadlineExceededError,
+    InvalidInputError,
+    QueueFullError,
+    ShuttingDownError,
+)
 from specserve.runtime.layout import (
     CONFIG_FILE,
     DEFAULT_MAX_BATCH_SIZE,
@@ -77,7 +87,8 @@ class Runner:
     version: str
     contract: ModelContract
     prepare: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-    """Check one request's inputs (optional ones filled in); raises naming the problem."""
+    """Check one request's inputs (optional ones filled in); raises naming the problem. The
+    values of the batched inputs may be left to the worker (``contract.check_finite``)."""
     execute: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
     """One session run on checked inputs: the outputs by name."""
     stats: ModelStats
@@ -314,6 +325,10 @@ class Batcher:
         first = live[0].inputs
         inputs = {n: (np.concatenate([r.inputs[n] for r in live], axis=ax) if len(live) > 1 else first[n])
                   if (ax := self._input_axes[n]) is not None else first[n] for n in first}
+        try:  # the values, for the whole batch in one pass (submit checked shapes and dtypes)
+            model.contract.check_finite(inputs)
+        except InvalidInputError:
+            return self._refuse_not_finite(live)
         t0 = time.perf_counter_ns()
         try:
             outputs = self._run_session(inputs, sum(r.rows for r in live))
@@ -334,6 +349,19 @@ class Batcher:
             model.stats.record_request(True, time.perf_counter_ns() - r.enqueued_ns, t0 - r.enqueued_ns, r.rows)
             outcomes.append((r, part, None))
         return outcomes
+
+
+    def _refuse_not_finite(self, live: list[_Request]) -> list[tuple[_Request, dict | None, BaseException | None]]:
+        """A batch with NaN or infinity somewhere: those requests get the error, the others run."""
+        outcomes, finite = [], []
+        for r in live:
+            try:
+                self.model.contract.check_finite(r.inputs)
+                finite.append(r)
+            except InvalidInputError as exc:
+                self.model.stats.record_request(False, time.perf_counter_ns() - r.enqueued_ns)
+                outcomes.append((r, None, exc))
+        return outcomes + (self._execute(finite) if finite else [])
 
 
 def batching_config(config) -> BatchingConfig:

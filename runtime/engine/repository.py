@@ -7,6 +7,7 @@ the model not ready with the parse error as the reason (:mod:`specserve.runtime.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -70,7 +71,9 @@ class LoadedModel(SessionModel):
         """Give this (ready) model its batcher, configured from its folder's config.pbtxt; its
         queued requests count in ``memory`` (the server's budget) when given."""
         if self.ready and self.batcher is None:
-            runner = Runner(self.name, self.version, self._contract, self.prepare, self.execute, self.stats)
+            # values are checked by the batcher's worker, a batch at a time
+            runner = Runner(self.name, self.version, self._contract, functools.partial(self.prepare, finite=False),
+                            self.execute, self.stats)
             self.batcher = Batcher(runner, self.batching, self.workers, memory)
 
     def stop_batching(self, timeout: float | None = None) -> None:

@@ -4,9 +4,9 @@ model's batcher."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Coroutine
 from importlib import metadata
@@ -59,36 +59,51 @@ def _version() -> str:
 
 
 def _decode_inputs(request: kserve.ModelInferRequest) -> dict[str, np.ndarray]:
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidInputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
-    if raw:  # as Triton: one way of sending the tensors per request
-        typed = [t.name for t in request.inputs if t.HasField("contents")]
-        if typed:
+    inputs, raw = request.inputs, request.raw_input_contents
+    if raw:
+        if len(raw) != len(inputs):
+            raise InvalidInputError(f"{len(raw)} raw_input_contents for {len(inputs)} inputs")
+        typed = [t.name for t in inputs if t.HasField("contents")]
+        if typed:  # as Triton: one way of sending the tensors per request
             raise InvalidInputError(f"contents must not be given with raw_input_contents (input {typed[0]!r})")
     arrays: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
-        dtype = _dtype(tensor.datatype, tensor.name)
-        shape = tuple(int(d) for d in tensor.shape)
-        if any(d < 0 for d in shape):
-            raise InvalidInputError(f"input {tensor.name!r} has a negative dimension {list(shape)}")
-        count = math.prod(shape)
+    for i, tensor in enumerate(inputs):
+        dtype = _wire_dtype(tensor.datatype, tensor.name)
+        shape = tuple(tensor.shape)
+        count = 1
+        for d in shape:
+            if d < 0:
+                raise InvalidInputError(f"input {tensor.name!r} has a negative dimension {list(shape)}")
+            count *= d
         if raw:
             data = raw[i]
-            if len(data) != count * dtype.numpy.itemsize:
+            if len(data) != count * dtype.itemsize:
                 raise InvalidInputError(
-                    f"input {tensor.name!r}: {len(data)} bytes for shape {list(shape)} of {dtype.kserve} "
-                    f"(expected {count * dtype.numpy.itemsize})"
+                    f"input {tensor.name!r}: {len(data)} bytes for shape {list(shape)} of {tensor.datatype} "
+                    f"(expected {count * dtype.itemsize})"
                 )
-            array = np.frombuffer(data, dtype=dtype.numpy.newbyteorder("<"))  # read-only, no copy
-            if not array.dtype.isnative:
-                array = array.astype(dtype.numpy)
+            array = np.frombuffer(data, dtype=dtype)  # read-only, no copy
+            if not dtype.isnative:
+                array = array.astype(dtype.newbyteorder("="))
         else:
-            array = np.asarray(_typed_contents(tensor, dtype), dtype=dtype.numpy)
+            array = np.asarray(_typed_contents(tensor, _dtype(tensor.datatype, tensor.name)), dtype=dtype.newbyteorder("="))
             if array.size != count:
                 raise InvalidInputError(f"input {tensor.name!r}: {array.size} values for shape {list(shape)}")
         arrays[tensor.name] = array.reshape(shape)
     return arrays
+
+
+@functools.lru_cache(maxsize=None)
+def _little_endian(name: str) -> np.dtype:
+    return dtypes.from_kserve(name).numpy.newbyteorder("<")
+
+
+def _wire_dtype(name: str, tensor: str) -> np.dtype:
+    """The numpy dtype of a KServe datatype as it is on the wire (little-endian)."""
+    try:
+        return _little_endian(name)
+    except ContractError as exc:
+        raise InvalidInputError(f"input {tensor!r}: {exc}") from None
 
 
 def _dtype(name: str, tensor: str) -> dtypes.DType:
