@@ -107,8 +107,11 @@ def test_concurrent_callers_get_their_own_rows_from_shared_runs(tmp_path, toy_on
 
 
 def test_a_request_with_nan_fails_alone_and_its_batch_mates_run(tmp_path, toy_onnx):
-    """Values are checked by the worker for the whole batch: the request holding NaN or infinity
-    gets InvalidInputError naming the input, the others that shared its run get their rows."""
+    """An event loop's requests (the KServe servicer's) have their values checked by the worker,
+    for the whole batch: the request holding NaN or infinity gets InvalidInputError naming the
+    input, the others that shared its run get their rows. A thread's request is refused at once."""
+    import asyncio
+
     from specserve.runtime.errors import InvalidInputError
 
     onnx_path, c = toy_onnx
@@ -118,20 +121,27 @@ def test_a_request_with_nan_fails_alone_and_its_batch_mates_run(tmp_path, toy_on
     bad_nan, bad_inf = _flux(n, 1, rows=2), _flux(n, 3)
     bad_nan[1, 7], bad_inf[0, -1] = np.nan, -np.inf
     flux = {0: _flux(n, 0), 1: bad_nan, 2: _flux(n, 2, rows=3), 3: bad_inf, 4: _flux(n, 4)}
-    futures = {k: model.batcher.submit({"flux": f}) for k, f in flux.items()}  # queued at once: one batch
+
+    async def submit_all() -> dict:
+        loop = asyncio.get_running_loop()
+        futures = {k: model.batcher.submit({"flux": f}, None, loop) for k, f in flux.items()}  # one batch
+        return dict(zip(futures, await asyncio.gather(*futures.values(), return_exceptions=True)))
+
+    got = asyncio.run(submit_all())
     for k in (1, 3):
-        with pytest.raises(InvalidInputError, match="input 'flux' contains NaN or infinite values"):
-            futures[k].result(timeout=10)
+        assert isinstance(got[k], InvalidInputError), got[k]
+        assert "input 'flux' contains NaN or infinite values" in str(got[k])
     for k in (0, 2, 4):
-        np.testing.assert_allclose(futures[k].result(timeout=10)["probabilities"], _direct(onnx_path, flux[k]),
-                                   rtol=1e-5, atol=1e-6)
-    model.stop_batching()
+        np.testing.assert_allclose(got[k]["probabilities"], _direct(onnx_path, flux[k]), rtol=1e-5, atol=1e-6)
     snap = model.stats.snapshot()
     assert snap["success"][0] == 3 and snap["fail"][0] == 2
     assert snap["inference_count"] == 5 and snap["execution_count"] == 1  # the good rows ran together
-    # the embedded path (no batcher) still refuses at once
+    # a thread's request, and the embedded path (no batcher), are refused at once
     with pytest.raises(InvalidInputError, match="NaN"):
-        model.prepare({"flux": bad_nan})
+        model.batcher.submit({"flux": bad_nan})
+    model.stop_batching()
+    with pytest.raises(InvalidInputError, match="NaN"):
+        model.prepare({"flux": bad_inf})
 
 
 def test_full_queue_refuses_at_once_and_deadline_is_not_run(tmp_path, toy_onnx):

@@ -5,10 +5,13 @@ Each ready model the server serves has a :class:`Batcher`, which is a bounded FI
 worker threads (on the CPU, one per ``cores / threads per session``, so a single-threaded session
 can still use every core; on a GPU one). A request's names, shapes and dtypes are checked against
 the model's contract in the caller's thread, so such a bad request fails at once and never reaches
-the queue. It then waits in the queue. Its values (NaN, infinity) are checked by the worker, for
-the whole batch in one pass: the caller's thread (the server's event loop) is spared a numpy call
-that gives up the GIL for every request, and a request that holds them gets the same
-``InvalidInputError`` while the others of its batch run. The worker takes the
+the queue. It then waits in the queue. Its values (NaN, infinity) are checked in the caller's
+thread too, except for a caller on an event loop (the KServe servicer): there the worker checks
+them, for the whole batch in one pass, so the event loop is spared a numpy call that gives up the
+GIL for every request (and waits to take it back from the workers), and a request that holds them
+gets the same ``InvalidInputError`` while the others of its batch run. A worker keeps its own
+GIL hand-offs to the session run, so a thread caller (the analyser's preprocessing threads)
+checks its own values. The worker takes the
 oldest request and every later one that can share its run, meaning the same non-batch inputs, for
 example the same ``n_samples``. It goes on while the rows fit in ``max_batch_size``; a request
 larger than that runs alone. It concatenates them along the batch axis, runs the session once,
@@ -106,6 +109,8 @@ class _Request:
     """The event loop of an asyncio future (None: a concurrent.futures.Future)."""
     nbytes: int = 0
     """Bytes of its inputs, counted in the server's :class:`~.memory.RequestMemory` while queued or running."""
+    finite: bool = False
+    """Its values were checked already (by a caller that is not an event loop)."""
 
     def gone(self) -> bool:
         """True when the caller cancelled (its deadline passed, or it hung up); else the future
@@ -170,7 +175,9 @@ class Batcher:
                         if self._input_axes[n] is None and (n != "seed" or "seed" in inputs))
             future = loop.create_future() if loop is not None else Future()
             nbytes = sum(a.nbytes for a in checked.values())
-            request = _Request(checked, rows, key, future, t0, deadline, loop, nbytes)
+            if loop is None:  # a worker thread's caller checks its own values (see the module's text)
+                model.contract.check_finite(checked)
+            request = _Request(checked, rows, key, future, t0, deadline, loop, nbytes, finite=loop is None)
             with self._cond:
                 successor = self._successor if self._closed else None
                 if self._closed and successor is None:
@@ -325,8 +332,9 @@ class Batcher:
         first = live[0].inputs
         inputs = {n: (np.concatenate([r.inputs[n] for r in live], axis=ax) if len(live) > 1 else first[n])
                   if (ax := self._input_axes[n]) is not None else first[n] for n in first}
-        try:  # the values, for the whole batch in one pass (submit checked shapes and dtypes)
-            model.contract.check_finite(inputs)
+        try:  # the values of an event loop's requests, for the whole batch in one pass
+            if not all(r.finite for r in live):
+                model.contract.check_finite(inputs)
         except InvalidInputError:
             return self._refuse_not_finite(live)
         t0 = time.perf_counter_ns()
