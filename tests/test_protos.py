@@ -160,3 +160,48 @@ def test_kserve_protos_are_tritons_own():
     assert {"ModelInfer", "ModelStreamInfer", "ModelConfig", "ModelMetadata", "RepositoryIndex"} <= methods
     # no second copy of the inference.* symbols is left in the project
     assert not list(PROTOS.glob("grpc_service*")) and not list(PROTOS.glob("model_config*"))
+
+
+def test_kserve_inputs_decode_and_each_bad_request_is_named():
+    """ModelInfer's tensors: raw little-endian bytes read without a copy, typed contents, and
+    every malformed request refused with InvalidInputError naming what is wrong."""
+    import numpy as np
+    import pytest
+
+    from specserve.protos.kserve import service_pb2 as kserve
+    from specserve.runtime.errors import InvalidInputError
+    from specserve.runtime.serving.kserve import _decode_inputs
+
+    flux = np.arange(6, dtype=np.float32).reshape(2, 3) / 7
+    request = kserve.ModelInferRequest(model_name="rbm")
+    request.inputs.add(name="flux", datatype="FP32", shape=[2, 3])
+    request.inputs.add(name="n_samples", datatype="INT64", shape=[1])
+    request.raw_input_contents.extend([flux.astype("<f4").tobytes(), np.array([5], "<i8").tobytes()])
+    got = _decode_inputs(request)
+    np.testing.assert_array_equal(got["flux"], flux)
+    assert got["flux"].dtype == np.float32 and got["flux"].shape == (2, 3) and not got["flux"].flags.writeable
+    assert got["n_samples"].dtype == np.int64 and got["n_samples"].tolist() == [5]
+
+    typed = kserve.ModelInferRequest(model_name="rbm")
+    tensor = typed.inputs.add(name="flux", datatype="FP32", shape=[2, 3])
+    tensor.contents.fp32_contents.extend(flux.reshape(-1).tolist())
+    np.testing.assert_array_equal(_decode_inputs(typed)["flux"], flux)
+
+    def bad(edit, message: str) -> None:
+        broken = kserve.ModelInferRequest()
+        broken.CopyFrom(request)
+        edit(broken)
+        with pytest.raises(InvalidInputError, match=message):
+            _decode_inputs(broken)
+
+    bad(lambda r: r.raw_input_contents.pop(), "1 raw_input_contents for 2 inputs")
+    bad(lambda r: r.inputs[0].contents.fp32_contents.append(1.0), "contents must not be given with raw")
+    bad(lambda r: r.inputs[0].shape.__setitem__(0, -2), "negative dimension")
+    bad(lambda r: r.inputs[0].shape.__setitem__(0, 3), r"input 'flux': 24 bytes for shape \[3, 3\] of FP32 \(expected 36\)")
+    bad(lambda r: setattr(r.inputs[0], "datatype", "FP128"), "input 'flux': unsupported KServe datatype 'FP128'")
+    tensor.contents.fp32_contents.append(0.5)
+    with pytest.raises(InvalidInputError, match=r"input 'flux': 7 values for shape \[2, 3\]"):
+        _decode_inputs(typed)
+    typed.inputs[0].datatype = "FP16"
+    with pytest.raises(InvalidInputError, match="FP16 must be sent in raw_input_contents"):
+        _decode_inputs(typed)
