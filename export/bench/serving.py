@@ -563,10 +563,12 @@ def compute_stages(repository: Path, spectra: list, per_message: int = 64, devic
     ``per_message`` spectra. Their sum is the single-core work of the exposure."""
     from specserve.runtime.embedded.analysis import Analyzer, Staged
     from specserve.runtime.embedded.providers import resolve_device, single_threaded_numpy
+    from specserve.runtime.engine.memory import return_freed_memory
     from specserve.runtime.engine.repository import load_repository
     from specserve.runtime.pipeline import checked
 
     single_threaded_numpy()  # as the server has it: one thread means one thread
+    return_freed_memory()  # and the server's allocator settings (they set the preprocessing's speed)
     models = load_repository(repository, resolve_device(device))
     chosen = Analyzer(models).resolve(None)
     messages = [spectra[i:i + per_message] for i in range(0, len(spectra), per_message)]

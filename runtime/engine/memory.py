@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import threading
 import time
 
@@ -67,21 +68,40 @@ class RequestMemory:
             return 0.0 if self.used else time.monotonic() - self.last_release
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MALLOC_SETTINGS = ((M_MMAP_THRESHOLD, 128 * 1024), (M_TRIM_THRESHOLD, 128 * 1024))
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 
 
-def return_freed_memory() -> bool:
-    """Make glibc give freed large blocks back to the system at once: every block of 128 KiB or
-    more in its own mapping, unmapped when freed, and a heap's free top returned past 128 KiB.
-    glibc starts so, but raises both thresholds to the size of each large block freed (up to
-    32 MB), and from then on serves messages and tensors from heaps that never shrink: with the
-    thresholds fixed, the server's memory after the same warm-up fell from 291 to 129 MB
-    (``specserve bench hostile``). False where there is no glibc ``mallopt``. Call it before
-    the models load."""
+def malloc_settings(cores: int | None = None) -> tuple[tuple[int, int], ...]:
+    """The glibc ``mallopt`` settings of a server on ``cores`` cores (default: this process's)."""
+    if not cores:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return ((M_MMAP_THRESHOLD, 4 * MB), (M_TRIM_THRESHOLD, 8 * MB), (M_ARENA_MAX, max(1, cores)))
+
+
+def return_freed_memory(cores: int | None = None) -> bool:
+    """Fix glibc's thresholds so that freed memory is reused while the server is busy and given
+    back once it is idle, with a bound on what the heaps may keep. Call it before the models load.
+
+    - Blocks of 4 MiB or more (a message's tensors, a large batch) get their own mapping, unmapped
+      when freed. Smaller ones, such as one message's preprocessing temporaries (64 spectra x
+      3,011 pixels in float64 is 1.5 MB), are reused from the heaps.
+    - A heap's free top goes back to the system past 8 MiB, and there is one heap (arena) per core.
+      ``malloc_trim``, which :class:`Trimmer` calls once the server is idle, gives back free
+      memory inside the heaps but not the top of a thread's heap, so those tops bound what stays.
+
+    glibc starts with 128 KiB for both and raises them to the size of each large block freed (up to
+    32 MB), and it keeps 8 heaps per core. Before, both were fixed at 128 KiB (the server's memory
+    after a warm-up fell from 291 to 129 MB against glibc's own behaviour), so every temporary of
+    128 KiB or more was a fresh mapping. Its pages faulted in on first touch and were unmapped again
+    on free, which made the preprocessing 1.7x slower (1.31 against 0.79 ms per spectrum). The LAMOST
+    exposure took 7.6-8.0 s then and 5.2-5.9 s now. The overload probe's memory 10 s after is
+    1.11-1.12x idle with these settings; it was 1.09x before (``specserve bench hostile``,
+    docs/performance.md).
+
+    False where there is no glibc ``mallopt``."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return all([bool(libc.mallopt(option, value)) for option, value in MALLOC_SETTINGS])
+        return all([bool(libc.mallopt(option, value)) for option, value in malloc_settings(cores)])
     except (OSError, AttributeError):
         return False
 
