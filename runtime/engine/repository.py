@@ -71,7 +71,7 @@ class LoadedModel(SessionModel):
         """Give this (ready) model its batcher, configured from its folder's config.pbtxt; its
         queued requests count in ``memory`` (the server's budget) when given."""
         if self.ready and self.batcher is None:
-            # values are checked by the batcher's worker, a batch at a time
+            # values (NaN, infinity): checked by the batcher, per batch for an event loop's requests
             runner = Runner(self.name, self.version, self._contract, functools.partial(self.prepare, finite=False),
                             self.execute, self.stats)
             self.batcher = Batcher(runner, self.batching, self.workers, memory)
