@@ -89,9 +89,10 @@ class Runner:
     name: str
     version: str
     contract: ModelContract
-    prepare: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-    """Check one request's inputs (optional ones filled in); raises naming the problem. The
-    values of the batched inputs may be left to the worker (``contract.check_finite``)."""
+    prepare: Callable[..., dict[str, np.ndarray]]
+    """``prepare(inputs, finite=True)``: check one request's inputs (optional ones filled in);
+    raises naming the problem. ``finite`` False leaves the values of the batched inputs to the
+    worker (``contract.check_finite``)."""
     execute: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
     """One session run on checked inputs: the outputs by name."""
     stats: ModelStats
@@ -167,7 +168,7 @@ class Batcher:
         t0 = time.perf_counter_ns()
         model = self.model
         try:
-            checked = model.prepare(inputs)
+            checked = model.prepare(inputs, finite=loop is None)  # see the module's text
             rows = next(a.shape[self._input_axes[n]] for n, a in checked.items() if self._input_axes[n] is not None)
             # runs can be shared by requests whose other inputs are equal; a seed the runtime drew
             # itself (the client sent none) does not count, the batch's run draws its own
@@ -175,8 +176,6 @@ class Batcher:
                         if self._input_axes[n] is None and (n != "seed" or "seed" in inputs))
             future = loop.create_future() if loop is not None else Future()
             nbytes = sum(a.nbytes for a in checked.values())
-            if loop is None:  # a worker thread's caller checks its own values (see the module's text)
-                model.contract.check_finite(checked)
             request = _Request(checked, rows, key, future, t0, deadline, loop, nbytes, finite=loop is None)
             with self._cond:
                 successor = self._successor if self._closed else None
@@ -364,7 +363,8 @@ class Batcher:
         outcomes, finite = [], []
         for r in live:
             try:
-                self.model.contract.check_finite(r.inputs)
+                if not r.finite:
+                    self.model.contract.check_finite(r.inputs)
                 finite.append(r)
             except InvalidInputError as exc:
                 self.model.stats.record_request(False, time.perf_counter_ns() - r.enqueued_ns)

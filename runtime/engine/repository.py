@@ -7,7 +7,6 @@ the model not ready with the parse error as the reason (:mod:`specserve.runtime.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -71,9 +70,7 @@ class LoadedModel(SessionModel):
         """Give this (ready) model its batcher, configured from its folder's config.pbtxt; its
         queued requests count in ``memory`` (the server's budget) when given."""
         if self.ready and self.batcher is None:
-            # values (NaN, infinity): checked by the batcher, per batch for an event loop's requests
-            runner = Runner(self.name, self.version, self._contract, functools.partial(self.prepare, finite=False),
-                            self.execute, self.stats)
+            runner = Runner(self.name, self.version, self._contract, self.prepare, self.execute, self.stats)
             self.batcher = Batcher(runner, self.batching, self.workers, memory)
 
     def stop_batching(self, timeout: float | None = None) -> None:

@@ -86,7 +86,7 @@ def _decode_inputs(request: kserve.ModelInferRequest) -> dict[str, np.ndarray]:
             if not dtype.isnative:
                 array = array.astype(dtype.newbyteorder("="))
         else:
-            array = np.asarray(_typed_contents(tensor, _dtype(tensor.datatype, tensor.name)), dtype=dtype.newbyteorder("="))
+            array = np.asarray(_typed_contents(tensor), dtype=dtype.newbyteorder("="))
             if array.size != count:
                 raise InvalidInputError(f"input {tensor.name!r}: {array.size} values for shape {list(shape)}")
         arrays[tensor.name] = array.reshape(shape)
@@ -106,20 +106,13 @@ def _wire_dtype(name: str, tensor: str) -> np.dtype:
         raise InvalidInputError(f"input {tensor!r}: {exc}") from None
 
 
-def _dtype(name: str, tensor: str) -> dtypes.DType:
-    try:
-        return dtypes.from_kserve(name)
-    except ContractError as exc:
-        raise InvalidInputError(f"input {tensor!r}: {exc}") from None
-
-
-def _typed_contents(tensor, dtype: dtypes.DType):
+def _typed_contents(tensor):
     field = {
         "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
         "INT64": "int64_contents", "UINT8": "uint_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
-    }.get(dtype.kserve)
+    }.get(tensor.datatype)
     if field is None:
-        raise InvalidInputError(f"input {tensor.name!r}: {dtype.kserve} must be sent in raw_input_contents")
+        raise InvalidInputError(f"input {tensor.name!r}: {tensor.datatype} must be sent in raw_input_contents")
     return list(getattr(tensor.contents, field))
 
 
